@@ -1,0 +1,107 @@
+"""Guard the CUDA path without a GPU: every keyword we pass to Unsloth exists in the pinned unsloth's source.
+
+The source comes from the pinned wheel (pip download --no-deps), read with ast and never imported: importing
+unsloth needs a GPU (2026.10.7) and patches transformers for the whole test session.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from titletune.config import ROOT, cache_dir
+
+OURS = ROOT / "titletune" / "backends" / "unsloth.py"
+
+
+def pinned(name: str) -> str:
+    text = (ROOT / "requirements.txt").read_text()
+    match = re.search(rf"^{re.escape(name)}==(\S+)", text, re.M)
+    assert match, f"{name} is not pinned in requirements.txt"
+    return match.group(1)
+
+
+@pytest.fixture(scope="module")
+def unsloth_source() -> dict[str, str]:
+    version = pinned("unsloth")
+    folder = cache_dir() / "wheels"
+    wheels = list(folder.glob(f"unsloth-{version}-*.whl"))
+    if not wheels:
+        folder.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", f"unsloth=={version}", "-d", str(folder)]
+        if subprocess.run(cmd, capture_output=True).returncode != 0:
+            pytest.skip(f"could not download the unsloth {version} wheel (no package index reachable)")
+        wheels = list(folder.glob(f"unsloth-{version}-*.whl"))
+    with zipfile.ZipFile(wheels[0]) as z:
+        return {n: z.read(n).decode("utf-8") for n in z.namelist() if n.endswith(".py")}
+
+
+def function_params(source: str, func: str, cls: str | None = None) -> set[str]:
+    """Named parameters of `cls.func` (or module-level `func`); **kwargs does not count as accepting anything."""
+    tree = ast.parse(source)
+    scopes = [n for n in ast.walk(tree) if isinstance(n, ast.ClassDef) and n.name == cls] if cls else [tree]
+    for scope in scopes:
+        for node in ast.iter_child_nodes(scope):
+            if isinstance(node, ast.FunctionDef) and node.name == func:
+                a = node.args
+                return {p.arg for p in a.posonlyargs + a.args + a.kwonlyargs}
+    raise AssertionError(f"{cls + '.' if cls else ''}{func} not found")
+
+
+def our_keywords(method: str) -> set[str]:
+    """Keyword names in our calls to <anything>.<method>(...) in the unsloth backend."""
+    found = set()
+    for node in ast.walk(ast.parse(OURS.read_text())):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == method:
+            found |= {k.arg for k in node.keywords if k.arg}
+    assert found, f"the unsloth backend makes no {method}() call"
+    return found
+
+
+def test_from_pretrained_keywords_exist(unsloth_source):
+    params = function_params(unsloth_source["unsloth/models/loader.py"], "from_pretrained", "FastLanguageModel")
+    assert our_keywords("from_pretrained") <= params, our_keywords("from_pretrained") - params
+
+
+def test_get_peft_model_keywords_exist(unsloth_source):
+    # FastLanguageModel inherits get_peft_model from FastLlamaModel.
+    source = unsloth_source["unsloth/models/llama.py"]
+    assert "class FastLanguageModel(FastLlamaModel)" in unsloth_source["unsloth/models/loader.py"]
+    params = function_params(source, "get_peft_model", "FastLlamaModel")
+    assert our_keywords("get_peft_model") <= params, our_keywords("get_peft_model") - params
+    assert 'use_gradient_checkpointing = "unsloth"' in source.replace("'", '"')
+
+
+def test_save_pretrained_merged_keywords_exist(unsloth_source):
+    source = unsloth_source["unsloth/save.py"]
+    params = function_params(source, "unsloth_save_pretrained_merged")
+    ours = our_keywords("save_pretrained_merged")
+    assert ours <= params, ours - params
+    assert '"merged_16bit"' in source
+
+
+def test_unsloth_is_imported_only_by_its_backend():
+    """No other module imports unsloth, so CPU users never need it and it is imported only when chosen."""
+    offenders = []
+    for path in list((ROOT / "titletune").rglob("*.py")) + [ROOT / "train.py", ROOT / "infer.py"]:
+        if path == OURS or not path.is_file():
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            if any(n == "unsloth" or n.startswith("unsloth.") for n in names):
+                offenders.append(f"{path.name}:{node.lineno}")
+    # backends/__init__.py imports it on purpose, first, when the unsloth backend is chosen.
+    assert offenders == ["__init__.py:" + str(_line_of_backend_import())], offenders
+
+
+def _line_of_backend_import() -> int:
+    source = (ROOT / "titletune" / "backends" / "__init__.py").read_text()
+    return next(i for i, line in enumerate(source.splitlines(), 1) if line.strip().startswith("import unsloth"))

@@ -1,0 +1,24 @@
+"""One exception for every problem the user can fix; entry points print it as one line and exit 2."""
+
+from __future__ import annotations
+
+import functools
+import sys
+
+
+class UserError(Exception):
+    """A problem with the user's input or machine. The message says what was wrong and what to do."""
+
+
+def cli(main):
+    """Run `main` so that a UserError prints `error: <message>` and exits 2, with no traceback."""
+
+    @functools.wraps(main)
+    def wrapper(*args, **kwargs):
+        try:
+            return main(*args, **kwargs)
+        except UserError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+
+    return wrapper

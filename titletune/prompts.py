@@ -1,0 +1,75 @@
+"""Prompt sets: plain-text files with str.format slots, copied into every run and read back at inference.
+
+The chat template (special tokens) belongs to the tokenizer; nothing here writes a special token.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from titletune.errors import UserError
+
+FILES = ("system.txt", "user.txt", "assistant.txt")
+
+
+@dataclass(frozen=True)
+class PromptSet:
+    system: str
+    questions: tuple[str, ...]  # each holds {title}
+    answer: str  # holds {content}
+    folder: Path
+
+
+def load(folder: str | Path) -> PromptSet:
+    """Read system.txt, user.txt (one question phrasing per line) and assistant.txt, and check their slots."""
+    folder = Path(folder)
+    missing = [name for name in FILES if not (folder / name).is_file()]
+    if missing:
+        raise UserError(f"prompt set {folder} lacks {', '.join(missing)}; see prompts/README.md for the three files.")
+    system = (folder / "system.txt").read_text(encoding="utf-8").strip()
+    questions = tuple(q.strip() for q in (folder / "user.txt").read_text(encoding="utf-8").splitlines() if q.strip())
+    answer = (folder / "assistant.txt").read_text(encoding="utf-8").strip()
+    bad = [q for q in questions if "{title}" not in q]
+    if not questions or bad:
+        raise UserError(f"{folder / 'user.txt'}: every line must contain {{title}}; these do not: {bad or ['(empty file)']}")
+    if "{content}" not in answer:
+        raise UserError(f"{folder / 'assistant.txt'} must contain {{content}}.")
+    return PromptSet(system=system, questions=questions, answer=answer, folder=folder)
+
+
+def pick_question(prompts: PromptSet, key: str, seed: int) -> str:
+    """One phrasing per product, stable across runs and machines (blake2b, not Python's salted hash)."""
+    digest = hashlib.blake2b(f"{seed}:{key}".encode(), digest_size=8).digest()
+    return prompts.questions[int.from_bytes(digest, "little") % len(prompts.questions)]
+
+
+def messages(prompts: PromptSet, question: str) -> list[dict]:
+    """The prompt side of a conversation: system message (when the set has one) and the user's question."""
+    head = [{"role": "system", "content": prompts.system}] if prompts.system else []
+    return head + [{"role": "user", "content": question}]
+
+
+def question(prompts: PromptSet, title: str, key: str, seed: int) -> str:
+    """The question asked about one product."""
+    return pick_question(prompts, key, seed).replace("{title}", title)
+
+
+def render(prompts: PromptSet, title: str, content: str, key: str, seed: int) -> dict:
+    """One product -> a conversational prompt/completion row; TRL puts the loss on the completion only."""
+    # str.replace, not str.format: titles and descriptions contain braces.
+    return {
+        "prompt": messages(prompts, question(prompts, title, key, seed)),
+        "completion": [{"role": "assistant", "content": prompts.answer.replace("{content}", content)}],
+    }
+
+
+def save(prompts: PromptSet, run_dir: str | Path) -> Path:
+    """Copy the set into <run_dir>/prompts, so the run carries the exact prompts it was trained with."""
+    target = Path(run_dir) / "prompts"
+    target.mkdir(parents=True, exist_ok=True)
+    for name in FILES:
+        shutil.copyfile(prompts.folder / name, target / name)
+    return target

@@ -1,0 +1,133 @@
+"""The training stage, shared by both backends: TRL's SFTTrainer on prompt/completion rows."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from transformers import TrainerCallback
+from transformers.trainer_utils import get_last_checkpoint
+from trl import SFTTrainer
+
+from titletune.errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Outcome:
+    steps: int
+    interrupted: bool
+    first_loss: float | None
+    last_loss: float | None
+    train_runtime: float | None
+
+
+class JsonlLog(TrainerCallback):
+    """Appends every Trainer log record (loss, lr, grad norm, eval loss) to train_log.jsonl as it happens."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs:
+            with self.path.open("a", encoding="utf-8") as f:
+                f.write(json.dumps({"step": state.global_step, "epoch": state.epoch, **logs}) + "\n")
+
+
+class StopOnSigint(TrainerCallback):
+    """First Ctrl-C: finish the current step, save a checkpoint, stop. Second Ctrl-C: abort at once."""
+
+    def __init__(self):
+        self.requested = False
+        self.previous = signal.getsignal(signal.SIGINT)
+
+    def install(self):
+        signal.signal(signal.SIGINT, self._handle)
+
+    def uninstall(self):
+        signal.signal(signal.SIGINT, self.previous)
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nCtrl-C: stopping after this step and saving the adapter (Ctrl-C again to abort).", file=sys.stderr)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.requested:
+            control.should_training_stop = True
+            control.should_save = True
+
+
+def build_trainer(model, tokenizer, train_rows: list[dict], eval_rows: list[dict], training_args, run_dir: Path):
+    """SFTTrainer on conversational prompt/completion rows: the loss falls on the answer (and its end token) only."""
+    from datasets import Dataset
+
+    keep = ("prompt", "completion")
+    train_ds = Dataset.from_list([{k: r[k] for k in keep} for r in train_rows])
+    eval_ds = Dataset.from_list([{k: r[k] for k in keep} for r in eval_rows]) if eval_rows else None
+    if eval_ds is None and str(training_args.eval_strategy) not in ("no", "IntervalStrategy.NO"):
+        training_args.eval_strategy = "no"
+    return SFTTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        processing_class=tokenizer,
+    )
+
+
+def train(trainer, run_dir: Path, resume: bool) -> Outcome:
+    """Run the trainer with live JSONL logging and clean Ctrl-C handling; resume from the last checkpoint if asked."""
+    checkpoint = None
+    if resume:
+        checkpoint = get_last_checkpoint(str(run_dir)) if run_dir.is_dir() else None
+        if checkpoint is None:
+            raise UserError(f"--resume: no checkpoint-* folder in {run_dir}. Run without --resume to start afresh.")
+        log.info("resuming from %s", checkpoint)
+    stopper = StopOnSigint()
+    trainer.add_callback(JsonlLog(run_dir / "train_log.jsonl"))
+    trainer.add_callback(stopper)
+    stopper.install()
+    try:
+        result = trainer.train(resume_from_checkpoint=checkpoint)
+    finally:
+        stopper.uninstall()
+    losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
+    return Outcome(
+        steps=trainer.state.global_step,
+        interrupted=stopper.requested,
+        first_loss=losses[0] if losses else None,
+        last_loss=losses[-1] if losses else None,
+        train_runtime=result.metrics.get("train_runtime"),
+    )
+
+
+def plot_loss(log_history: list[dict], path: Path) -> Path | None:
+    """loss.png: train loss per logged step, and eval loss where there is one."""
+    train = [(r["step"], r["loss"]) for r in log_history if "loss" in r and "step" in r]
+    evals = [(r["step"], r["eval_loss"]) for r in log_history if "eval_loss" in r and "step" in r]
+    if not train:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
+    ax.plot(*zip(*train), label="train loss")
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="eval loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (answer tokens)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path

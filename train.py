@@ -1,0 +1,184 @@
+"""Fine-tune an instruct LLM with LoRA / QLoRA so that it answers questions about the products in a catalogue.
+
+CPU, no GPU and no model hub (embedded SmolLM2-135M-Instruct on the embedded sample, about 10 minutes on 2 cores):
+    python train.py
+CUDA, Unsloth 4-bit QLoRA on Llama 3.2 3B Instruct (configs/llama3_2_3b_qlora.yaml is the default with a GPU):
+    python train.py --data data/trn.json --max-samples 100000
+Another preset, any flag on top (flags beat the YAML, which beats the defaults in titletune/config.py):
+    python train.py --config configs/mistral_7b_qlora.yaml --data data/trn.json --max-samples 100000 --learning-rate 1e-4
+Data only, re-export, resume:
+    python train.py --prepare-only --data data/trn.json --max-samples 1000 --output-dir /tmp/prep
+    python train.py --export-only --run outputs/run-20261122-101500 --gguf q4_k_m,q8_0
+    python train.py --output-dir outputs/my-run --resume
+
+Stages: data -> model -> SFTTrainer -> adapter -> merge -> GGUF + Modelfile -> evaluation report.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+from titletune import backends
+from titletune.config import CPU_CONFIG, DEFAULTS, GPU_CONFIG, DataArguments, ExportArguments, ScriptArguments
+from titletune.errors import UserError, cli
+
+log = logging.getLogger("titletune")
+
+
+def parse(argv: list[str]):
+    """Choose the backend (importing unsloth first if it is the one), then parse every flag with TrlParser."""
+    import torch
+
+    backend = backends.choose(backends.requested_backend(argv))
+    backends.load_backend(backend)  # imports unsloth, when chosen, before trl/transformers/peft
+    from trl import ModelConfig, SFTConfig, TrlParser
+
+    cuda = torch.cuda.is_available()
+    if "--config" not in argv and not any(a in argv for a in ("-h", "--help")):
+        argv = ["--config", str(GPU_CONFIG if cuda else CPU_CONFIG), *argv]
+    parser = TrlParser((ScriptArguments, ModelConfig, DataArguments, ExportArguments, SFTConfig))
+    machine = {"use_cpu": not cuda, "bf16": _bf16_ok(torch, cuda), "fp16": cuda and not torch.cuda.is_bf16_supported()}
+    parser.set_defaults_with_config(**DEFAULTS, **machine)
+    script_args, model_args, data_args, export_args, training_args = parser.parse_args_and_config(argv)
+    script_args.backend = backend
+    return script_args, model_args, data_args, export_args, training_args
+
+
+def _bf16_ok(torch, cuda: bool) -> bool:
+    if cuda:
+        return torch.cuda.is_bf16_supported()
+    try:  # bf16 autocast only pays on CPUs with native bf16 (AVX512-BF16 / AMX); elsewhere it is emulated
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+@cli
+def main(script_args, model_args, data_args, export_args, training_args):
+    from titletune import data, export, models, prompts, runs, training
+
+    backend = backends.load_backend(script_args.backend)
+    gguf_types = export.parse_gguf_types(export_args.gguf)
+    if script_args.export_only:
+        return export_run(script_args, export_args, backend, gguf_types)
+
+    run_dir = runs.create(runs.resolve_dir(training_args.output_dir), script_args.overwrite, script_args.resume)
+    training_args.output_dir = str(run_dir)
+    log.info("run folder %s (backend %s)", run_dir, script_args.backend)
+
+    # Data: a resumed run reuses its own splits and prompts, so the data order is exactly the same.
+    prompt_dir = run_dir / "prompts" if script_args.resume else data_args.prompts
+    prompt_set = prompts.load(prompt_dir)
+    base_model = models.resolve(model_args.model_name_or_path)
+    if not script_args.resume:
+        runs.save_config(
+            run_dir,
+            base_model=base_model,
+            backend=script_args.backend,
+            seed=training_args.seed,
+            trust_remote_code=training_args.trust_remote_code,
+            max_length=training_args.max_length,
+            script=runs.as_dict(script_args),
+            model=runs.as_dict(model_args),
+            data=runs.as_dict(data_args),
+            export=runs.as_dict(export_args),
+            training=runs.as_dict(training_args),
+        )
+        prompts.save(prompt_set, run_dir)
+        data.prepare(data_args, training_args.seed, run_dir, prompt_set)
+    if script_args.prepare_only:
+        log.info("prepared data in %s/data (--prepare-only: stopping here)", run_dir)
+        return run_dir
+    train_rows, val_rows = data.load_split(run_dir, "train"), data.load_split(run_dir, "val")
+
+    # Model: the backend decides how it is loaded; everything after this is shared.
+    model, tokenizer = backend.load(base_model, model_args, training_args.trust_remote_code, training_args.max_length)
+    model = backend.add_lora(model, model_args, training_args)
+    if script_args.backend == "unsloth":
+        training_args.gradient_checkpointing = False  # get_peft_model(use_gradient_checkpointing="unsloth") did it
+    trainable, total = model.get_nb_trainable_parameters()
+    log.info("model %s: %.1fM trainable of %.1fM parameters (LoRA r=%d)",
+             model_args.model_name_or_path, trainable / 1e6, total / 1e6, model_args.lora_r)
+    trainer = training.build_trainer(model, tokenizer, train_rows, val_rows, training_args, run_dir)
+    world = training_args.world_size
+    log.info("training on %d products: batch %d per device x %d accumulation x %d processes = %d per step",
+             len(train_rows), training_args.per_device_train_batch_size, training_args.gradient_accumulation_steps,
+             world, training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps * world)
+    outcome = training.train(trainer, run_dir, script_args.resume)
+
+    adapter_dir = run_dir / "adapter"
+    if trainer.is_world_process_zero():
+        model.save_pretrained(adapter_dir, safe_serialization=True)
+        tokenizer.save_pretrained(adapter_dir)
+        training.plot_loss(trainer.state.log_history, run_dir / "loss.png")
+    log.info("trained %d steps in %.0f s: loss %s -> %s; adapter in %s", outcome.steps, outcome.train_runtime or 0,
+             _fmt(outcome.first_loss), _fmt(outcome.last_loss), adapter_dir)
+    if outcome.interrupted:
+        log.warning("interrupted at step %d. Continue with: python train.py --output-dir %s --resume",
+                    outcome.steps, run_dir)
+        sys.exit(130)
+    if not trainer.is_world_process_zero():
+        return run_dir  # merge, export and evaluation happen once, on the main process
+
+    if export_args.merge or gguf_types:
+        merged = backend.merge(model, tokenizer, base_model, adapter_dir, run_dir / "merged", training_args.trust_remote_code)
+        del model, trainer
+        backend.free()
+        log.info("merged model in %s", merged)
+        if gguf_types:
+            export.export(run_dir, merged, gguf_types, prompt_set.system, tokenizer, verify=export_args.verify,
+                          llama_cpp_dir=export_args.llama_cpp_dir, question=_sample_question(train_rows))
+    if script_args.eval_samples > 0:
+        from titletune import evaluate
+
+        evaluate.evaluate_run(run_dir, samples=script_args.eval_samples, seed=training_args.seed)
+    log.info("done: %s  (try: python infer.py --run %s \"%s\")", run_dir, run_dir,
+             _sample_question(train_rows))
+    return run_dir
+
+
+def export_run(script_args, export_args, backend, gguf_types):
+    """--export-only: merge (if needed) and re-export an existing run."""
+    from transformers import AutoTokenizer
+
+    from titletune import export, prompts, runs
+
+    if not script_args.run:
+        raise UserError("--export-only needs --run <run folder>, e.g. --run outputs/run-20261122-101500")
+    run_dir = Path(script_args.run)
+    config = runs.load_config(run_dir)
+    adapter_dir = run_dir / "adapter"
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise UserError(f"{run_dir} has no trained adapter ({adapter_dir}); finish training first.")
+    tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
+    merged = run_dir / "merged"
+    if not (merged / "config.json").is_file():
+        from titletune.backends import hf  # merging from disk needs no unsloth: base in 16-bit + adapter
+
+        hf.merge(None, tokenizer, config["base_model"], adapter_dir, merged, bool(config.get("trust_remote_code")))
+    prompt_set = prompts.load(run_dir / "prompts")
+    if gguf_types:
+        export.export(run_dir, merged, gguf_types, prompt_set.system, tokenizer, verify=export_args.verify,
+                      llama_cpp_dir=export_args.llama_cpp_dir)
+    return run_dir
+
+
+def _sample_question(rows: list[dict]) -> str | None:
+    """The question one trained product was asked with, exactly as in training."""
+    return rows[0]["prompt"][-1]["content"] if rows else None
+
+
+def _fmt(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
+
+
+if __name__ == "__main__":
+    logging.basicConfig(format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S", level=logging.INFO)
+    try:
+        args = parse(sys.argv[1:])
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    main(*args)
