@@ -39,6 +39,10 @@ def parse(argv: list[str]):
     if "--config" not in argv and not any(a in argv for a in ("-h", "--help")):
         argv = ["--config", str(GPU_CONFIG if cuda else CPU_CONFIG), *argv]
     parser = TrlParser((ScriptArguments, ModelConfig, DataArguments, ExportArguments, SFTConfig))
+    parser.description = __doc__.split("\n\n")[0]
+    parser.epilog = (f"--config FILE  a YAML preset from configs/; its values replace the defaults, and flags beat it. "
+                     f"Without --config: {CPU_CONFIG.name} on CPU, {GPU_CONFIG.name} with CUDA. Every flag is "
+                     "accepted with dashes or underscores (--max-samples = --max_samples).")
     machine = {"use_cpu": not cuda, "bf16": _bf16_ok(torch, cuda), "fp16": cuda and not torch.cuda.is_bf16_supported()}
     parser.set_defaults_with_config(**DEFAULTS, **machine)
     script_args, model_args, data_args, export_args, training_args = parser.parse_args_and_config(argv)

@@ -16,7 +16,7 @@ log = logging.getLogger(__name__)
 
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
-CACHE_FORMAT = 2  # bump when the conversion changes, so stale caches are rebuilt
+CACHE_FORMAT = 3  # bump when the conversion changes, so stale caches are rebuilt
 
 
 def embedded_gguf() -> Path:
@@ -53,6 +53,7 @@ def embedded_hf_dir() -> Path:
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        faithful_tokenizer_json(tmp / "tokenizer.json")
         if target.exists():  # another process finished first
             shutil.rmtree(tmp)
         else:
@@ -61,6 +62,19 @@ def embedded_hf_dir() -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
+
+
+def faithful_tokenizer_json(path: Path) -> None:
+    """Undo what transformers' GGUF loader writes for SmolLM2: byte_fallback and an SPM-style decoder on a byte-level
+    BPE. Tokenization is unaffected, but llama.cpp's converter then takes it for a Llama SPM vocabulary, and the GGUF
+    aborts llama.cpp on its first tokenize. A no-op for a tokenizer.json that is already plain byte-level BPE."""
+    import json
+
+    data = json.loads(path.read_text(encoding="utf-8"))
+    if data["model"].get("byte_fallback") and "ByteLevel" in json.dumps(data["pre_tokenizer"]):
+        data["model"]["byte_fallback"] = False
+        data["decoder"] = {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True}
+        path.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
 
 
 def _fix_special_tokens(gguf: Path, tokenizer, model) -> None:

@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from transformers import TrainerCallback
-from transformers.trainer_utils import get_last_checkpoint
 from trl import SFTTrainer
 
 from titletune.errors import UserError
@@ -82,11 +81,19 @@ def build_trainer(model, tokenizer, train_rows: list[dict], eval_rows: list[dict
     )
 
 
+def last_checkpoint(run_dir: Path) -> str | None:
+    """The newest complete checkpoint. A kill -9 during a save leaves a folder without trainer_state.json (written
+    last); resuming from that would fail, so it is passed over."""
+    done = [p for p in run_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()
+            and (p / "trainer_state.json").is_file()]
+    return str(max(done, key=lambda p: int(p.name.split("-")[-1]))) if done else None
+
+
 def train(trainer, run_dir: Path, resume: bool) -> Outcome:
     """Run the trainer with live JSONL logging and clean Ctrl-C handling; resume from the last checkpoint if asked."""
     checkpoint = None
     if resume:
-        checkpoint = get_last_checkpoint(str(run_dir)) if run_dir.is_dir() else None
+        checkpoint = last_checkpoint(run_dir)
         if checkpoint is None:
             raise UserError(f"--resume: no checkpoint-* folder in {run_dir}. Run without --resume to start afresh.")
         log.info("resuming from %s", checkpoint)
@@ -98,6 +105,8 @@ def train(trainer, run_dir: Path, resume: bool) -> Outcome:
         result = trainer.train(resume_from_checkpoint=checkpoint)
     finally:
         stopper.uninstall()
+    # TRL writes a hub model card here that names no base model ("fine-tuned version of None"); it is wrong, not useful.
+    (run_dir / "README.md").unlink(missing_ok=True)
     losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
     return Outcome(
         steps=trainer.state.global_step,

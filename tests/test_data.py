@@ -1,0 +1,328 @@
+"""titletune.data on tiny inputs: cleaning, dedupe, seeded sampling, splits, rendering, stats, streaming memory."""
+
+from __future__ import annotations
+
+import gzip
+import itertools
+import json
+import tracemalloc
+from collections import Counter
+from pathlib import Path
+
+import orjson
+import pytest
+
+from titletune import data, prompts
+from titletune.config import DataArguments
+from titletune.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = ROOT / "data" / "sample_trn.json"
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+QA = ROOT / "prompts" / "qa"
+
+
+@pytest.fixture(scope="module")
+def qa() -> prompts.PromptSet:
+    return prompts.load(QA)
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+def products(n: int, start: int = 0) -> list[dict]:
+    """n distinct, valid products in trn.json's format (invented)."""
+    return [
+        {
+            "uid": f"U{i:06d}",
+            "title": f"Widget Model {i} Deluxe",
+            "content": f"Widget number {i} with {i % 7} gears and a steel frame.",
+            "target_ind": [i],
+            "target_rel": [1.0],
+        }
+        for i in range(start, start + n)
+    ]
+
+
+def run(tmp_path: Path, qa: prompts.PromptSet, seed: int = 42, name: str = "run", **overrides) -> tuple[dict, Path]:
+    out = tmp_path / name
+    stats = data.prepare(DataArguments(**overrides), seed=seed, out_dir=out, prompts=qa)
+    return stats, out
+
+
+def kept_rows(out: Path) -> dict[str, list[dict]]:
+    return {split: data.load_split(out, split) for split in data.SPLITS}
+
+
+# --- cleaning -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "raw, clean",
+    [
+        ("Judith Kerr&#8217;s best&#8211;selling", "Judith Kerr\u2019s best\u2013selling"),
+        ("Salt &amp; pepper &#8212; together", "Salt & pepper \u2014 together"),
+        ("double &amp;#8217;escaped&amp;amp;", "double \u2019escaped&"),
+        ("cp1252 refs: it&#x92;s &#151; done", "cp1252 refs: it\u2019s \u2014 done"),
+        ("AT&T stays, and so does a & b", "AT&T stays, and so does a & b"),
+        ("&quot;Quoted&quot;&#160;text", '"Quoted" text'),
+    ],
+)
+def test_clean_text_decodes_entities(raw, clean):
+    assert data.clean_text(raw) == clean
+
+
+def test_clean_text_strips_tags_and_keeps_paragraphs():
+    raw = "<p>Set of <b>four</b> mugs.</p><p>Holds 12 oz.<br/>Dishwasher safe.</p><ul><li>Blue</li><li>Red</li></ul>"
+    assert data.clean_text(raw) == "Set of four mugs.\nHolds 12 oz.\nDishwasher safe.\n- Blue\n- Red"
+    assert data.clean_text("size < 5 and a heart <3") == "size < 5 and a heart <3"
+    assert data.clean_text("&lt;i&gt;Escaped&lt;/i&gt; italics<!-- note -->") == "Escaped italics"
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "A fine story.--This text refers to theHardcoveredition.",
+        "A fine story.--This text refers to an out of print or unavailable edition of this title.",
+        "A fine story. -- This text refers to an alternatePaperbackedition.",
+    ],
+)
+def test_clean_text_removes_edition_notes(raw):
+    assert data.clean_text(raw) == "A fine story."
+
+
+def test_clean_text_whitespace_control_and_unicode():
+    assert data.clean_text("  a \t b\r\n\r\n\n  c  ") == "a b\nc"
+    assert data.clean_text("zero\u200bwidth\x00 and\u00a0nbsp\x07") == "zerowidth and nbsp"
+    assert data.clean_text("\uff37\uff49\uff44\uff45 \ufb01sh") == "Wide fish"  # NFKC: fullwidth letters, ligature
+    assert data.clean_text("broken \ud800 surrogate") == "broken \ufffd surrogate"
+    assert data.clean_text("") == ""
+    assert data.clean_title("Two\nlines") == "Two lines"
+
+
+def test_title_key():
+    assert data.title_key("Mog's Kittens (Hardcover)") == "mog s kittens hardcover"
+    assert data.title_key("  GIRLS   Ballet-Tutu, Neon_Pink! ") == "girls ballet tutu neon pink"
+    assert data.title_key("\uff27irls Ballet Tutu Neon Pink") == data.title_key("girls ballet tutu neon pink")
+    assert data.title_key("Stra\u00dfe") == data.title_key("STRASSE")  # casefold, not lower
+    assert data.title_key("!!!") == ""
+
+
+def test_truncate_at_sentence_end():
+    text = "First sentence here. Second one is longer than that. Third."
+    assert data.truncate(text, 100) == text
+    assert data.truncate(text, 55) == "First sentence here. Second one is longer than that."
+    assert data.truncate(text, 52) == "First sentence here. Second one is longer than that."
+    cut = data.truncate("word " * 100, 50)  # no sentence end: cut at a space, marked
+    assert len(cut) <= 50 and cut.endswith("\u2026") and " \u2026" not in cut
+
+
+# --- reading --------------------------------------------------------------------------------------------------
+
+
+def test_iter_products_ids_from_uid_or_line_number(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text(
+        '{"uid": "A1", "title": "T1", "content": "C1"}\n\n{"title": "T2", "content": "C2"}\n', encoding="utf-8"
+    )
+    stats = Counter()
+    rows = list(data.iter_products(path, stats=stats))
+    assert rows == [{"id": "A1", "title": "T1", "content": "C1"}, {"id": "3", "title": "T2", "content": "C2"}]
+    assert stats["rows_read"] == 2 and stats["blank_lines"] == 1
+
+
+def test_iter_products_reads_gzip_by_magic_bytes_and_json_arrays(tmp_path):
+    rows = products(3)
+    gz = tmp_path / "trn.json"  # gzip content behind a .json name
+    gz.write_bytes(gzip.compress(b"".join(orjson.dumps(r) + b"\n" for r in rows)))
+    array_file = tmp_path / "array.json"
+    array_file.write_text("\n  " + json.dumps(rows), encoding="utf-8")
+    expected = [{"id": r["uid"], "title": r["title"], "content": r["content"]} for r in rows]
+    assert list(data.iter_products(gz)) == expected
+    assert list(data.iter_products(array_file)) == expected
+
+
+def test_iter_products_other_field_names(tmp_path):
+    path = write_jsonl(tmp_path / "p.jsonl", [{"name": "Lamp", "description": "A lamp with a linen shade."}])
+    assert list(data.iter_products(path, title_field="name", content_field="description")) == [
+        {"id": "1", "title": "Lamp", "content": "A lamp with a linen shade."}
+    ]
+
+
+# --- prepare --------------------------------------------------------------------------------------------------
+
+
+def test_prepare_dedupes_by_title_key_keeping_the_first(tmp_path, qa):
+    rows = products(12)
+    rows.insert(
+        3, {"uid": "DUP", "title": "widget model 1, DELUXE", "content": "A later listing of the same product."}
+    )
+    stats, out = run(tmp_path, qa, data=str(write_jsonl(tmp_path / "d.jsonl", rows)))
+    kept = [row for split in kept_rows(out).values() for row in split]
+    assert stats["dropped"]["duplicate_title"] == 1
+    assert "DUP" not in {row["id"] for row in kept}
+    assert len({data.title_key(row["title"]) for row in kept}) == len(kept) == 12
+
+
+def test_sampling_is_seeded_uniform_and_not_the_head(tmp_path, qa):
+    def ids(seed: int, max_samples: str) -> set[str]:
+        _, out = run(tmp_path, qa, seed=seed, name=f"s{seed}-{max_samples}", max_samples=max_samples)
+        return {row["id"] for split in kept_rows(out).values() for row in split}
+
+    first = ids(42, "50")
+    assert len(first) == 50
+    assert ids(42, "50") == first  # same seed, same set
+    assert ids(7, "50") != first  # another seed, another set
+    all_ids = ids(42, "all")
+    head = set(sorted(all_ids)[:50])  # the sample's uids follow file order
+    assert first != head
+    assert first < ids(42, "100") < all_ids  # the N smallest hashes: a larger N keeps a superset
+
+
+def test_sample_covers_the_whole_file(tmp_path, qa):
+    """Uniform, not first-N: a sample of 10% of 2,000 products draws about as many from each half of the file."""
+    path = write_jsonl(tmp_path / "big.jsonl", products(2000))
+    _, out = run(tmp_path, qa, data=str(path), max_samples="200")
+    numbers = [int(row["id"][1:]) for split in kept_rows(out).values() for row in split]
+    assert len(numbers) == 200
+    assert 70 <= sum(n < 1000 for n in numbers) <= 130
+
+
+def test_splits_are_disjoint_and_stable(tmp_path, qa):
+    stats_all, out_all = run(tmp_path, qa, name="all")
+    _, out_50 = run(tmp_path, qa, name="fifty", max_samples="50")
+    split_of = {}
+    for split, rows in kept_rows(out_all).items():
+        for row in rows:
+            key = data.title_key(row["title"])
+            assert key not in split_of, f"{row['title']!r} is in {split_of[key]} and {split}"
+            split_of[key] = split
+    # A smaller sample moves no product to another split, except that the top-up for small sets may move at most
+    # one train product into each held-out split the sample left empty.
+    moved = [
+        (split_of[data.title_key(row["title"])], split)
+        for split, rows in kept_rows(out_50).items()
+        for row in rows
+        if split_of[data.title_key(row["title"])] != split
+    ]
+    assert len(moved) <= 2 and all(old == "train" for old, _ in moved), moved
+    assert all(stats_all["kept"][s] >= 1 for s in data.SPLITS)
+
+
+def test_small_sets_get_one_val_and_one_test_product(tmp_path, qa):
+    for n in (10, 11, 13):
+        path = write_jsonl(tmp_path / f"small{n}.jsonl", products(n))
+        stats, out = run(tmp_path, qa, name=f"small{n}", data=str(path))
+        assert stats["kept"]["val"] >= 1 and stats["kept"]["test"] >= 1, stats["kept"]
+        assert sum(len(rows) for rows in kept_rows(out).values()) == n
+    stats, _ = run(tmp_path, qa, name="nine", data=str(write_jsonl(tmp_path / "nine.jsonl", products(9))))
+    assert stats["kept"]["total"] == 9
+
+
+def test_rows_render_into_prompt_and_completion(tmp_path, qa):
+    _, out = run(tmp_path, qa)
+    system = (QA / "system.txt").read_text(encoding="utf-8").strip()
+    rows = [row for split in kept_rows(out).values() for row in split]
+    for row in rows:
+        assert set(row) == {"id", "title", "content", "prompt", "completion"}
+        assert row["prompt"][0] == {"role": "system", "content": system}
+        assert row["prompt"][1]["role"] == "user" and row["title"] in row["prompt"][1]["content"]
+        assert row["completion"] == [{"role": "assistant", "content": row["content"]}]
+        assert (
+            "&#" not in row["content"] and "--This text refers" not in row["content"] and "<p>" not in row["content"]
+        )
+    tutu = [row for row in rows if row["title"] == "Girls Ballet Tutu Neon Pink"]
+    assert len(tutu) == 1 and "pink" in tutu[0]["content"]
+
+
+def test_stats_add_up(tmp_path, qa):
+    stats, out = run(tmp_path, qa, max_samples="100")
+    assert stats["rows_read"] == stats["kept"]["total"] + stats["dropped_total"]
+    assert stats["kept"]["total"] == sum(stats["kept"][s] for s in data.SPLITS) == 100
+    assert stats["dropped_total"] == sum(stats["dropped"].values())
+    sample_lines = sum(1 for line in SAMPLE.read_text(encoding="utf-8").splitlines() if line.strip())
+    assert stats["rows_read"] == sample_lines
+    assert stats["dropped"]["empty_content"] >= 10 and stats["dropped"]["empty_title"] >= 3
+    assert stats["dropped"]["duplicate_title"] >= 3 and stats["truncated"] >= 0
+    assert json.loads((out / "data" / "stats.json").read_text()) == stats
+    for split in data.SPLITS:
+        assert len(data.load_split(out, split)) == stats["kept"][split]
+
+
+def test_prepare_is_reproducible(tmp_path, qa):
+    _, a = run(tmp_path, qa, name="a", max_samples="60")
+    _, b = run(tmp_path, qa, name="b", max_samples="60")
+    for split in data.SPLITS:
+        assert (a / "data" / f"{split}.jsonl").read_bytes() == (b / "data" / f"{split}.jsonl").read_bytes()
+
+
+@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="shared real-data head not present")
+def test_prepare_on_real_head(tmp_path, qa):
+    stats, out = run(tmp_path, qa, data=str(SHARED_DATA / "trn_real_head300.jsonl"))
+    folder = out / "data"
+    names = {p.name for p in folder.iterdir()}
+    assert names == {"train.jsonl", "val.jsonl", "test.jsonl", "stats.json", "eda.md", "lengths.png"}
+    assert (folder / "lengths.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert stats["rows_read"] == 300 and stats["kept"]["total"] >= 280
+    assert set(stats["lengths"]["content"]) == {"p25", "p50", "p75", "p95", "max", "mean"}
+    report = (folder / "eda.md").read_text(encoding="utf-8")
+    assert "| read | 300 |" in report and "lengths.png" in report
+    for rows in kept_rows(out).values():
+        for row in rows:
+            assert "&#" not in row["content"] and "--This text refers" not in row["content"]
+            assert len(row["content"]) <= 2000
+
+
+def test_load_split_needs_a_prepared_run(tmp_path):
+    with pytest.raises(UserError, match="prepare the data first"):
+        data.load_split(tmp_path, "train")
+    with pytest.raises(UserError, match="one of train, val, test"):
+        data.load_split(tmp_path, "dev")
+
+
+# --- memory ---------------------------------------------------------------------------------------------------
+
+
+def write_synthetic(path: Path, lines: int) -> Path:
+    """trn.json-shaped rows, one template: fast to write (200k lines in well under a second)."""
+    template = (
+        '{"uid": "%010d", "title": "Synthetic Product %d Blue Edition", "content": "Product %d is a blue widget with '
+        'a steel frame, two handles and a lifetime warranty &amp; free returns.", "target_ind": [%d, 7], '
+        '"target_rel": [1.0, 1.0]}\n'
+    )
+    with open(path, "w", encoding="ascii") as f:
+        f.writelines(template % (i, i, i, i) for i in range(lines))
+    return path
+
+
+def traced_peak(fn) -> int:
+    tracemalloc.start()
+    try:
+        fn()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_streaming_memory_is_flat(tmp_path):
+    """Reading 200k lines peaks no higher than reading 20k; the selection holds a hash per product, not the rows."""
+    small, big = write_synthetic(tmp_path / "small.json", 20_000), write_synthetic(tmp_path / "big.json", 200_000)
+
+    def read(path: Path) -> None:
+        for _ in data.iter_products(path):
+            pass
+
+    assert traced_peak(lambda: read(big)) - traced_peak(lambda: read(small)) < 256 * 1024
+
+    def select(path: Path, rows: int) -> None:
+        selection = data.Selection(seed=1, max_samples=1000, min_chars=20, max_chars=2000, counts=Counter())
+        for row in itertools.islice(data.iter_products(path), rows):
+            selection.add(row)
+        assert len(selection.heap) == 1000
+
+    # 60k rows, not 200k: tracemalloc makes the selection ~5x slower, and 60k already tells 80 bytes from 400.
+    growth = traced_peak(lambda: select(big, 80_000)) - traced_peak(lambda: select(small, 20_000))
+    # Each more product costs a set entry, an 8-byte hash and two lengths (~90 bytes); keeping rows would cost 400+.
+    assert growth < 60_000 * 150, f"{growth / 1e6:.1f} MB for 60k more rows"

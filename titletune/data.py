@@ -1,0 +1,773 @@
+"""Products file -> cleaned, deduplicated, sampled, split chat rows, in one streaming pass.
+
+    trn.json(.gz) -> iter_products -> clean_text -> filter -> dedupe (title_key) -> sample (seeded) -> split -> render
+    -> <output_dir>/data/{train,val,test}.jsonl + stats.json + eda.md + lengths.png
+
+Memory does not grow with the file: rows stream through, and what is kept per product is one 8-byte hash (dedupe)
+and two lengths (EDA). With --max_samples N, at most N products are held in a bounded heap; with 'all' every kept
+row goes straight to its split file.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import heapq
+import html
+import io
+import json
+import logging
+import os
+import re
+import time
+import unicodedata
+import zlib
+from array import array
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import orjson
+
+from titletune import prompts as prompts_lib
+from titletune.config import DataArguments, parse_max_samples
+from titletune.errors import UserError
+from titletune.prompts import PromptSet
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+GZIP_MAGIC = b"\x1f\x8b"
+BOM = b"\xef\xbb\xbf"
+ARRAY_LIMIT = 200 * 1024**2  # a JSON array must be parsed whole; past this, ask for JSON lines instead
+PROGRESS_MIN_BYTES = 64 * 1024**2  # smaller files finish before a progress bar says anything useful
+PERCENTILES = (25, 50, 75, 95)
+
+# Reasons a row can be dropped, in pipeline order; stats.json and the "all rows dropped" error use these names.
+DROP_REASONS = (
+    "malformed_json",  # the line is not JSON
+    "not_an_object",  # JSON, but not {...}
+    "missing_field",  # the title or content field is absent (see --title_field / --content_field)
+    "bad_field_type",  # the field holds a list or an object, not text
+    "empty_title",  # no letter or digit left after cleaning (5.6% of the real rows)
+    "empty_content",  # 33.4% of the real rows
+    "short_content",  # cleaned content shorter than --min_content_chars
+    "duplicate_title",  # same title_key as an earlier kept product; the first one wins
+    "over_max_samples",  # a valid product that the seeded sample left out
+)
+# Counted by iter_products but not drops: the row is still used, or there was no row at all.
+NOTES = ("bad_utf8", "blank_lines")
+
+_BLOCK_TAG = re.compile(r"<\s*(?:br|/?p|/?div|/?tr|/?h[1-6]|/?ul|/?ol|/?table)\b[^<>]*>", re.IGNORECASE)
+_LIST_ITEM = re.compile(r"<\s*li\b[^<>]*>", re.IGNORECASE)
+_COMMENT = re.compile(r"<!--.*?-->", re.DOTALL)
+# Inline tags vanish so that "<b>S</b>mith" stays one word; any other tag becomes a space.
+_INLINE_TAG = re.compile(r"<\s*/?\s*(?:a|b|i|u|em|strong|span|font|small|sup|sub)\b[^<>]*>", re.IGNORECASE)
+_OTHER_TAG = re.compile(r"<\s*/?\s*[a-zA-Z][^<>]*>")  # a letter after '<': "size < 5" and "<3" are not tags
+_ENTITY = re.compile(r"&(?:#[0-9]{1,7}|#[xX][0-9a-fA-F]{1,6}|[a-zA-Z][a-zA-Z0-9]{1,31});")
+# Amazon glues an edition note to many book descriptions, with the spaces lost in scraping:
+# "--This text refers to theHardcoveredition." / "--This text refers to an out of print ... of this title."
+# The pattern starts with a literal so the regex engine can skip ahead; a leading \s* would try every position.
+_EDITION_NOTE = re.compile(r"-{2,}\s*This text refers to\b[^.]*\.?", re.IGNORECASE)
+# Control characters and invisible format characters; \t \n \r and the other whitespace are left to split().
+_INVISIBLE = re.compile("[\x00-\x08\x0e-\x1b\x7f-\x84\x86-\x9f\u00ad\u200b\u200e\u200f\u2060\ufeff]")
+_DOUBLE_SPACE = re.compile(r"  +")
+_NON_ALNUM = re.compile(r"[\W_]+")
+_SENTENCE_END = re.compile(r"[.!?][\"')\]\u201d\u2019]*(?=\s)")
+
+
+def clean_text(text: str) -> str:
+    """Catalogue text -> plain text: entities decoded, tags and edition notes removed, NFKC, whitespace collapsed.
+
+    Paragraph breaks (<br>, <p>, <li>, newlines) survive as single newlines; every other run of whitespace becomes
+    one space.
+    """
+    if not text:
+        return ""
+    # Fast path, most real rows: plain ASCII with nothing to decode. isprintable() rules out tabs, newlines and
+    # control characters, so only runs of spaces are left to collapse. str methods here, not regexes: this runs
+    # 1.5 million times on the real file.
+    if text.isascii() and "&" not in text and "<" not in text and "--" not in text and text.isprintable():
+        if "  " in text:
+            text = _DOUBLE_SPACE.sub(" ", text)
+        return text.strip(" ")
+    if "&" in text:
+        text = html.unescape(text)
+        if "&" in text and _ENTITY.search(text):  # double-escaped, e.g. "&amp;#8217;" -> "&#8217;" -> "’"
+            text = html.unescape(text)
+    if not text.isascii():
+        text = unicodedata.normalize("NFKC", text)
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # lone surrogates, from a JSON "\\ud800" escape, cannot be written as UTF-8
+            text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    if "<" in text:
+        text = _COMMENT.sub(" ", text)
+        text = _BLOCK_TAG.sub("\n", text)
+        text = _LIST_ITEM.sub("\n- ", text)
+        text = _INLINE_TAG.sub("", text)
+        text = _OTHER_TAG.sub(" ", text)
+    if "--" in text:
+        text = _EDITION_NOTE.sub(" ", text)
+    if text.isprintable():  # no line breaks, tabs or control characters: only runs of spaces can be left
+        return (_DOUBLE_SPACE.sub(" ", text) if "  " in text else text).strip()
+    # split() rather than a whitespace regex: a [^\S\n] class costs ~40 us on a 600-char description, split ~10.
+    lines = []
+    for line in text.splitlines():
+        line = " ".join(line.split())
+        if not line.isprintable():
+            line = " ".join(_INVISIBLE.sub("", line).split())
+        if line:
+            lines.append(line)
+    return "\n".join(lines)
+
+
+def clean_title(text: str) -> str:
+    """A title is one line: clean_text, then newlines become spaces."""
+    cleaned = clean_text(text)
+    return " ".join(cleaned.split()) if "\n" in cleaned else cleaned
+
+
+def title_key(title: str) -> str:
+    """The title as compared for dedupe and split hashing: NFKC, casefolded, letters and digits only, single spaces.
+
+    Pass a cleaned title (clean_text): entities and tags are not decoded here.
+    """
+    if not title.isascii():
+        title = unicodedata.normalize("NFKC", title)
+    return _NON_ALNUM.sub(" ", title.casefold()).strip()
+
+
+def truncate(text: str, limit: int) -> str:
+    """Cut text to at most `limit` chars, at the last sentence end when one falls in the second half of the limit."""
+    if len(text) <= limit:
+        return text
+    head = text[: limit + 1]  # one more char so a sentence ending exactly at the limit is seen by the lookahead
+    ends = [m.end() for m in _SENTENCE_END.finditer(head) if m.end() <= limit]
+    if ends and ends[-1] >= limit // 2:
+        return text[: ends[-1]]
+    space = text.rfind(" ", 0, limit)
+    if space >= limit // 2:
+        return text[:space].rstrip() + "\u2026"
+    return text[: limit - 1] + "\u2026"
+
+
+def check_path(path: str | Path) -> Path:
+    """The data file, or a UserError that says how to point at a real one."""
+    path = Path(path).expanduser()
+    hint = "pass --data /path/to/trn.json (data/README.md says where to download it)"
+    if not path.exists():
+        raise UserError(f"data file {path} does not exist; {hint}.")
+    if path.is_dir():
+        found = sorted(p.name for p in path.iterdir() if p.suffix in (".json", ".jsonl", ".gz"))[:5]
+        inside = f" It holds {', '.join(found)}." if found else ""
+        raise UserError(
+            f"--data {path} is a directory, not a file.{inside} Pass the file itself, e.g. {path}/trn.json."
+        )
+    if path.stat().st_size == 0:
+        raise UserError(f"data file {path} is empty (0 bytes); re-download it or {hint}.")
+    if not os.access(path, os.R_OK):
+        raise UserError(f"data file {path} is not readable by this user; fix its permissions (chmod a+r {path}).")
+    return path
+
+
+def _open(path: Path) -> tuple[io.BufferedReader, io.BufferedIOBase]:
+    """(raw file, decompressed stream); gzip is told by its magic bytes, so a .json that is really gzip still works."""
+    raw = open(path, "rb")  # noqa: SIM115 - closed by the caller, with the stream
+    if raw.read(2) == GZIP_MAGIC:
+        raw.seek(0)
+        return raw, gzip.GzipFile(fileobj=raw, mode="rb")
+    raw.seek(0)
+    return raw, raw
+
+
+def _sniff(path: Path) -> bytes:
+    """The first non-whitespace byte of the (decompressed) content: b'[' for a JSON array, b'' if there is none."""
+    raw, stream = _open(path)
+    try:
+        while chunk := stream.read(65536):
+            chunk = chunk.removeprefix(BOM).lstrip()
+            if chunk:
+                return chunk[:1]
+    except (EOFError, OSError, zlib.error) as e:
+        raise _truncated(path, 0, e) from None
+    finally:
+        stream.close()
+        raw.close()
+    return b""
+
+
+def _truncated(path: Path, lines: int, error: Exception) -> UserError:
+    return UserError(
+        f"{path} is a truncated or corrupt gzip file: it ended after {lines:,} lines ({error}). "
+        f"Check it with `gzip -t {path}` and re-download it, or decompress what is readable with "
+        f"`zcat {path} > trn.json` and pass that."
+    )
+
+
+_BLANK = object()  # _parse_slow's answer for a whitespace-only line: not a row at all
+_MALFORMED = object()  # ... and for a line that is not JSON, already counted in stats["malformed_json"]
+
+
+def _parse_slow(line: bytes, number: int, stats: Counter) -> object:
+    """A line orjson refused: a BOM, a blank line, bad UTF-8 or a lone surrogate escape (repaired, counted in
+    stats["bad_utf8"], kept), or broken JSON (counted in stats["malformed_json"], _MALFORMED)."""
+    if number == 1 and line.startswith(BOM):
+        line = line[len(BOM) :]
+        try:
+            return orjson.loads(line)
+        except orjson.JSONDecodeError:
+            pass
+    if not line.strip():
+        return _BLANK
+    # Kept, not skipped: broken bytes are usually one character of an otherwise good description.
+    text = line.decode("utf-8", errors="replace")
+    try:
+        # The stdlib also takes the lone surrogate escapes that orjson refuses; clean_text repairs them.
+        obj = json.loads(text)
+    except ValueError:
+        stats["malformed_json"] += 1
+        return _MALFORMED
+    stats["bad_utf8"] += 1
+    return obj
+
+
+def _field(obj: dict, name: str) -> str | None:
+    value = obj[name]
+    if isinstance(value, str):
+        return value
+    if value is None:
+        return ""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    return None
+
+
+def _row(obj: object, number: int, title_field: str, content_field: str, stats: Counter) -> dict | None:
+    """The row of one parsed line, or None with the reason counted in stats."""
+    if type(obj) is not dict:
+        stats["not_an_object"] += 1
+        return None
+    if title_field not in obj or content_field not in obj:
+        stats["missing_field"] += 1
+        return None
+    title, content = _field(obj, title_field), _field(obj, content_field)
+    if title is None or content is None:
+        stats["bad_field_type"] += 1
+        return None
+    uid = obj.get("uid")
+    return {"id": str(number) if uid is None else str(uid), "title": title, "content": content}
+
+
+def iter_products(
+    path: str | Path,
+    title_field: str = "title",
+    content_field: str = "content",
+    stats: Counter | None = None,
+    progress: bool = False,
+) -> Iterator[dict]:
+    """Stream {"id", "title", "content"} raw rows from JSON lines (.json/.jsonl, gzipped or not) or a small JSON array.
+
+    `id` is the row's uid, else its 1-based line number. Every non-blank line counts in stats["rows_read"]; lines
+    that give no row are counted by reason (malformed_json, not_an_object, missing_field, bad_field_type), never
+    raised. Invalid UTF-8 is replaced with U+FFFD and the row is kept, counted in stats["bad_utf8"]. Blank lines
+    are counted in stats["blank_lines"] only. progress=True shows a tqdm bar over the bytes of a large file.
+    """
+    stats = Counter() if stats is None else stats
+    path = check_path(path)
+    if _sniff(path) == b"[":
+        yield from _iter_array(path, title_field, content_field, stats)
+        return
+    size = path.stat().st_size
+    raw, stream = _open(path)
+    bar = None
+    if progress and size >= PROGRESS_MIN_BYTES:
+        from tqdm import tqdm
+
+        bar = tqdm(total=size, unit="B", unit_scale=True, desc=f"reading {path.name}", disable=None)
+    loads, decode_error = orjson.loads, orjson.JSONDecodeError
+    number = read = 0
+    try:
+        # The hot loop of data prep: one orjson call and two dict lookups for a well-formed row; every other case
+        # goes through _parse_slow and _row.
+        for number, line in enumerate(stream, 1):
+            try:
+                obj = loads(line)
+            except decode_error:
+                obj = _parse_slow(line, number, stats)
+                if obj is _BLANK:
+                    stats["blank_lines"] += 1
+                    continue
+            read += 1
+            if bar is not None and not number & 16383:
+                bar.update(raw.tell() - bar.n)
+            if type(obj) is dict:
+                title, content = obj.get(title_field), obj.get(content_field)
+                if type(title) is str and type(content) is str:
+                    uid = obj.get("uid")
+                    yield {"id": str(number) if uid is None else str(uid), "title": title, "content": content}
+                    continue
+            if obj is _MALFORMED:
+                continue
+            row = _row(obj, number, title_field, content_field, stats)
+            if row is not None:
+                yield row
+    except (EOFError, zlib.error, gzip.BadGzipFile) as e:
+        raise _truncated(path, number, e) from None
+    finally:
+        stats["rows_read"] += read
+        if bar is not None:
+            bar.update(size - bar.n)
+            bar.close()
+        stream.close()
+        raw.close()
+    if read == 0:
+        raise UserError(
+            f"data file {path} holds no JSON rows (only blank lines); re-download it or pass another --data."
+        )
+
+
+def _iter_array(path: Path, title_field: str, content_field: str, stats: Counter) -> Iterator[dict]:
+    raw, stream = _open(path)
+    try:
+        data = stream.read(ARRAY_LIMIT + 1)
+    except (EOFError, OSError, zlib.error) as e:
+        raise _truncated(path, 0, e) from None
+    finally:
+        stream.close()
+        raw.close()
+    if len(data) > ARRAY_LIMIT:
+        raise UserError(
+            f"{path} is one JSON array over {ARRAY_LIMIT // 1024**2} MB, too big to load whole. Convert it to JSON "
+            f"lines (one object per line), e.g. `jq -c '.[]' {path.name} > {path.stem}.jsonl`, and pass that."
+        )
+    try:
+        items = orjson.loads(data.removeprefix(BOM))
+    except orjson.JSONDecodeError as e:
+        raise UserError(
+            f"{path} starts with '[' but is not valid JSON ({e}); fix it or convert it to JSON lines."
+        ) from None
+    del data
+    if not isinstance(items, list):
+        raise UserError(
+            f"{path} starts with '[' but is not a JSON array; convert it to JSON lines, one object a line."
+        )
+    if not items:
+        raise UserError(f"data file {path} is an empty JSON array; pass a file with products.")
+    for number, obj in enumerate(items, 1):
+        stats["rows_read"] += 1
+        row = _row(obj, number, title_field, content_field, stats)
+        if row is not None:
+            yield row
+
+
+def hashes(key: str, seed: int) -> tuple[int, float]:
+    """(rank, u) for one title_key: rank orders the seeded sample and dedupes; u in [0, 1) picks the split.
+
+    Both come from one blake2b digest (stable across runs and machines, unlike Python's salted hash) and are
+    independent, so taking the N smallest ranks leaves the split shares unbiased.
+    """
+    digest = hashlib.blake2b(f"{seed}:{key}".encode(), digest_size=16).digest()
+    return int.from_bytes(digest[:8], "little"), int.from_bytes(digest[8:], "little") / 2.0**64
+
+
+def split_of(u: float, val_size: float, test_size: float) -> str:
+    """train for u below 1 - val_size - test_size, then val, then test; depends on the product alone."""
+    if u < 1 - val_size - test_size:
+        return "train"
+    if u < 1 - test_size:
+        return "val"
+    return "test"
+
+
+def check_args(args: DataArguments) -> int | None:
+    """Raise once with every problem in the data arguments; return max_samples parsed."""
+    max_samples = parse_max_samples(args.max_samples)
+    problems = []
+    for name in ("val_size", "test_size"):
+        value = getattr(args, name)
+        if not 0 <= value < 1:
+            problems.append(f"--{name} must be a fraction in [0, 1), got {value}")
+    if args.val_size + args.test_size >= 1:
+        problems.append(
+            f"--val_size + --test_size must leave some products for training, got {args.val_size + args.test_size}"
+        )
+    if args.min_content_chars < 0:
+        problems.append(f"--min_content_chars must be >= 0, got {args.min_content_chars}")
+    if args.max_content_chars < max(1, args.min_content_chars):
+        problems.append(
+            f"--max_content_chars ({args.max_content_chars}) must be >= 1 and >= --min_content_chars "
+            f"({args.min_content_chars})"
+        )
+    if not args.title_field or not args.content_field:
+        problems.append("--title_field and --content_field must name fields of the rows, e.g. title and content")
+    if problems:
+        raise UserError("; ".join(problems) + ".")
+    return max_samples
+
+
+class _SplitWriter:
+    """Rows go straight to temporary split files; close() tops up empty val/test and renames them into place."""
+
+    def __init__(self, folder: Path, prompts: PromptSet, seed: int, val_size: float, test_size: float):
+        self.folder, self.prompts, self.seed = folder, prompts, seed
+        self.val_size, self.test_size = val_size, test_size
+        self.tmp = {s: folder / f".{s}.jsonl.tmp{os.getpid()}" for s in SPLITS}
+        # Closed in close() or abort(); a 1 MB buffer because rows are small and there are up to 1.4M of them.
+        self.files = {s: open(p, "wb", buffering=1 << 20) for s, p in self.tmp.items()}  # noqa: SIM115
+        self.counts = Counter({s: 0 for s in SPLITS})
+        self.truncated = 0
+        self.last_train: list[tuple[float, int]] = []  # the two train rows with the largest u: (u, line index)
+
+    def add(self, pid: str, title: str, content: str, u: float, truncated: bool) -> None:
+        split = split_of(u, self.val_size, self.test_size)
+        row = {"id": pid, "title": title, "content": content}
+        row.update(prompts_lib.render(self.prompts, title, content, key=pid, seed=self.seed))
+        self.files[split].write(orjson.dumps(row) + b"\n")
+        if split == "train" and (len(self.last_train) < 2 or u > self.last_train[-1][0]):
+            self.last_train = sorted([*self.last_train, (u, self.counts["train"])], reverse=True)[:2]
+        self.counts[split] += 1
+        self.truncated += truncated
+
+    def close(self) -> dict[str, int]:
+        for f in self.files.values():
+            f.close()
+        self._top_up()
+        for split in SPLITS:
+            os.replace(self.tmp[split], self.folder / f"{split}.jsonl")
+        return {s: self.counts[s] for s in SPLITS}
+
+    def abort(self) -> None:
+        for split in SPLITS:
+            self.files[split].close()
+            self.tmp[split].unlink(missing_ok=True)
+
+    def _top_up(self) -> None:
+        """With >= 10 products, move the train rows nearest the val/test range so neither held-out split is empty."""
+        empty = [
+            s for s, size in (("val", self.val_size), ("test", self.test_size)) if size > 0 and not self.counts[s]
+        ]
+        if sum(self.counts.values()) < 10 or not empty or self.counts["train"] <= len(empty):
+            return
+        # The train rows with the largest u sit nearest the held-out ranges: the largest moves first.
+        moves = {split: index for split, (_, index) in zip(empty, self.last_train[: len(empty)], strict=True)}
+        lines = self.tmp["train"].read_bytes().splitlines(keepends=True)
+        for split, index in moves.items():
+            self.tmp[split].write_bytes(lines[index])
+            self.counts[split] += 1
+            self.counts["train"] -= 1
+        taken = set(moves.values())
+        self.tmp["train"].write_bytes(b"".join(line for i, line in enumerate(lines) if i not in taken))
+
+
+class Selection:
+    """Filter, dedupe and sample products one row at a time.
+
+    Memory: one 8-byte hash per distinct valid title (dedupe), two lengths per product (EDA), and with max_samples
+    a heap of at most max_samples products. Nothing else of a row outlives its turn.
+    """
+
+    def __init__(self, seed: int, max_samples: int | None, min_chars: int, max_chars: int, counts: Counter):
+        self.seed, self.max_samples, self.min_chars, self.max_chars = seed, max_samples, min_chars, max_chars
+        self.counts = counts
+        self.seen: set[int] = set()
+        self.title_lengths, self.content_lengths = array("I"), array("I")
+        # (-rank, order, id, title, content, u, truncated): a max-heap that keeps the smallest ranks seen so far
+        self.heap: list[tuple] = []
+        self.order = 0
+
+    def add(self, row: dict) -> tuple | None:
+        """Take one raw row. Returns (id, title, content, u, truncated) to write now when every product is kept."""
+        self.order += 1
+        title = clean_title(row["title"])
+        if not title:
+            self.counts["empty_title"] += 1
+            return None
+        content = clean_text(row["content"])
+        if not content:
+            self.counts["empty_content"] += 1
+            return None
+        if len(content) < self.min_chars:
+            self.counts["short_content"] += 1
+            return None
+        key = title_key(title)  # after the content checks: a third of the real rows stop there
+        if not key:
+            self.counts["empty_title"] += 1  # punctuation only, e.g. "!!!"
+            return None
+        rank, u = hashes(key, self.seed)
+        # A set of 64-bit hashes, not titles: ~70 bytes per product, and a false duplicate among 1.4M distinct
+        # titles has odds of about 1 in 10 million.
+        if rank in self.seen:
+            self.counts["duplicate_title"] += 1
+            return None
+        self.seen.add(rank)
+        self.title_lengths.append(len(title))
+        self.content_lengths.append(len(content))
+        heap = self.heap
+        if self.max_samples is None:
+            short = content if len(content) <= self.max_chars else truncate(content, self.max_chars)
+            return row["id"], title, short, u, len(short) < len(content)
+        if len(heap) == self.max_samples:
+            self.counts["over_max_samples"] += 1  # this product, or the one it pushes out of the heap
+            if rank >= -heap[0][0]:
+                return None
+        short = content if len(content) <= self.max_chars else truncate(content, self.max_chars)
+        item = (-rank, self.order, row["id"], title, short, u, len(short) < len(content))
+        if len(heap) < self.max_samples:
+            heapq.heappush(heap, item)
+        else:
+            heapq.heapreplace(heap, item)
+        return None
+
+    def chosen(self) -> list[tuple]:
+        """The sampled products, (id, title, content, u, truncated), in file order; empties the heap."""
+        items, self.heap = self.heap, []
+        return [item[2:] for item in sorted(items, key=lambda item: item[1])]
+
+
+def prepare(args: DataArguments, seed: int, out_dir: str | Path, prompts: PromptSet) -> dict:
+    """Read, clean, filter, dedupe, sample, split and render in one pass; write out_dir/data/*. Returns the stats.
+
+    Which products are kept depends only on the file, the filters and the seed: the sample is the max_samples
+    smallest seeded title hashes among the distinct valid products, so a larger max_samples keeps a superset, and a
+    product's split depends on its title alone. Rows are written in file order.
+    """
+    max_samples = check_args(args)
+    started = time.perf_counter()
+    path = check_path(args.data)
+    folder = Path(out_dir) / "data"
+    folder.mkdir(parents=True, exist_ok=True)
+    counts: Counter = Counter({key: 0 for key in (*DROP_REASONS, *NOTES, "rows_read")})
+    selection = Selection(seed, max_samples, args.min_content_chars, args.max_content_chars, counts)
+    writer = _SplitWriter(folder, prompts, seed, args.val_size, args.test_size)
+    try:
+        for row in iter_products(path, args.title_field, args.content_field, stats=counts, progress=True):
+            product = selection.add(row)
+            if product is not None:
+                writer.add(*product)
+        for product in selection.chosen():
+            writer.add(*product)
+        if not sum(writer.counts.values()):
+            raise UserError(_all_dropped_message(counts, args))
+        split_counts = writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    title_lengths, content_lengths = selection.title_lengths, selection.content_lengths
+    kept = sum(split_counts.values())
+    stats = _stats(args, seed, path, counts, split_counts, writer.truncated, selection, max_samples)
+    stats["seconds"] = round(time.perf_counter() - started, 2)
+    _write_atomic(folder / "stats.json", orjson.dumps(stats, option=orjson.OPT_INDENT_2) + b"\n")
+    _write_atomic(folder / "eda.md", render_eda(stats).encode())
+    plot_lengths(title_lengths, content_lengths, folder / "lengths.png")
+    dropped = ", ".join(f"{n:,} {reason.replace('_', ' ')}" for reason, n in stats["dropped"].items() if n)
+    log.info(
+        "data: read %s rows (%s) in %.1f s; kept %s (train %s, val %s, test %s, %s truncated); dropped %s (%s)",
+        f"{stats['rows_read']:,}",
+        _size(stats["input"]["bytes"]),
+        stats["seconds"],
+        f"{kept:,}",
+        *(f"{split_counts[s]:,}" for s in SPLITS),
+        f"{writer.truncated:,}",
+        f"{stats['dropped_total']:,}",
+        dropped or "none",
+    )
+    return stats
+
+
+def _all_dropped_message(counts: Counter, args: DataArguments) -> str:
+    reasons = ", ".join(f"{counts[r]:,} {r.replace('_', ' ')}" for r in DROP_REASONS if counts[r])
+    message = f"all {counts['rows_read']:,} rows of {args.data} were dropped: {reasons or 'no rows'}."
+    hints = []
+    if counts["missing_field"] or counts["bad_field_type"]:
+        fields = _first_fields(Path(args.data))
+        hints.append(
+            f"the rows need the fields --title_field {args.title_field!r} and --content_field {args.content_field!r}"
+            + (f"; the first row has {', '.join(fields)}" if fields else "")
+        )
+    if counts["short_content"]:
+        hints.append(f"lower --min_content_chars (now {args.min_content_chars})")
+    if counts["malformed_json"] == counts["rows_read"]:
+        hints.append("the file should hold one JSON object per line, like data/sample_trn.json")
+    return message + (" Fix: " + "; ".join(hints) + "." if hints else " Pass a file with titled, described products.")
+
+
+def _first_fields(path: Path) -> list[str]:
+    """The keys of the first JSON object in the file, to suggest --title_field/--content_field; [] if none."""
+    try:
+        for obj in _first_objects(path):
+            if isinstance(obj, dict):
+                return sorted(obj)[:10]
+    except (UserError, OSError, EOFError, zlib.error):
+        pass
+    return []
+
+
+def _first_objects(path: Path) -> Iterator[object]:
+    raw, stream = _open(path)
+    try:
+        for number, line in enumerate(stream):
+            if number >= 100:
+                return
+            try:
+                yield orjson.loads(line.removeprefix(BOM))
+            except orjson.JSONDecodeError:
+                continue
+    finally:
+        stream.close()
+        raw.close()
+
+
+def percentiles(values: array) -> dict[str, int | float]:
+    """p25/p50/p75/p95/max and mean of a list of lengths; zeros when empty."""
+    if not values:
+        return {**{f"p{p}": 0 for p in PERCENTILES}, "max": 0, "mean": 0.0}
+    import numpy as np
+
+    data = np.frombuffer(values, dtype=np.uint32)
+    points = np.percentile(data, PERCENTILES)
+    return {
+        **{f"p{p}": round(float(v), 1) for p, v in zip(PERCENTILES, points, strict=True)},
+        "max": int(data.max()),
+        "mean": round(float(data.mean()), 1),
+    }
+
+
+def _stats(
+    args: DataArguments,
+    seed: int,
+    path: Path,
+    counts: Counter,
+    split_counts: dict[str, int],
+    truncated: int,
+    selection: Selection,
+    max_samples: int | None,
+) -> dict:
+    dropped = {reason: counts[reason] for reason in DROP_REASONS}
+    kept = sum(split_counts.values())
+    with open(path, "rb") as f:
+        compressed = f.read(2) == GZIP_MAGIC
+    return {
+        "input": {"path": str(path.resolve()), "bytes": path.stat().st_size, "gzip": compressed},
+        "seed": seed,
+        "rows_read": counts["rows_read"],
+        "kept": {**split_counts, "total": kept},
+        "dropped": dropped,
+        "dropped_total": sum(dropped.values()),
+        "truncated": truncated,
+        "notes": {note: counts[note] for note in NOTES},
+        # Over the distinct valid products (before sampling), cleaned, before --max_content_chars cuts them.
+        "lengths": {"title": percentiles(selection.title_lengths), "content": percentiles(selection.content_lengths)},
+        "args": {
+            "title_field": args.title_field,
+            "content_field": args.content_field,
+            "max_samples": max_samples if max_samples is not None else "all",
+            "val_size": args.val_size,
+            "test_size": args.test_size,
+            "min_content_chars": args.min_content_chars,
+            "max_content_chars": args.max_content_chars,
+        },
+        "files": {s: f"data/{s}.jsonl" for s in SPLITS},
+    }
+
+
+def _size(n: float) -> str:
+    if n < 1024:
+        return f"{n:.0f} B"
+    for unit in ("KB", "MB", "GB"):
+        n /= 1024
+        if n < 1024 or unit == "GB":
+            break
+    return f"{n:.1f} {unit}"
+
+
+def render_eda(stats: dict) -> str:
+    """The EDA report as markdown: counts, drop reasons, length percentiles, the histogram."""
+    kept, source = stats["kept"], stats["input"]
+    size = _size(source["bytes"]) + (", gzip" if source["gzip"] else "")
+    lines = [
+        "# Data report",
+        "",
+        f"Input: `{source['path']}` ({size}), seed {stats['seed']}, max_samples {stats['args']['max_samples']}.",
+        "",
+        "## Counts",
+        "",
+        "| | rows | share of rows read |",
+        "|---|---:|---:|",
+    ]
+    total = max(stats["rows_read"], 1)
+    for name, n in [
+        ("read", stats["rows_read"]),
+        *((f"kept: {s}", kept[s]) for s in SPLITS),
+        ("kept: total", kept["total"]),
+        ("dropped", stats["dropped_total"]),
+    ]:
+        lines.append(f"| {name} | {n:,} | {100 * n / total:.1f}% |")
+    lines += [
+        "",
+        (
+            f"{stats['truncated']:,} kept descriptions were cut to {stats['args']['max_content_chars']:,} chars "
+            "(at a sentence end where one was near)."
+        ),
+        "",
+        "## Drop reasons",
+        "",
+        "| reason | rows |",
+        "|---|---:|",
+        *(f"| {reason.replace('_', ' ')} | {n:,} |" for reason, n in stats["dropped"].items()),
+        "",
+        (
+            f"Notes: {stats['notes']['bad_utf8']:,} rows had invalid UTF-8 (repaired with U+FFFD and kept), "
+            f"{stats['notes']['blank_lines']:,} blank lines were skipped."
+        ),
+        "",
+        "## Lengths (characters, distinct valid products, cleaned, before cutting)",
+        "",
+        "| field | p25 | p50 | p75 | p95 | max | mean |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for field_name, p in stats["lengths"].items():
+        cells = " | ".join(f"{p[k]:,}" for k in ("p25", "p50", "p75", "p95", "max", "mean"))
+        lines.append(f"| {field_name} | {cells} |")
+    lines += ["", "![title and content lengths](lengths.png)", ""]
+    return "\n".join(lines)
+
+
+def plot_lengths(title_lengths: array, content_lengths: array, target: Path) -> None:
+    """Histograms of title and content lengths, log-x; Figure without pyplot, so no global backend is touched."""
+    import numpy as np
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(10, 3.6), layout="constrained")
+    panels = zip(fig.subplots(1, 2), (title_lengths, content_lengths), ("title", "content"), strict=True)
+    for ax, values, name in panels:
+        data = np.frombuffer(values, dtype=np.uint32) if values else np.zeros(0, dtype=np.uint32)
+        if data.size:
+            bins = np.logspace(0, np.log10(max(int(data.max()), 10)), 50)
+            ax.hist(np.maximum(data, 1), bins=bins, color="#4472c4")
+        ax.set_xscale("log")
+        ax.set_xlabel(f"{name} length (chars)")
+        ax.set_ylabel("products")
+        ax.set_title(f"{name}: n={data.size:,}, median={int(np.median(data)) if data.size else 0}")
+    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
+    fig.savefig(tmp, dpi=100, format="png")
+    os.replace(tmp, target)
+
+
+def _write_atomic(target: Path, data: bytes) -> None:
+    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, target)
+
+
+def load_split(run_dir: str | Path, split: str) -> list[dict]:
+    """The rows of <run_dir>/data/<split>.jsonl, as prepare wrote them."""
+    if split not in SPLITS:
+        raise UserError(f"split must be one of {', '.join(SPLITS)}, got {split!r}.")
+    path = Path(run_dir) / "data" / f"{split}.jsonl"
+    if not path.is_file():
+        raise UserError(
+            f"{path} does not exist; prepare the data first: python train.py --prepare_only --output_dir {run_dir}"
+        )
+    with open(path, "rb") as f:
+        return [orjson.loads(line) for line in f if line.strip()]

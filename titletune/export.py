@@ -1,0 +1,529 @@
+"""GGUF export: llama.cpp's converter, quantization, a question asked in llama.cpp, and an Ollama Modelfile.
+
+merged/ (HF safetensors) -> model.f16.gguf (convert_hf_to_gguf.py) -> model.<quant>.gguf (llama_model_quantize).
+Every file is written under a hidden temporary name in its final folder and renamed when complete, so a crash never
+leaves a half-written file under a final name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+from titletune.config import cache_dir
+from titletune.errors import UserError
+
+# OpenMP threads that spin-wait for work collapsed llama.cpp generation from 57 to 1-10 tok/s on a loaded 2-core
+# machine (FINDINGS). libgomp reads this once, when llama_cpp loads it, so it must be set before that import;
+# llama_cpp is therefore imported inside the functions below, never at module level.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+log = logging.getLogger(__name__)
+
+CONVERTER = "convert_hf_to_gguf.py"
+SDIST_ROOT = "vendor/llama.cpp/"
+# What the converter imports or reads: conversion/ (one module per architecture), its own gguf-py (PyPI gguf 0.19.0
+# lacks LazyChunkedTensor), and models/templates/ (chat templates some architectures embed). The other ~74 MB of the
+# sdist (C++ sources, vocab test files) it never touches.
+SDIST_PARTS = (CONVERTER, "conversion/", "gguf-py/", "models/templates/")
+
+CONVERTER_TYPES = ("f16", "bf16")  # written by convert_hf_to_gguf.py straight from the merged weights
+QUANT_TYPES = {  # written by llama.cpp from the 16-bit file; values are llama_cpp.LLAMA_FTYPE_* names
+    "q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0",
+    "q6_k": "LLAMA_FTYPE_MOSTLY_Q6_K",
+    "q5_k_m": "LLAMA_FTYPE_MOSTLY_Q5_K_M",
+    "q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M",
+    "q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0",
+}
+GGUF_TYPES = CONVERTER_TYPES + tuple(QUANT_TYPES)
+
+# End-of-turn tokens of the common chat formats (ChatML, Llama 3, Llama 2/Mistral, Phi-3, Gemma). Ollama stops on
+# the GGUF's EOS by itself; listing the end-of-turn tokens too keeps a model that never emits EOS from running on.
+END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "</s>", "<|end|>", "<end_of_turn>")
+
+# Near-greedy: answers are recalled descriptions, and 0.2 still lets a run that repeats itself get out.
+OLLAMA_PARAMS = {"temperature": 0.2, "num_ctx": 2048}
+
+DEFAULT_QUESTION = "What can you tell me about this product?"
+
+# Ollama does not run Jinja. `ollama create` picks a Go template by Levenshtein distance (< 100) between the GGUF's
+# tokenizer.chat_template and the Jinja templates it knows (ollama/ollama template/template.go, Named); with no match
+# it silently uses "{{ .Prompt }}", i.e. no chat format at all. Measured against its template/index.json: SmolLM2's
+# template matches chatml (distance 41) and Llama 3.1's matches exactly, but Llama 3.2's (3,827 chars, with tools and
+# dates) is >= 787 edits from every entry, and so are Mistral's. So the Modelfile always names the template: these are
+# Ollama's own chatml, llama3-instruct and mistral-instruct templates, chosen by each format's marker tokens.
+OLLAMA_TEMPLATES = {
+    "chatml": (
+        "<|im_start|>",
+        "{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}<|im_start|>assistant\n",
+    ),
+    "llama3": (
+        "<|start_header_id|>",
+        (
+            "{{- range .Messages }}<|start_header_id|>{{ .Role }}<|end_header_id|>\n\n{{ .Content }}<|eot_id|>\n"
+            "{{- end }}<|start_header_id|>assistant<|end_header_id|>\n\n"
+        ),
+    ),
+    "mistral": (
+        "[INST]",
+        (
+            '[INST] {{ range $index, $_ := .Messages }}\n{{- if eq .Role "system" }}{{ .Content }}\n\n'
+            '{{ else if eq .Role "user" }}{{ .Content }}[/INST]\n'
+            '{{- else if eq .Role "assistant" }} {{ .Content }}</s>[INST] {{ end }}\n{{- end }}'
+        ),
+    ),
+}
+
+
+# ---------------------------------------------------------------------------------------------------------- types
+
+
+def parse_gguf_types(spec: str | None) -> list[str]:
+    """--gguf "q4_k_m,q8_0" -> ["q4_k_m", "q8_0"]; "none" or "" -> []. Raises UserError naming the valid types.
+
+    The trainer calls this before training, so a typo fails in a second rather than after hours.
+    """
+    names = [part.strip().lower() for part in (spec or "").split(",") if part.strip()]
+    if names == ["none"] or not names:
+        return []
+    bad = [name for name in names if name not in GGUF_TYPES]
+    if bad:
+        raise UserError(
+            f"--gguf {spec!r}: unknown GGUF type {', '.join(bad)}. Valid types: {', '.join(GGUF_TYPES)}, "
+            "comma-separated (e.g. --gguf q4_k_m,q8_0), or 'none' to skip GGUF."
+        )
+    return list(dict.fromkeys(names))
+
+
+# ------------------------------------------------------------------------------------------------------ converter
+
+
+def llama_cpp_version() -> str:
+    """The installed llama-cpp-python version, read without loading its shared library."""
+    try:
+        return importlib.metadata.version("llama-cpp-python")
+    except importlib.metadata.PackageNotFoundError:
+        raise UserError(
+            "GGUF export needs llama-cpp-python: pip install 'llama-cpp-python[server]==0.3.36', "
+            "or pass --gguf none to skip GGUF."
+        ) from None
+
+
+def find_converter(llama_cpp_dir: str | None = None) -> Path:
+    """convert_hf_to_gguf.py from --llama_cpp_dir, else $LLAMA_CPP_DIR, else the cache, else the sdist of the
+    installed llama-cpp-python (downloaded once with pip; the converter then matches the llama.cpp that loads it)."""
+    for source, folder in (("--llama_cpp_dir", llama_cpp_dir), ("LLAMA_CPP_DIR", os.environ.get("LLAMA_CPP_DIR"))):
+        if folder:
+            path = Path(folder).expanduser().resolve() / CONVERTER
+            if not path.is_file():
+                raise UserError(
+                    f"{source}={folder} holds no {CONVERTER}; give the root folder of a llama.cpp checkout."
+                )
+            return path
+    version = llama_cpp_version()
+    cached = cache_dir() / f"llama.cpp-{version}" / CONVERTER
+    if cached.is_file():
+        return cached
+    return _extract_converter(version, cached.parent)
+
+
+def _extract_converter(version: str, target: Path) -> Path:
+    """pip download the llama-cpp-python sdist and unpack only the converter's files into `target`, atomically."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{target.name}-", dir=target.parent) as tmp:
+        started = time.perf_counter()
+        cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:"]
+        cmd += [f"llama-cpp-python=={version}", "-d", tmp]
+        result = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        sdists = sorted(Path(tmp).glob("llama_cpp_python-*.tar.gz"))
+        if result.returncode != 0 or not sdists:
+            raise UserError(
+                f"no llama.cpp converter ({CONVERTER}) found, and downloading the llama-cpp-python=={version} sdist "
+                f"that holds it failed ({_tail(result.stderr or result.stdout, 3)}). Pass --llama_cpp_dir with a "
+                "llama.cpp checkout or set LLAMA_CPP_DIR, or run once with the package index reachable "
+                f"(it is then cached in {target.parent}); or pass --gguf none to skip GGUF."
+            )
+        unpacked = Path(tmp) / "llama.cpp"
+        with tarfile.open(sdists[0]) as tar:
+            members = []
+            for member in tar.getmembers():
+                # Paths inside are llama_cpp_python-<version>/vendor/llama.cpp/...; keep the part after that.
+                _, sep, rel = member.name.partition("/" + SDIST_ROOT)
+                if sep and rel and (rel == CONVERTER or rel.startswith(SDIST_PARTS[1:])):
+                    member.name = rel
+                    members.append(member)
+            tar.extractall(unpacked, members=members, filter="data")  # "data": no links out, no absolute paths
+        if not (unpacked / CONVERTER).is_file():
+            raise UserError(f"{sdists[0].name} holds no {SDIST_ROOT}{CONVERTER}; pass --llama_cpp_dir instead.")
+        if target.exists() and not (target / CONVERTER).is_file():
+            shutil.rmtree(target)  # a damaged cache entry; a complete one (another process won) is kept
+        try:
+            os.replace(unpacked, target)
+        except OSError:
+            if not (target / CONVERTER).is_file():
+                raise
+    seconds = time.perf_counter() - started
+    log.info("converter: extracted from the llama-cpp-python %s sdist into %s (%.0f s)", version, target, seconds)
+    return target / CONVERTER
+
+
+def convert(merged_dir: str | Path, out_path: str | Path, outtype: str = "f16", converter: Path | None = None) -> Path:
+    """Run convert_hf_to_gguf.py on an HF model folder with this interpreter; raises UserError with its last lines."""
+    merged_dir, out_path = Path(merged_dir), Path(out_path)
+    if outtype not in CONVERTER_TYPES:
+        raise UserError(f"convert: outtype must be one of {', '.join(CONVERTER_TYPES)}, got {outtype!r}.")
+    if not (merged_dir / "config.json").is_file():
+        raise UserError(f"{merged_dir} is not a merged model folder (no config.json); nothing to convert to GGUF.")
+    if importlib.util.find_spec("sentencepiece") is None:
+        # The converter imports it for every Llama-family model, even one with no tokenizer.model.
+        raise UserError("the GGUF converter needs sentencepiece: pip install sentencepiece==0.2.3 (or --gguf none).")
+    converter = Path(converter) if converter else find_converter()
+    env = dict(os.environ)
+    env.pop("NO_LOCAL_GGUF", None)  # it would make the converter import PyPI's gguf, which is too old for it
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(converter.parent / "gguf-py"), env.get("PYTHONPATH")) if p)
+    tmp = _tmp_name(out_path)
+    cmd = [sys.executable, str(converter), str(merged_dir), "--outfile", str(tmp), "--outtype", outtype]
+    try:
+        result = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+        if result.returncode != 0 or not tmp.is_file():
+            raise UserError(
+                f"converting {merged_dir} to GGUF failed (exit {result.returncode}):\n{_tail(result.stderr, 12)}"
+            )
+        os.replace(tmp, out_path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out_path
+
+
+# ------------------------------------------------------------------------------------------------------- quantize
+
+
+def quantize(src: str | Path, dst: str | Path, qtype: str) -> Path:
+    """Quantize a 16-bit GGUF with llama.cpp's own quantizer (byte-identical to the llama-quantize tool)."""
+    import ctypes
+
+    import llama_cpp
+
+    src, dst = Path(src), Path(dst)
+    if qtype not in QUANT_TYPES:
+        raise UserError(f"unknown quantization {qtype!r}; valid: {', '.join(QUANT_TYPES)}.")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, QUANT_TYPES[qtype])
+    tmp = _tmp_name(dst)
+    # llama.cpp logs every tensor (and, at hidden sizes not divisible by 256, a fallback warning for each) through
+    # llama-cpp-python's logger; errors still get through.
+    llama_log = logging.getLogger("llama-cpp-python")
+    level = llama_log.level
+    llama_log.setLevel(logging.ERROR)
+    try:
+        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
+        if rc != 0 or not tmp.is_file():
+            raise UserError(f"llama.cpp could not quantize {src.name} to {qtype} (return code {rc}).")
+        os.replace(tmp, dst)
+    finally:
+        llama_log.setLevel(level)
+        tmp.unlink(missing_ok=True)
+    return dst
+
+
+# --------------------------------------------------------------------------------------------------------- verify
+
+
+def _threads() -> int:
+    # About one per physical core, at most 8: more only adds contention at batch 1 (and n_threads_batch defaults to
+    # every logical core, which FINDINGS saw collapse under load).
+    return max(1, min(8, (os.cpu_count() or 2) // 2))
+
+
+def read_metadata(gguf_path: str | Path) -> dict[str, str]:
+    """The GGUF's key/value metadata as strings (arrays summarised), read by llama.cpp without loading the weights."""
+    return _llama(Path(gguf_path))["metadata"]
+
+
+def verify(gguf_path: str | Path, question_messages: list[dict], max_tokens: int = 48) -> str:
+    """Load a GGUF in llama.cpp and answer one chat question greedily, through the GGUF's own chat template."""
+    return _llama(Path(gguf_path), messages=question_messages, max_tokens=max_tokens)["answer"]
+
+
+def _llama(gguf_path: Path, messages: list[dict] | None = None, max_tokens: int = 48, text: str | None = None) -> dict:
+    """One llama.cpp session in a child process: metadata, then `text` tokenized, then `messages` answered.
+
+    A child, because llama.cpp aborts the whole process on some broken files (a GGUF whose tokenizer the converter
+    misread died with std::out_of_range in byte_to_token); after hours of training that must be an error, not a crash.
+    """
+    request = {
+        "path": str(gguf_path),
+        "messages": messages,
+        "max_tokens": max_tokens,
+        "text": text,
+        "threads": _threads(),
+    }
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(Path(__file__).resolve().parent.parent), env.get("PYTHONPATH")) if p
+    )
+    cmd = [sys.executable, "-m", "titletune.export"]
+    result = subprocess.run(cmd, input=json.dumps(request), capture_output=True, text=True, check=False, env=env)
+    if result.returncode != 0:
+        how = f"signal {-result.returncode}" if result.returncode < 0 else f"exit {result.returncode}"
+        raise UserError(
+            f"{gguf_path} failed in llama.cpp ({how}), so the GGUF export is broken:\n{_tail(result.stderr, 6)}"
+        )
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def _child() -> None:
+    """`python -m titletune.export` < request.json -> one JSON line on stdout; see _llama."""
+    import llama_cpp
+
+    request = json.load(sys.stdin)
+    threads = request["threads"]
+    llm = llama_cpp.Llama(
+        model_path=request["path"],
+        vocab_only=not request["messages"],
+        n_ctx=2048,
+        n_threads=threads,
+        n_threads_batch=threads,
+        verbose=False,
+    )
+    out = {"metadata": dict(llm.metadata)}
+    if request["text"] is not None:
+        out["ids"] = llm.tokenize(request["text"].encode(), add_bos=False, special=True)
+    if request["messages"]:
+        started = time.perf_counter()
+        reply = llm.create_chat_completion(
+            messages=request["messages"], max_tokens=request["max_tokens"], temperature=0.0
+        )
+        out.update(
+            answer=reply["choices"][0]["message"]["content"].strip(),
+            tokens=reply["usage"]["completion_tokens"],
+            seconds=time.perf_counter() - started,
+        )
+    llm.close()
+    print(json.dumps(out))
+
+
+# ------------------------------------------------------------------------------------------------------- Modelfile
+
+
+def stop_tokens(tokenizer) -> list[str]:
+    """The tokenizer's EOS plus every known end-of-turn token in its vocabulary, in that order."""
+    vocab = tokenizer.get_vocab()
+    found = [tokenizer.eos_token] if tokenizer.eos_token else []
+    return list(dict.fromkeys(found + [token for token in END_OF_TURN if token in vocab]))
+
+
+def ollama_template(chat_template: str | None) -> tuple[str, str] | None:
+    """(name, Go template) for the chat format the Jinja template writes, or None when it is none we know."""
+    for name, (marker, template) in OLLAMA_TEMPLATES.items():
+        if chat_template and marker in chat_template:
+            return name, template
+    return None
+
+
+def write_modelfile(
+    run_dir: str | Path,
+    gguf_name: str,
+    system_prompt: str,
+    stop_tokens: list[str],
+    params: dict | None = None,
+    template: str | None = None,
+) -> Path:
+    """<run_dir>/Modelfile for `ollama create <name> -f Modelfile`; FROM is relative to the Modelfile's folder."""
+    if '"""' in system_prompt or (template and '"""' in template):
+        raise UserError('the system prompt contains """, which ends a Modelfile string early; remove it.')
+    lines = [f"FROM ./{gguf_name}", ""]
+    if template:
+        lines += [f'TEMPLATE """{template}"""', ""]
+    if system_prompt:
+        lines += [f'SYSTEM """{system_prompt}"""', ""]
+    lines += [f'PARAMETER stop "{token}"' for token in stop_tokens]
+    lines += [f"PARAMETER {key} {value}" for key, value in {**OLLAMA_PARAMS, **(params or {})}.items()]
+    path = Path(run_dir) / "Modelfile"
+    _write_text(path, "\n".join(lines) + "\n")
+    return path
+
+
+# --------------------------------------------------------------------------------------------------------- export
+
+
+def export(
+    run_dir: str | Path,
+    merged_dir: str | Path,
+    gguf_types: list[str],
+    system_prompt: str,
+    tokenizer,
+    verify: bool = True,
+    llama_cpp_dir: str | None = None,
+    question: str | None = None,
+    outtype: str = "f16",
+) -> dict:
+    """merged/ -> model.<outtype>.gguf -> model.<quant>.gguf for each type -> checked in llama.cpp -> Modelfile ->
+    export.json. Returns what export.json holds. `outtype` is the 16-bit file the quants are made from; it is always
+    written, and is replaced by bf16 when only bf16 is asked for."""
+    run_dir, merged_dir = Path(run_dir), Path(merged_dir)
+    types = parse_gguf_types(",".join(gguf_types))
+    if not types:
+        log.info("gguf: skipped (--gguf none)")
+        return {}
+    if outtype not in CONVERTER_TYPES:
+        raise UserError(f"outtype must be one of {', '.join(CONVERTER_TYPES)}, got {outtype!r}.")
+    sixteen = [t for t in types if t in CONVERTER_TYPES]
+    base_type = outtype if outtype in sixteen or not sixteen else sixteen[0]
+    ordered = [base_type] + [t for t in sixteen if t != base_type] + [t for t in types if t in QUANT_TYPES]
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for stale in run_dir.glob(".tmp-*.gguf"):  # left by a run that was killed mid-write
+        stale.unlink(missing_ok=True)
+
+    chat_template = getattr(tokenizer, "chat_template", None)
+    if not isinstance(chat_template, str) or not chat_template:
+        # Without tokenizer.chat_template in the GGUF, llama.cpp silently falls back to the llama-2 prompt format.
+        raise UserError(f"the tokenizer of {merged_dir} has no chat template, so no GGUF of it would chat correctly.")
+    converter = find_converter(llama_cpp_dir)
+    messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
+        {"role": "user", "content": question or DEFAULT_QUESTION}
+    ]
+    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    files = []
+    for gguf_type in ordered:
+        path = run_dir / f"model.{gguf_type}.gguf"
+        started = time.perf_counter()
+        if gguf_type in CONVERTER_TYPES:
+            convert(merged_dir, path, gguf_type, converter)
+            source = merged_dir.name
+        else:
+            quantize(run_dir / f"model.{base_type}.gguf", path, gguf_type)
+            source = f"model.{base_type}.gguf"
+        seconds = time.perf_counter() - started
+        log.info("gguf: %s from %s, %.0f MB in %.1f s", path.name, source, path.stat().st_size / 1e6, seconds)
+        if gguf_type in CONVERTER_TYPES:  # quants copy the 16-bit file's metadata and vocabulary
+            _check(path, prompt, tokenizer(prompt, add_special_tokens=False)["input_ids"], merged_dir)
+        files.append(
+            {
+                "name": path.name,
+                "type": gguf_type,
+                "source": source,
+                "bytes": path.stat().st_size,
+                "sha256": _sha256(path),
+                "seconds": round(seconds, 2),
+            }
+        )
+
+    if verify:
+        for entry in files:
+            got = _llama(run_dir / entry["name"], messages=messages, max_tokens=48)
+            entry.update(
+                verify_answer=got["answer"], verify_tokens=got["tokens"], verify_seconds=round(got["seconds"], 2)
+            )
+            log.info(
+                "verify: %s, %d tokens at %.0f tok/s: %r",
+                entry["name"],
+                got["tokens"],
+                got["tokens"] / max(got["seconds"], 1e-9),
+                got["answer"][:100],
+            )
+
+    # Ollama gets the smallest file asked for: a quant when there is one, which is what people run it for.
+    asked = [entry for entry in files if entry["type"] in types]
+    shipped = min(asked, key=lambda entry: entry["bytes"])
+    named = ollama_template(chat_template)
+    if named is None:
+        log.warning("Modelfile: unknown chat format; Ollama will guess the template from the GGUF, or use none")
+    stops = stop_tokens(tokenizer)
+    write_modelfile(run_dir, shipped["name"], system_prompt, stops, template=named[1] if named else None)
+    log.info("Modelfile: FROM ./%s, template %s, stop %s", shipped["name"], named[0] if named else "none", stops)
+
+    report = {
+        "llama_cpp_python": llama_cpp_version(),
+        "converter": str(converter),
+        "merged_dir": str(merged_dir),
+        "question": messages,
+        "modelfile": {
+            "name": "Modelfile",
+            "gguf": shipped["name"],
+            "template": named[0] if named else None,
+            "stop": stops,
+        },
+        "files": files,
+    }
+    _write_text(run_dir / "export.json", json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    return report
+
+
+def _check(path: Path, prompt: str, expected: list[int], merged_dir: Path) -> None:
+    """Fail (and remove `path`) unless the GGUF carries the chat template and tokenizes the rendered chat prompt
+    exactly as transformers does: a misread tokenizer.json converts without complaint and then answers garbage."""
+    try:
+        got = _llama(path, text=prompt)
+    except UserError:
+        path.unlink(missing_ok=True)
+        raise
+    problem = None
+    if "tokenizer.chat_template" not in got["metadata"]:
+        problem = (
+            f"{path.name} has no tokenizer.chat_template, so llama.cpp would prompt it in the llama-2 format. "
+            f"Give {merged_dir} a chat template (chat_template.jinja or tokenizer_config.json)."
+        )
+    elif got["ids"] != expected:
+        at = next(
+            (i for i, (a, b) in enumerate(zip(got["ids"], expected)) if a != b), min(len(got["ids"]), len(expected))
+        )
+        problem = (
+            f"{path.name} tokenizes the chat prompt differently from {merged_dir}'s tokenizer (from token {at}: "
+            f"llama.cpp {got['ids'][at : at + 5]}, transformers {expected[at : at + 5]}); the converter misread "
+            f"tokenizer.json (tokenizer.ggml.model={got['metadata'].get('tokenizer.ggml.model')}, "
+            f"pre={got['metadata'].get('tokenizer.ggml.pre')})."
+        )
+    if problem:
+        path.unlink(missing_ok=True)
+        raise UserError(problem)
+    log.info(
+        "check: %s has the chat template and tokenizes the prompt as transformers does (%d tokens)",
+        path.name,
+        len(expected),
+    )
+
+
+# -------------------------------------------------------------------------------------------------------- helpers
+
+
+def _tmp_name(path: Path) -> Path:
+    # Same folder (os.replace must not cross filesystems), hidden, and still ending in .gguf for the tools.
+    return path.with_name(f".tmp-{os.getpid()}-{path.name}")
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = _tmp_name(path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _tail(text: str | None, n: int) -> str:
+    lines = [line for line in (text or "").strip().splitlines() if line.strip()]
+    return "\n".join(lines[-n:]) or "no output"
+
+
+if __name__ == "__main__":
+    _child()
