@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 from titletune import backends
-from titletune.config import CPU_CONFIG, DEFAULTS, GPU_CONFIG, DataArguments, ExportArguments, ScriptArguments
+from titletune.config import CPU_CONFIG, DEFAULTS, EMBEDDED, GPU_CONFIG, DataArguments, ExportArguments, ScriptArguments
 from titletune.errors import UserError, cli
 
 log = logging.getLogger("titletune")
@@ -68,34 +68,38 @@ def main(script_args, model_args, data_args, export_args, training_args):
     if script_args.export_only:
         return export_run(script_args, export_args, backend, gguf_types)
 
-    run_dir = runs.create(runs.resolve_dir(training_args.output_dir), script_args.overwrite, script_args.resume)
+    run_dir = runs.resolve_dir(training_args.output_dir)  # under several processes, the same folder on every rank
     training_args.output_dir = str(run_dir)
-    log.info("run folder %s (backend %s)", run_dir, script_args.backend)
-
-    # Data: a resumed run reuses its own splits and prompts, so the data order is exactly the same.
-    prompt_dir = run_dir / "prompts" if script_args.resume else data_args.prompts
-    prompt_set = prompts.load(prompt_dir)
-    base_model = models.resolve(model_args.model_name_or_path)
-    if not script_args.resume:
-        runs.save_config(
-            run_dir,
-            base_model=base_model,
-            backend=script_args.backend,
-            seed=training_args.seed,
-            trust_remote_code=training_args.trust_remote_code,
-            max_length=training_args.max_length,
-            script=runs.as_dict(script_args),
-            model=runs.as_dict(model_args),
-            data=runs.as_dict(data_args),
-            export=runs.as_dict(export_args),
-            training=runs.as_dict(training_args),
-        )
-        prompts.save(prompt_set, run_dir)
-        data.prepare(data_args, training_args.seed, run_dir, prompt_set)
+    main_process = training_args.process_index == 0
+    # Under accelerate/torchrun, the main process makes the run folder and prepares the data; the others wait.
+    with training_args.main_process_first(desc="run folder and data"):
+        if main_process:
+            runs.create(run_dir, script_args.overwrite, script_args.resume)
+            log.info("run folder %s (backend %s)", run_dir, script_args.backend)
+        # A resumed run reuses its own prompts and splits, so the data and its order are exactly the same.
+        prompt_set = prompts.load(run_dir / "prompts" if script_args.resume else data_args.prompts)
+        base_model = models.resolve(model_args.model_name_or_path)
+        if main_process and not script_args.resume:
+            runs.save_config(
+                run_dir,
+                # "embedded" rather than today's cache folder, so the run folder stays valid on any machine
+                base_model=EMBEDDED if model_args.model_name_or_path in (None, "", EMBEDDED) else base_model,
+                backend=script_args.backend,
+                seed=training_args.seed,
+                trust_remote_code=training_args.trust_remote_code,
+                max_length=training_args.max_length,
+                script=runs.as_dict(script_args),
+                model=runs.as_dict(model_args),
+                data=runs.as_dict(data_args),
+                export=runs.as_dict(export_args),
+                training=runs.as_dict(training_args),
+            )
+            prompts.save(prompt_set, run_dir)
+            data.prepare_cached(data_args, training_args.seed, run_dir, prompt_set)
     if script_args.prepare_only:
         log.info("prepared data in %s/data (--prepare-only: stopping here)", run_dir)
         return run_dir
-    train_rows, val_rows = data.load_split(run_dir, "train"), data.load_split(run_dir, "val")
+    train_rows, val_rows = training.load_datasets(run_dir)  # memory-mapped Arrow, not Python lists
 
     # Model: the backend decides how it is loaded; everything after this is shared.
     model, tokenizer = backend.load(base_model, model_args, training_args.trust_remote_code, training_args.max_length)
@@ -127,7 +131,8 @@ def main(script_args, model_args, data_args, export_args, training_args):
         return run_dir  # merge, export and evaluation happen once, on the main process
 
     if export_args.merge or gguf_types:
-        merged = backend.merge(model, tokenizer, base_model, adapter_dir, run_dir / "merged", training_args.trust_remote_code)
+        merged = backend.merge(model, tokenizer, base_model, adapter_dir, run_dir / "merged",
+                               training_args.trust_remote_code)
         del model, trainer
         backend.free()
         log.info("merged model in %s", merged)
@@ -147,7 +152,7 @@ def export_run(script_args, export_args, backend, gguf_types):
     """--export-only: merge (if needed) and re-export an existing run."""
     from transformers import AutoTokenizer
 
-    from titletune import export, prompts, runs
+    from titletune import export, models, prompts, runs
 
     if not script_args.run:
         raise UserError("--export-only needs --run <run folder>, e.g. --run outputs/run-20261122-101500")
@@ -161,7 +166,8 @@ def export_run(script_args, export_args, backend, gguf_types):
     if not (merged / "config.json").is_file():
         from titletune.backends import hf  # merging from disk needs no unsloth: base in 16-bit + adapter
 
-        hf.merge(None, tokenizer, config["base_model"], adapter_dir, merged, bool(config.get("trust_remote_code")))
+        base = models.resolve(config["base_model"])
+        hf.merge(None, tokenizer, base, adapter_dir, merged, bool(config.get("trust_remote_code")))
     prompt_set = prompts.load(run_dir / "prompts")
     if gguf_types:
         export.export(run_dir, merged, gguf_types, prompt_set.system, tokenizer, verify=export_args.verify,

@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import ROOT, SAMPLE, TINY, run_cli
+from titletune import models
 
 
 def log_records(run_dir: Path) -> list[dict]:
@@ -57,12 +58,13 @@ def test_lora_weights_changed_and_base_weights_did_not(trained_run):
     assert all(v.abs().max() > 0 for v in lora_b.values())
     assert not any("lora" not in k for k in adapter), "the adapter must hold LoRA weights only"
 
-    base = load_file(Path(config["base_model"]) / "model.safetensors")
+    base_dir = models.resolve(config["base_model"])
+    assert config["base_model"] == "embedded"  # portable: resolved on whichever machine loads the run
+    base = load_file(Path(base_dir) / "model.safetensors")
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(config["base_model"]),
-                                      trained_run / "adapter")
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), trained_run / "adapter")
     for name, param in model.get_base_model().named_parameters():
         if "lora_" in name:
             continue
@@ -78,7 +80,7 @@ def test_adapter_answers_differently_from_base(trained_run):
 
     config = yaml.safe_load((trained_run / "run_config.yaml").read_text())
     tokenizer = AutoTokenizer.from_pretrained(trained_run / "adapter")
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(config["base_model"]),
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(models.resolve(config["base_model"])),
                                       trained_run / "adapter").eval()
     row = json.loads((trained_run / "data" / "train.jsonl").read_text().splitlines()[0])
     ids = tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True, return_tensors="pt",

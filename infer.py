@@ -1,0 +1,235 @@
+"""Ask the base and the fine-tuned model the same question, side by side; evaluate a run; or serve its GGUF.
+
+The most recent run in outputs/ is used unless --run says otherwise. Questions go through the run's own
+prompts/ and the model's chat template, exactly as in training.
+
+    python infer.py "What is 'Girls Ballet Tutu Neon Pink'?"                    # base | tuned, latest run
+    python infer.py "Tell me about Hiking Socks." --run outputs/<run> --json   # one JSON object
+    python infer.py --interactive --only tuned                                 # a prompt loop; Ctrl-D quits
+    python infer.py "What is ...?" --engine llamacpp                           # the run's GGUF (q4_k_m first)
+    python infer.py "What is ...?" --engine llamacpp --gguf outputs/<run>/model.q8_0.gguf --base-gguf base.gguf
+    python infer.py --evaluate --samples 20                                    # report.{json,md,png} in the run
+    python infer.py --evaluate --data ../shared/data/trn_real_head300.jsonl --samples 50
+    python infer.py --serve --gguf outputs/<run>/model.q4_k_m.gguf --port 8000   # OpenAI-compatible server
+
+On a CUDA machine the transformers engine uses the GPU by itself; nothing changes in the commands.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import textwrap
+from pathlib import Path
+
+from titletune.config import ROOT
+from titletune.errors import UserError, cli
+
+EXAMPLES = "examples:\n" + "\n".join(line for line in __doc__.splitlines() if line.startswith("    python "))
+SIDE_BY_SIDE_MIN = 80  # narrower terminals get stacked blocks: two 38-column answers are hard to read
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES)
+    p.add_argument("question", nargs="?", help="The question to ask, e.g. \"What is 'Girls Ballet Tutu Neon Pink'?\".")
+    where = p.add_argument_group("which run and model")
+    where.add_argument("--run", help="Run folder (default: the most recent run in --outputs).")
+    where.add_argument("--outputs", default=str(ROOT / "outputs"), help="Where runs live (default: %(default)s).")
+    where.add_argument("--engine", default="transformers", choices=["transformers", "llamacpp"],
+                       help="transformers: base + LoRA adapter (or merged/); llamacpp: GGUF files. "
+                       "Default: %(default)s.")
+    where.add_argument("--gguf", help="Tuned GGUF for --engine llamacpp (default: the run's model.q4_k_m.gguf, "
+                       "then q8_0, f16); with --serve, the file to serve.")
+    where.add_argument("--base-gguf", "--base_gguf", dest="base_gguf",
+                       help="Base-model GGUF for base answers with --engine llamacpp (default: the embedded "
+                       "SmolLM2 GGUF when the run's base is the embedded model).")
+    where.add_argument("--use-merged", "--use_merged", dest="use_merged", action="store_true",
+                       help="Tuned answers from the run's merged/ model instead of base + adapter/.")
+    where.add_argument("--only", choices=["base", "tuned"], help="Ask only one model (loads only what it needs).")
+    where.add_argument("--threads", type=int, help="CPU threads for llama.cpp (default: half the logical cores).")
+    gen = p.add_argument_group("generation")
+    gen.add_argument("--max-new-tokens", "--max_new_tokens", dest="max_new_tokens", type=int, default=200,
+                     help="Longest answer in tokens (default: %(default)s).")
+    gen.add_argument("--temperature", type=float, default=0.0,
+                     help="0 = greedy and repeatable (default: %(default)s).")
+    gen.add_argument("--top-p", "--top_p", dest="top_p", type=float, default=1.0,
+                     help="Nucleus sampling when --temperature > 0 (default: %(default)s = off).")
+    gen.add_argument("--top-k", "--top_k", dest="top_k", type=int, default=0,
+                     help="Top-k sampling when --temperature > 0 (default: %(default)s = off).")
+    gen.add_argument("--repetition-penalty", "--repetition_penalty", dest="repetition_penalty", type=float,
+                     default=1.0,
+                     help="Above 1.0 discourages repeats (default: %(default)s = off).")
+    gen.add_argument("--num-beams", "--num_beams", dest="num_beams", type=int, default=1,
+                     help="Beam search width, transformers engine only (default: %(default)s).")
+    mode = p.add_argument_group("modes")
+    mode.add_argument("--interactive", action="store_true", help="Ask questions in a loop; Ctrl-C or Ctrl-D quits.")
+    mode.add_argument("--json", action="store_true", help="Print one JSON object per question instead of columns.")
+    mode.add_argument("--evaluate", action="store_true",
+                      help="Score base, tuned and a BM25 retrieval baseline; writes report.json/.md/.png in the run.")
+    mode.add_argument("--data", help="With --evaluate: a trn-format file to sample from (default: the run's splits).")
+    mode.add_argument("--samples", type=int, default=20,
+                      help="With --evaluate: products per population (default: %(default)s).")
+    mode.add_argument("--seed", type=int, default=42, help="With --evaluate: sampling seed (default: %(default)s).")
+    mode.add_argument("--serve", action="store_true",
+                      help="Serve --gguf (default: the run's GGUF) through llama-cpp-python's OpenAI-compatible API.")
+    mode.add_argument("--host", default="127.0.0.1",
+                      help="With --serve: address to bind (default: %(default)s, this machine only).")
+    mode.add_argument("--port", type=int, default=8000, help="With --serve: port (default: %(default)s).")
+    return p.parse_args(argv)
+
+
+@cli
+def main(args: argparse.Namespace) -> None:
+    from titletune import generate
+
+    if args.serve:
+        return serve(args)
+    check(args)
+    run_dir = Path(args.run) if args.run else generate.latest_run(args.outputs)
+    generate.load_run(run_dir)
+    if args.evaluate:
+        return evaluate(args, run_dir)
+    sampling = generate.Sampling(args.max_new_tokens, args.temperature, args.top_p, args.top_k,
+                                 args.repetition_penalty, args.num_beams)
+    sampling.check()
+    systems = (args.only,) if args.only else generate.SYSTEMS
+    engine = generate.load_engine(run_dir, args.engine, systems, args.use_merged, args.gguf, args.base_gguf,
+                                  args.threads)
+    if args.question:
+        answer(engine, args.question, systems, sampling, args)
+    if args.interactive:
+        loop(engine, systems, sampling, args)
+
+
+def check(args: argparse.Namespace) -> None:
+    """Every problem with the flags at once, before any model loads."""
+    problems = []
+    if not (args.question or args.interactive or args.evaluate):
+        problems.append("give a question, or --interactive, --evaluate or --serve")
+    if args.data and not args.evaluate:
+        problems.append("--data needs --evaluate")
+    if args.evaluate and args.samples < 1:
+        problems.append(f"--samples must be >= 1, got {args.samples}")
+    if args.evaluate and (args.question or args.interactive):
+        problems.append("--evaluate takes no question and no --interactive")
+    if args.engine == "llamacpp" and args.num_beams != 1:
+        problems.append("--num-beams works only with --engine transformers (llama.cpp has no beam search)")
+    if args.threads is not None and args.threads < 1:
+        problems.append(f"--threads must be >= 1, got {args.threads}")
+    if problems:
+        raise UserError("; ".join(problems) + ".")
+
+
+def answer(engine, question: str, systems: tuple[str, ...], sampling, args) -> None:
+    from titletune import generate
+
+    answers = generate.ask(engine, [question], systems, sampling)
+    result = {s: (answers[s][0] if s in answers else None) for s in generate.SYSTEMS}
+    if args.json:
+        out = {"question": question, **result, "run": str(engine.run_dir), "engine": engine.name}
+        if engine.name == "llamacpp":
+            out.update(gguf=_str(engine.paths.get("tuned")), base_gguf=_str(engine.paths.get("base")))
+        out["sampling"] = vars(sampling)
+        print(json.dumps(out, ensure_ascii=False), flush=True)
+    else:
+        print(render(question, {s.upper(): a for s, a in result.items() if a is not None}), flush=True)
+
+
+def render(question: str, answers: dict[str, str], width: int | None = None) -> str:
+    """The question, then the answers in columns sized to the terminal, or stacked when it is narrow."""
+    width = width or shutil.get_terminal_size((100, 24)).columns
+    lines = textwrap.wrap(f"Q: {question}", width) + [""]
+    if len(answers) == 2 and width >= SIDE_BY_SIDE_MIN:
+        col = (width - 3) // 2
+        cols = [[name, "-" * min(col, len(name))] + _wrap(text, col) for name, text in answers.items()]
+        depth = max(len(c) for c in cols)
+        for left, right in zip(*(c + [""] * (depth - len(c)) for c in cols)):
+            lines.append(f"{left:<{col}} | {right}".rstrip())
+    else:
+        for name, text in answers.items():
+            lines += [name, "-" * len(name)] + _wrap(text, width) + [""]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _wrap(text: str, width: int) -> list[str]:
+    out = []
+    for para in (text or "(empty answer)").splitlines() or [""]:
+        out += textwrap.wrap(para, width) or [""]
+    return out
+
+
+def loop(engine, systems, sampling, args) -> None:
+    tty = sys.stdin.isatty()
+    if tty:
+        print("Ask about a product; Ctrl-D or Ctrl-C quits.", file=sys.stderr)
+    try:
+        while True:
+            question = input("question> " if tty else "").strip()  # piped input: stdout stays answers only
+            if question:
+                answer(engine, question, systems, sampling, args)
+    except (EOFError, KeyboardInterrupt):
+        print(file=sys.stderr)
+
+
+def evaluate(args: argparse.Namespace, run_dir: Path) -> None:
+    from titletune import evaluate as ev
+    from titletune import generate
+
+    if args.only:
+        raise UserError("--evaluate compares base and tuned; leave out --only.")
+    engine = generate.load_engine(run_dir, args.engine, generate.SYSTEMS, args.use_merged, args.gguf, args.base_gguf,
+                                  args.threads)
+    report = ev.evaluate_run(run_dir, samples=args.samples, data_path=args.data, max_new_tokens=args.max_new_tokens,
+                             seed=args.seed, engine=engine)
+    print(ev.summary(report))
+    print(f"wrote {run_dir / 'report.md'}, report.json, report.png")
+
+
+def serve(args: argparse.Namespace) -> None:
+    """llama-cpp-python's OpenAI-compatible server, in this process (so stopping us stops it)."""
+    import os
+
+    from titletune import generate
+
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see generate.LlamaCppEngine
+    if args.question or args.interactive or args.evaluate:
+        raise UserError("--serve takes no question, --interactive or --evaluate.")
+    if args.gguf:
+        gguf = generate.check_gguf(args.gguf)
+    else:
+        gguf = generate.find_gguf(Path(args.run) if args.run else generate.latest_run(args.outputs))
+    if not 0 < args.port < 65536:
+        raise UserError(f"--port must be 1-65535, got {args.port}.")
+    try:
+        import uvicorn
+        from llama_cpp.server.app import create_app
+        from llama_cpp.server.settings import ModelSettings, ServerSettings
+    except ImportError as e:
+        raise UserError(f"the server needs llama-cpp-python[server] ({e}); "
+                        "pip install 'llama-cpp-python[server]'") from None
+    threads = args.threads or generate.default_threads()
+    app = create_app(
+        server_settings=ServerSettings(host=args.host, port=args.port),
+        model_settings=[ModelSettings(model=str(gguf), model_alias=gguf.stem, n_ctx=2048, n_threads=threads,
+                                      n_threads_batch=threads, verbose=False)],
+    )
+    url = f"http://{args.host}:{args.port}"
+    body = json.dumps({"messages": [{"role": "user", "content": "What is 'Girls Ballet Tutu Neon Pink'?"}],
+                       "max_tokens": 200, "temperature": 0})
+    print(f"serving {gguf} at {url}/v1 (OpenAI-compatible; Ctrl-C stops)\n"
+          f"  curl {url}/v1/chat/completions -H 'Content-Type: application/json' -d '{body}'", flush=True)
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: --host {args.host} lets other machines reach this server; it has no authentication.",
+              file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+
+
+def _str(path) -> str | None:
+    return str(path) if path else None
+
+
+if __name__ == "__main__":
+    main(parse_args())

@@ -1,0 +1,125 @@
+"""evaluate_run on a tiny run with the real embedded model: reports, metric sanity, populations, the CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from test_infer import INFER, ROOT, TEST, TRAIN, build_run, gguf_run  # noqa: F401 (fixture)
+from titletune import evaluate
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    return build_run(tmp_path_factory.mktemp("evaluate"))
+
+
+@pytest.fixture(scope="module")
+def report(run_dir) -> dict:
+    return evaluate.evaluate_run(run_dir, samples=3, max_new_tokens=16, seed=7)
+
+
+def test_report_files_and_schema(run_dir, report):
+    on_disk = json.loads((run_dir / "report.json").read_text())
+    assert on_disk == json.loads(json.dumps(report))
+    for pop in ("seen", "heldout"):
+        assert set(report[pop]) == {"base", "tuned", "retrieval"}
+        for system, metrics in report[pop].items():
+            assert {"rouge1", "rouge2", "rougeL", "bleu"} <= set(metrics)
+            assert all(0.0 <= metrics[k] <= 1.0 for k in ("rouge1", "rouge2", "rougeL"))
+            assert 0.0 <= metrics["bleu"] <= 100.0
+    assert report["counts"] == {"seen": 3, "heldout": 3}
+    assert (report["samples"], report["seed"], report["max_new_tokens"], report["greedy"]) == (3, 7, 16, True)
+    assert len(report["examples"]) == 6
+    assert all(e["base"] and e["tuned"] and e["reference"] for e in report["examples"])
+    assert (run_dir / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_md_has_tables_and_the_seen_retrieval_warning(run_dir, report):
+    md = (run_dir / "report.md").read_text()
+    assert md.count("| system | ROUGE-1 | ROUGE-2 | ROUGE-L | BLEU | loss | ppl |") == 2
+    assert "## Seen products" in md and "## Held-out products" in md
+    assert "not a real baseline" in md
+    assert md.count("| reference | base | tuned | retrieval |") == 3
+
+
+def test_retrieval_finds_seen_products_themselves(report):
+    assert report["seen"]["retrieval"]["rougeL"] > 0.9
+    assert report["heldout"]["retrieval"]["rougeL"] < 0.9  # held-out products are not in the catalogue
+    for e in report["examples"]:
+        if e["population"] == "seen":
+            assert e["retrieval"] == e["reference"]
+
+
+def test_loss_and_perplexity(report):
+    for pop in ("seen", "heldout"):
+        base, tuned = report[pop]["base"], report[pop]["tuned"]
+        for m in (base, tuned):
+            assert m["loss"] > 0 and math.isclose(m["ppl"], math.exp(m["loss"]), rel_tol=1e-3)
+        assert base["loss"] != tuned["loss"]  # the adapter changes the model
+        assert "loss" not in report[pop]["retrieval"]
+
+
+def test_sampling_is_deterministic_and_questions_match_training(run_dir):
+    cfg = {"seed": 42}
+    first = evaluate.sample_populations(run_dir, cfg, evaluate.read_jsonl(run_dir / "data/train.jsonl"), 2, 5, None)
+    again = evaluate.sample_populations(run_dir, cfg, evaluate.read_jsonl(run_dir / "data/train.jsonl"), 2, 5, None)
+    assert [p["id"] for p in first["seen"]] == [p["id"] for p in again["seen"]]
+    assert {p["id"] for p in first["seen"]} <= {pid for pid, _, _ in TRAIN}
+    assert {p["id"] for p in first["heldout"]} <= {pid for pid, _, _ in TEST}
+
+
+def test_data_file_split_by_title_into_seen_and_heldout(run_dir, tmp_path):
+    # trn format: uid/title/content, HTML entities and case differences as in the real file.
+    rows = [{"uid": "x1", "title": TRAIN[0][1].upper(), "content": TRAIN[0][2]},
+            {"uid": "x2", "title": "Garden Hose 50 ft &amp; Nozzle", "content": "A kink-free hose with a nozzle."},
+            {"uid": "x3", "title": TRAIN[1][1], "content": TRAIN[1][2]},
+            {"uid": "x4", "title": "", "content": "no title: dropped"}]
+    path = tmp_path / "trn.json"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    train = evaluate.read_jsonl(run_dir / "data/train.jsonl")
+    pops = evaluate.sample_populations(run_dir, {}, train, 5, 1, path)
+    assert sorted(p["id"] for p in pops["seen"]) == ["x1", "x3"]
+    assert [p["title"] for p in pops["heldout"]] == ["Garden Hose 50 ft & Nozzle"]
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "trn_real_head300.jsonl").is_file(), reason="shared sample data absent")
+def test_real_sample_file_is_all_heldout_and_deterministic(run_dir):
+    train = evaluate.read_jsonl(run_dir / "data/train.jsonl")
+    path = SHARED_DATA / "trn_real_head300.jsonl"
+    pops = evaluate.sample_populations(run_dir, {}, train, 4, 3, path)
+    again = evaluate.sample_populations(run_dir, {}, train, 4, 3, path)
+    assert pops["seen"] == [] and len(pops["heldout"]) == 4
+    assert pops == again
+    assert all("&#" not in p["content"] for p in pops["heldout"])  # cleaned as training cleans
+
+
+def test_infer_evaluate_cli(run_dir, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run, ignore=shutil.ignore_patterns("report.*"))
+    proc = subprocess.run(
+        [sys.executable, str(INFER), "--evaluate", "--run", str(run), "--samples", "1", "--max-new-tokens", "8"],
+        capture_output=True, text=True, timeout=600, cwd=ROOT, env={**__import__("os").environ, "TQDM_DISABLE": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "| retrieval |" in proc.stdout
+    report = json.loads((run / "report.json").read_text())
+    assert report["counts"] == {"seen": 1, "heldout": 1}
+    assert {"report.json", "report.md", "report.png"} <= {p.name for p in run.iterdir()}
+
+
+def test_evaluate_with_llamacpp_engine(gguf_run):
+    report = evaluate.evaluate_run(gguf_run, samples=2, max_new_tokens=12, engine="llamacpp")
+    assert report["engine"] == "llamacpp"
+    for pop in ("seen", "heldout"):
+        assert report[pop]["base"]["loss"] is None  # llama.cpp gives no teacher-forced loss here
+        assert report[pop]["base"]["rougeL"] == report[pop]["tuned"]["rougeL"]  # same GGUF under both names
+    assert "| base |" in (gguf_run / "report.md").read_text()

@@ -1,0 +1,424 @@
+"""Load a trained run for inference and answer questions with the base model, the tuned model, or both.
+
+Two engines with the same small surface (`generate`, and `loss` where the engine has logits):
+- `TransformersEngine`: one base model in memory plus the LoRA adapter; base answers come from the same weights
+  with the adapter switched off (`disable_adapter()`), so the model is loaded once. Or the run's merged/ folder.
+- `LlamaCppEngine`: GGUF files through llama-cpp-python, which renders the chat template embedded in the GGUF.
+Questions always go through the run's own prompts/ (system prompt included) and the tokenizer's chat template,
+exactly as in training.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from titletune import models, prompts
+from titletune.config import EMBEDDED, ROOT, cache_dir
+from titletune.errors import UserError
+
+SYSTEMS = ("base", "tuned")
+GGUF_PREFERENCE = ("q4_k_m", "q8_0", "f16", "bf16")  # the file a user would ship first, then the larger ones
+
+
+@dataclass
+class Sampling:
+    """Generation knobs, shared by both engines. temperature 0 means greedy (deterministic)."""
+
+    max_new_tokens: int = 200
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0: off
+    repetition_penalty: float = 1.0  # llama.cpp's server defaults to 1.1; we keep 1.0 so engines agree
+    num_beams: int = 1
+
+    def check(self) -> None:
+        problems = []
+        if self.max_new_tokens < 1:
+            problems.append(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            problems.append(f"--temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            problems.append(f"--top-p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            problems.append(f"--top-k must be >= 0 (0 = off), got {self.top_k}")
+        if self.repetition_penalty <= 0:
+            problems.append(f"--repetition-penalty must be > 0 (1.0 = off), got {self.repetition_penalty}")
+        if self.num_beams < 1:
+            problems.append(f"--num-beams must be >= 1, got {self.num_beams}")
+        if problems:
+            raise UserError("; ".join(problems) + ".")
+
+
+# ---------------------------------------------------------------- run folders
+
+
+def latest_run(outputs_dir: str | Path = ROOT / "outputs") -> Path:
+    """The newest run in outputs_dir: the folder whose run_config.yaml was written last."""
+    outputs_dir = Path(outputs_dir)
+    configs = sorted(outputs_dir.glob("*/run_config.yaml"), key=lambda p: p.stat().st_mtime)
+    if not configs:
+        raise UserError(f"no trained run in {outputs_dir} (no */run_config.yaml); train first: python train.py")
+    return configs[-1].parent
+
+
+def load_run(run_dir: str | Path) -> dict:
+    """run_config.yaml of a run folder, as a dict."""
+    import yaml
+
+    run_dir = Path(run_dir)
+    path = run_dir / "run_config.yaml"
+    if not run_dir.is_dir():
+        raise UserError(f"run folder {run_dir} does not exist; pass a run in outputs/, or train: python train.py")
+    if not path.is_file():
+        raise UserError(f"{run_dir} has no run_config.yaml, so it is not a finished run; pass --run outputs/<run>.")
+    cfg = yaml.safe_load(path.read_text(encoding="utf-8"))
+    if not isinstance(cfg, dict) or not cfg.get("base_model"):
+        raise UserError(f"{path} must be a YAML mapping with base_model; did another version of train.py write it?")
+    return cfg
+
+
+def prompt_set(run_dir: str | Path) -> prompts.PromptSet:
+    """The prompt set the run was trained with."""
+    return prompts.load(Path(run_dir) / "prompts")
+
+
+def conversation(ps: prompts.PromptSet, question: str) -> list[dict]:
+    """System + user messages for one question, as in training."""
+    return prompts.messages(ps, question)
+
+
+def is_embedded(cfg: dict) -> bool:
+    """Whether the run's base model is the embedded SmolLM2-135M-Instruct (so its GGUF ships with the package)."""
+    base = str(cfg.get("base_model", ""))
+    named = (cfg.get("model") or {}).get("model_name_or_path")
+    if base == EMBEDDED or named == EMBEDDED:
+        return True
+    # The cached conversion's folder name carries a format version (SmolLM2-135M-Instruct-v2), so match by prefix.
+    path = Path(base).expanduser()
+    return path.parent == cache_dir() / "models" and path.name.startswith(models.EMBEDDED_NAME)
+
+
+def base_model(cfg: dict) -> str:
+    """What from_pretrained loads for the run's base. The embedded model is taken from today's cache, since a run
+    written before the cache format changed names a folder that may be gone."""
+    if is_embedded(cfg) and not Path(str(cfg["base_model"])).is_dir():
+        return models.resolve(EMBEDDED)
+    return models.resolve(str(cfg["base_model"]))
+
+
+def find_gguf(run_dir: str | Path) -> Path:
+    """The run's GGUF export: q4_k_m first, then q8_0, f16, bf16, then any other model.*.gguf."""
+    run_dir = Path(run_dir)
+    for kind in GGUF_PREFERENCE:
+        if (run_dir / f"model.{kind}.gguf").is_file():
+            return run_dir / f"model.{kind}.gguf"
+    others = sorted(run_dir.glob("*.gguf"))
+    if others:
+        return others[0]
+    raise UserError(
+        f"{run_dir} has no GGUF export; pass --gguf FILE, or export one: "
+        f"python train.py --export_only --run {run_dir} --gguf q4_k_m"
+    )
+
+
+def default_threads() -> int:
+    """Half the logical cores (about the physical ones): more threads than cores makes llama.cpp spin and stall."""
+    return max(1, (os.cpu_count() or 2) // 2)
+
+
+# ---------------------------------------------------------------- transformers
+
+
+class TransformersEngine:
+    """transformers + peft. One base model; the adapter is toggled off for base answers."""
+
+    name = "transformers"
+    supports_loss = True
+
+    def __init__(self, run_dir: str | Path, systems: tuple[str, ...] = SYSTEMS, use_merged: bool = False):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.run_dir = Path(run_dir)
+        self.cfg = load_run(self.run_dir)
+        self.systems = tuple(systems)
+        self.max_length = int(self.cfg.get("max_length") or 2048)
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        trust = bool(self.cfg.get("trust_remote_code", False))  # only when the run itself opted in
+        base_name = base_model(self.cfg)
+        adapter_dir = self.run_dir / "adapter"
+        merged_dir = self.run_dir / "merged"
+
+        dtype = (self.cfg.get("model") or {}).get("dtype") or "auto"  # what training used; auto = as saved
+        if dtype != "auto":
+            if not isinstance(getattr(torch, str(dtype), None), torch.dtype):
+                raise UserError(f"{self.run_dir / 'run_config.yaml'}: model.dtype {dtype!r} is not a torch dtype.")
+            dtype = getattr(torch, dtype)
+
+        def load_model(name: str):
+            try:
+                model = AutoModelForCausalLM.from_pretrained(
+                    name, dtype=dtype, trust_remote_code=trust, use_safetensors=True
+                )
+            except OSError as e:
+                raise models.hub_error(name, e) from None
+            return model.to(self.device).eval()
+
+        tokenizer_dir = base_name
+        self.base = self.tuned = None
+        self._adapter = False
+        if "tuned" in self.systems and use_merged:
+            if not (merged_dir / "config.json").is_file():
+                raise UserError(f"{merged_dir} is missing; leave out --use-merged to apply adapter/ to the base.")
+            self.tuned = load_model(str(merged_dir))
+            tokenizer_dir = str(merged_dir)
+            if "base" in self.systems:
+                self.base = load_model(base_name)
+        elif "tuned" in self.systems:
+            from peft import PeftModel
+
+            if not (adapter_dir / "adapter_config.json").is_file():
+                raise UserError(f"{adapter_dir} holds no LoRA adapter (adapter_config.json); did training finish?")
+            self.tuned = PeftModel.from_pretrained(load_model(base_name), str(adapter_dir)).eval()
+            self.base = self.tuned  # same weights; generate() switches the adapter off for "base"
+            self._adapter = True
+            if (adapter_dir / "tokenizer_config.json").is_file():
+                tokenizer_dir = str(adapter_dir)
+        else:
+            self.base = load_model(base_name)
+        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, trust_remote_code=trust)
+        model = self.tuned if self.tuned is not None else self.base
+        # Stop at every end token the model or tokenizer names: an instruct model's end-of-turn token
+        # (<|im_end|>, <|eot_id|>) is often only in generation_config, and without it generation never stops.
+        eos = model.generation_config.eos_token_id
+        eos = [eos] if isinstance(eos, int) else list(eos or [])
+        if self.tokenizer.eos_token_id is not None and self.tokenizer.eos_token_id not in eos:
+            eos.append(self.tokenizer.eos_token_id)
+        if not eos:
+            raise UserError(f"{tokenizer_dir}: neither the tokenizer nor generation_config names an end token.")
+        self.eos_ids = eos
+        if self.tokenizer.pad_token_id is None:
+            pad = model.generation_config.pad_token_id
+            self.tokenizer.pad_token = self.tokenizer.convert_ids_to_tokens(pad if pad is not None else eos[0])
+        self.tokenizer.padding_side = "left"  # decoder-only generation continues from the right edge
+
+    def _model(self, system: str):
+        if system not in self.systems:
+            raise ValueError(f"engine was loaded without {system!r} (systems={self.systems})")
+        return self.tuned if system == "tuned" else self.base
+
+    def _render(self, conversations: list[list[dict]]):
+        return self.tokenizer.apply_chat_template(
+            conversations, add_generation_prompt=True, tokenize=True, return_dict=True,
+            padding=True, return_tensors="pt",
+        ).to(self.device)
+
+    def generate(self, conversations: list[list[dict]], system: str = "tuned", sampling: Sampling | None = None,
+                 batch_size: int = 8, progress: bool = False) -> list[str]:
+        """One answer per conversation. Batched with left padding; batches hold similar lengths."""
+        import contextlib
+
+        import torch
+        from transformers import GenerationConfig
+
+        sampling = sampling or Sampling()
+        sampling.check()
+        model = self._model(system)
+        sample = sampling.temperature > 0
+        gen_config = GenerationConfig(
+            max_new_tokens=sampling.max_new_tokens,
+            do_sample=sample,
+            temperature=sampling.temperature if sample else None,
+            top_p=sampling.top_p if sample else None,
+            top_k=sampling.top_k if sample else None,
+            repetition_penalty=sampling.repetition_penalty,
+            num_beams=sampling.num_beams,
+            eos_token_id=self.eos_ids,
+            pad_token_id=self.tokenizer.pad_token_id,
+        )
+        order = sorted(range(len(conversations)), key=lambda i: len(str(conversations[i])))
+        answers: list[str] = [""] * len(conversations)
+        batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+        bar = _tqdm(total=len(conversations), desc=f"{system} answers", disable=not progress)
+        off = model.disable_adapter() if (system == "base" and self._adapter) else contextlib.nullcontext()
+        with off, torch.inference_mode():
+            for batch in batches:
+                enc = self._render([conversations[i] for i in batch])
+                out = model.generate(**enc, generation_config=gen_config)
+                new = out[:, enc["input_ids"].shape[1] :]
+                for i, ids in zip(batch, new):
+                    text = self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+                    answers[i] = text.strip()
+                bar.update(len(batch))
+        bar.close()
+        return answers
+
+    def loss(self, rows: list[dict], system: str = "tuned", batch_size: int = 8) -> tuple[float, int]:
+        """Teacher-forced NLL on the completion tokens only (the prompt is context, as in training).
+
+        rows: {"prompt": [msgs], "completion": [msgs]}. Returns (summed NLL, number of completion tokens).
+        """
+        import contextlib
+
+        import torch
+
+        model = self._model(system)
+        examples = []
+        for row in rows:
+            prompt_ids = self._ids(row["prompt"], add_generation_prompt=True)
+            full_ids = self._ids(row["prompt"] + row["completion"], add_generation_prompt=False)
+            if full_ids[: len(prompt_ids)] != prompt_ids:
+                raise UserError("the chat template renders the prompt differently with the answer appended; "
+                                "cannot separate completion tokens for the loss.")
+            full_ids = full_ids[: self.max_length]  # as training truncated
+            if len(full_ids) > len(prompt_ids):
+                examples.append((full_ids, len(prompt_ids)))
+        pad = self.tokenizer.pad_token_id
+        total, count = 0.0, 0
+        off = model.disable_adapter() if (system == "base" and self._adapter) else contextlib.nullcontext()
+        with off, torch.inference_mode():
+            for start in range(0, len(examples), batch_size):
+                batch = examples[start : start + batch_size]
+                width = max(len(ids) for ids, _ in batch)
+                input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
+                attention = torch.zeros((len(batch), width), dtype=torch.long)
+                labels = torch.full((len(batch), width), -100, dtype=torch.long)
+                for row, (ids, n_prompt) in enumerate(batch):  # right padding: positions stay as in training
+                    input_ids[row, : len(ids)] = torch.tensor(ids)
+                    attention[row, : len(ids)] = 1
+                    labels[row, n_prompt : len(ids)] = torch.tensor(ids[n_prompt:])
+                input_ids, attention, labels = (t.to(self.device) for t in (input_ids, attention, labels))
+                logits = model(input_ids=input_ids, attention_mask=attention).logits[:, :-1].float()
+                target = labels[:, 1:]
+                nll = torch.nn.functional.cross_entropy(
+                    logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100, reduction="sum"
+                )
+                total += float(nll)
+                count += int((target != -100).sum())
+        return total, count
+
+    def _ids(self, messages: list[dict], add_generation_prompt: bool) -> list[int]:
+        enc = self.tokenizer.apply_chat_template(
+            messages, add_generation_prompt=add_generation_prompt, tokenize=True, return_dict=True
+        )
+        return list(enc["input_ids"])
+
+
+# ---------------------------------------------------------------- llama.cpp
+
+
+class LlamaCppEngine:
+    """GGUF files through llama-cpp-python; the chat template is the one embedded in each GGUF."""
+
+    name = "llamacpp"
+    supports_loss = False
+
+    def __init__(self, run_dir: str | Path, systems: tuple[str, ...] = SYSTEMS, gguf: str | Path | None = None,
+                 base_gguf: str | Path | None = None, threads: int | None = None, n_ctx: int = 2048):
+        # Spin-waiting OpenMP threads collapse llama.cpp throughput on a busy machine (measured: 1-10 vs 57 tok/s).
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        self.run_dir = Path(run_dir)
+        self.cfg = load_run(self.run_dir)
+        self.systems = tuple(systems)
+        self.threads = threads or default_threads()
+        self.n_ctx = n_ctx
+        self.paths: dict[str, Path] = {}
+        if "tuned" in self.systems:
+            self.paths["tuned"] = check_gguf(gguf) if gguf else find_gguf(self.run_dir)
+        if "base" in self.systems:
+            if base_gguf:
+                self.paths["base"] = check_gguf(base_gguf)
+            elif is_embedded(self.cfg):
+                self.paths["base"] = models.embedded_gguf()
+            else:
+                raise UserError(
+                    f"base answers with --engine llamacpp need a GGUF of the base model {self.cfg['base_model']}; "
+                    "pass --base-gguf FILE, or --only tuned, or --engine transformers."
+                )
+        self.llms = {system: self._load(path) for system, path in self.paths.items()}
+
+    def _load(self, path: Path):
+        import llama_cpp
+
+        return llama_cpp.Llama(
+            str(path), n_ctx=self.n_ctx, n_threads=self.threads, n_threads_batch=self.threads, verbose=False
+        )
+
+    def generate(self, conversations: list[list[dict]], system: str = "tuned", sampling: Sampling | None = None,
+                 batch_size: int = 1, progress: bool = False) -> list[str]:
+        """One answer per conversation (llama-cpp-python answers one at a time)."""
+        sampling = sampling or Sampling()
+        sampling.check()
+        if sampling.num_beams != 1:
+            raise UserError("--num-beams works only with --engine transformers; llama.cpp has no beam search.")
+        if system not in self.llms:
+            raise ValueError(f"engine was loaded without {system!r} (systems={self.systems})")
+        llm = self.llms[system]
+        answers = []
+        for conv in _tqdm(conversations, desc=f"{system} answers", disable=not progress):
+            out = llm.create_chat_completion(
+                messages=conv,
+                max_tokens=sampling.max_new_tokens,
+                temperature=sampling.temperature,  # 0 = greedy in llama.cpp
+                top_p=sampling.top_p,
+                top_k=sampling.top_k,
+                min_p=0.0,  # llama.cpp defaults to 0.05; transformers has none
+                repeat_penalty=sampling.repetition_penalty,
+                seed=0,
+            )
+            answers.append((out["choices"][0]["message"]["content"] or "").strip())
+        return answers
+
+
+def check_gguf(path: str | Path) -> Path:
+    """A GGUF path that exists and starts with the GGUF magic bytes."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise UserError(f"GGUF file {path} does not exist.")
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise UserError(f"{path} is not a GGUF file (it does not start with the GGUF magic bytes).")
+    return path
+
+
+def load_engine(run_dir: str | Path, engine: str = "transformers", systems: tuple[str, ...] = SYSTEMS,
+                use_merged: bool = False, gguf: str | Path | None = None, base_gguf: str | Path | None = None,
+                threads: int | None = None):
+    """TransformersEngine or LlamaCppEngine for a run, loading only what `systems` needs."""
+    bad = [s for s in systems if s not in SYSTEMS]
+    if bad or not systems:
+        raise UserError(f"systems must be among {SYSTEMS}, got {systems}.")
+    if engine == "transformers":
+        if gguf or base_gguf:
+            raise UserError("--gguf/--base-gguf need --engine llamacpp.")
+        return TransformersEngine(run_dir, systems=systems, use_merged=use_merged)
+    if engine == "llamacpp":
+        if use_merged:
+            raise UserError("--use-merged needs --engine transformers; with llamacpp pass --gguf FILE.")
+        return LlamaCppEngine(run_dir, systems=systems, gguf=gguf, base_gguf=base_gguf, threads=threads)
+    raise UserError(f"--engine must be transformers or llamacpp, got {engine!r}.")
+
+
+def ask(engine, questions: list[str], systems: tuple[str, ...] = SYSTEMS, sampling: Sampling | None = None,
+        progress: bool = False) -> dict[str, list[str]]:
+    """Answers per system for plain questions, each wrapped in the run's prompts (system prompt included)."""
+    ps = prompt_set(engine.run_dir)
+    conversations = [conversation(ps, q) for q in questions]
+    return {s: engine.generate(conversations, s, sampling, progress=progress) for s in systems}
+
+
+def perplexity(nll: float, tokens: int) -> tuple[float | None, float | None]:
+    """(mean loss, perplexity) from summed NLL; (None, None) when there were no tokens."""
+    if tokens == 0:
+        return None, None
+    loss = nll / tokens
+    return loss, math.exp(min(loss, 700.0))
+
+
+def _tqdm(*args, **kwargs):
+    from tqdm.auto import tqdm
+
+    return tqdm(*args, **kwargs)
