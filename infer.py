@@ -232,4 +232,7 @@ def _str(path) -> str | None:
 
 
 if __name__ == "__main__":
+    from titletune.models import disable_telemetry
+
+    disable_telemetry()  # before transformers and huggingface_hub are imported
     main(parse_args())

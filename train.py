@@ -20,7 +20,7 @@ import logging
 import sys
 from pathlib import Path
 
-from titletune import backends
+from titletune import backends, models
 from titletune.config import CPU_CONFIG, DEFAULTS, EMBEDDED, GPU_CONFIG, DataArguments, ExportArguments, ScriptArguments
 from titletune.errors import UserError, cli
 
@@ -68,6 +68,9 @@ def main(script_args, model_args, data_args, export_args, training_args):
     if script_args.export_only:
         return export_run(script_args, export_args, backend, gguf_types)
 
+    if not script_args.resume:  # a bad --data fails before a run folder exists that infer.py would take as the latest
+        data.check_args(data_args)
+        data.check_path(data_args.data)
     run_dir = runs.resolve_dir(training_args.output_dir)  # under several processes, the same folder on every rank
     training_args.output_dir = str(run_dir)
     main_process = training_args.process_index == 0
@@ -117,8 +120,12 @@ def main(script_args, model_args, data_args, export_args, training_args):
     outcome = training.train(trainer, run_dir, script_args.resume)
 
     adapter_dir = run_dir / "adapter"
+    if trainer.is_fsdp_enabled:  # the adapter is sharded: every rank helps gather it, and rank 0 writes it
+        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
+        trainer.save_model(str(adapter_dir))
     if trainer.is_world_process_zero():
-        model.save_pretrained(adapter_dir, safe_serialization=True)
+        if not trainer.is_fsdp_enabled:
+            model.save_pretrained(adapter_dir, safe_serialization=True)
         tokenizer.save_pretrained(adapter_dir)
         training.plot_loss(trainer.state.log_history, run_dir / "loss.png")
     log.info("trained %d steps in %.0f s: loss %s -> %s; adapter in %s", outcome.steps, outcome.train_runtime or 0,
@@ -185,6 +192,7 @@ def _fmt(x: float | None) -> str:
 
 
 if __name__ == "__main__":
+    models.disable_telemetry()  # before trl, datasets and huggingface_hub are imported
     logging.basicConfig(format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S", level=logging.INFO)
     try:
         args = parse(sys.argv[1:])

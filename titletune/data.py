@@ -6,6 +6,9 @@
 Memory does not grow with the file: rows stream through, and what is kept per product is one 8-byte hash (dedupe)
 and two lengths (EDA). With --max_samples N, at most N products are held in a bounded heap; with 'all' every kept
 row goes straight to its split file.
+
+prepare_cached() keys that output by the input file, the settings, the prompts and this code, and links a cached copy
+into the run folder when one exists: a rerun with the same settings, in any run folder, skips the pass.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ import json
 import logging
 import os
 import re
+import shutil
+import tempfile
 import time
 import unicodedata
 import zlib
@@ -573,6 +578,83 @@ def prepare(args: DataArguments, seed: int, out_dir: str | Path, prompts: Prompt
         dropped or "none",
     )
     return stats
+
+
+CACHE_FILES = (*(f"{s}.jsonl" for s in SPLITS), "stats.json", "eda.md", "lengths.png")
+CACHE_KEEP = 8  # most recently used entries kept; runs hold hard links, so evicting an entry never breaks a run
+_EDGE = 1 << 20  # bytes hashed at each end of the input: a quick content check on top of size and mtime
+
+
+def cache_key(args: DataArguments, seed: int, prompts: PromptSet) -> str:
+    """What prepare()'s output depends on, hashed: the input file (path, size, mtime, first and last MB), every data
+    argument, the seed, the prompt texts, and the code of this module and prompts.py (a fix invalidates the cache).
+    """
+    path = check_path(args.data).resolve()
+    stat = path.stat()
+    edges = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        edges.update(f.read(_EDGE))
+        if stat.st_size > _EDGE:
+            f.seek(max(_EDGE, stat.st_size - _EDGE))
+            edges.update(f.read(_EDGE))
+    settings = {k: v for k, v in vars(args).items() if k not in ("data", "prompts")}
+    key = {
+        "input": [str(path), stat.st_size, stat.st_mtime_ns, edges.hexdigest()],
+        "args": settings,
+        "seed": seed,
+        "prompts": [prompts.system, list(prompts.questions), prompts.answer],
+        "code": [hashlib.blake2b(Path(m).read_bytes(), digest_size=16).hexdigest()
+                 for m in (__file__, prompts_lib.__file__)],
+    }
+    return hashlib.blake2b(json.dumps(key, sort_keys=True, default=str).encode(), digest_size=8).hexdigest()
+
+
+def prepare_cached(args: DataArguments, seed: int, out_dir: str | Path, prompts: PromptSet,
+                   cache_root: str | Path | None = None) -> dict:
+    """prepare(), keyed by cache_key() under <cache>/data/<key>/: a rerun, or another process, links the same files
+    into out_dir/data instead of reading the input again. Returns the stats, as prepare() does."""
+    from titletune.config import cache_dir
+
+    key = cache_key(args, seed, prompts)
+    entry = Path(cache_root or cache_dir() / "data") / key
+    if all((entry / name).is_file() for name in CACHE_FILES):
+        os.utime(entry)  # recently used: the last to be evicted
+        log.info("data prep: reused cache %s (%s)", key, entry)
+    else:
+        shutil.rmtree(entry, ignore_errors=True)  # a file removed from an entry by hand: build it again
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        # Built beside the entry and renamed into place whole: a crash or a second writer never leaves half an entry.
+        build = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=entry.parent))
+        try:
+            prepare(args, seed, build, prompts)
+            try:
+                os.replace(build / "data", entry)
+            except OSError:  # another process finished the same entry first; its files are the same
+                if not all((entry / name).is_file() for name in CACHE_FILES):
+                    raise
+        finally:
+            shutil.rmtree(build, ignore_errors=True)
+        log.info("data prep: cached as %s (%s)", key, entry)
+        _evict(entry.parent, keep=CACHE_KEEP)
+    folder = Path(out_dir) / "data"
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in CACHE_FILES:
+        target = folder / name
+        target.unlink(missing_ok=True)
+        try:
+            os.link(entry / name, target)  # no copy of a GB of rows; nothing rewrites these files in place
+        except OSError:  # another file system, or links not allowed
+            shutil.copyfile(entry / name, target)
+    return orjson.loads((folder / "stats.json").read_bytes())
+
+
+def _evict(root: Path, keep: int) -> None:
+    """Remove all but the `keep` most recently used cache entries, and builds a crash left behind over a day ago."""
+    entries = sorted((p for p in root.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime, reverse=True)
+    done = [p for p in entries if not p.name.startswith(".")]
+    stale = [p for p in entries if p.name.startswith(".") and time.time() - p.stat().st_mtime > 86400]
+    for path in done[keep:] + stale:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _all_dropped_message(counts: Counter, args: DataArguments) -> str:

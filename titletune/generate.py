@@ -377,7 +377,8 @@ def check_gguf(path: str | Path) -> Path:
     """A GGUF path that exists and starts with the GGUF magic bytes."""
     path = Path(path).expanduser()
     if not path.is_file():
-        raise UserError(f"GGUF file {path} does not exist.")
+        raise UserError(f"GGUF file {path} does not exist; check the path (train.py writes "
+                        "outputs/<run>/model.q4_k_m.gguf), or leave --gguf out to use the run's own.")
     with open(path, "rb") as f:
         if f.read(4) != b"GGUF":
             raise UserError(f"{path} is not a GGUF file (it does not start with the GGUF magic bytes).")

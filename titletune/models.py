@@ -130,3 +130,12 @@ def hub_error(name: str, err: Exception) -> UserError:
         "If this machine has no access to the model hub, pass --model_name_or_path with a local model folder, "
         "or leave it out to use the embedded SmolLM2-135M-Instruct."
     )
+
+
+def disable_telemetry() -> None:
+    """Opt out of the usage pings the libraries send by themselves (measured: TRL's trainers report to the hub when
+    built, and datasets' load_dataset counts a download on S3), so a run on a local model touches no network.
+    Call before huggingface_hub or datasets is imported: both read these once, at import. A user's own setting wins.
+    """
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    os.environ.setdefault("HF_UPDATE_DOWNLOAD_COUNTS", "0")

@@ -19,10 +19,28 @@ CONFIG = "run_config.yaml"
 
 
 def resolve_dir(output_dir: str | None) -> Path:
-    """'auto' (or nothing) -> outputs/<timestamp>; anything else as given."""
+    """'auto' (or nothing) -> outputs/<timestamp>; anything else as given.
+
+    Under several processes (accelerate launch, torchrun) every rank gets rank 0's timestamp: their clocks are read
+    seconds apart, and each rank computing its own would split one run across several folders.
+    """
     if not output_dir or output_dir == "auto":
-        return OUTPUTS / dt.datetime.now().strftime("run-%Y%m%d-%H%M%S")
+        return OUTPUTS / _from_rank_zero(dt.datetime.now().strftime("run-%Y%m%d-%H%M%S"))
     return Path(output_dir).expanduser().resolve()
+
+
+def _from_rank_zero(value: str) -> str:
+    """Rank 0's value on every rank of an initialised process group (TrainingArguments starts it); else `value`."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return value
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise UserError("--output_dir auto under several processes needs the process group started first; "
+                        "pass --output_dir outputs/<name> so every process writes to the same folder.")
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def create(run_dir: Path, overwrite: bool, resume: bool) -> Path:

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from types import ModuleType
 
@@ -42,10 +44,12 @@ def choose(requested: str) -> str:
 
     if requested not in NAMES:
         raise UserError(f"--backend must be one of {', '.join(NAMES)}, got {requested!r}.")
+    world_size, sharding = launch()
     has_cuda = torch.cuda.is_available()
     has_unsloth = importlib.util.find_spec("unsloth") is not None
     if requested == "auto":
-        return "unsloth" if has_cuda and has_unsloth else "hf"
+        return "unsloth" if has_cuda and has_unsloth and not sharding else "hf"
+    check_distributed(requested, world_size, sharding)
     if requested == "unsloth":
         if not has_cuda:
             raise UserError("--backend unsloth needs an NVIDIA GPU with CUDA, and none is visible. "
@@ -53,6 +57,35 @@ def choose(requested: str) -> str:
         if not has_unsloth:
             raise UserError("--backend unsloth: unsloth is not installed. Run: pip install -r requirements.txt")
     return requested
+
+
+def launch(env: Mapping[str, str] = os.environ) -> tuple[int, str | None]:
+    """(processes, sharding) of this launch, from what the launcher exported: accelerate launch and torchrun set
+    WORLD_SIZE; accelerate sets ACCELERATE_USE_FSDP or ACCELERATE_USE_DEEPSPEED for those configs (None for DDP)."""
+    world_size = int(env.get("WORLD_SIZE") or 1)
+    for name, flag in (("FSDP", "ACCELERATE_USE_FSDP"), ("DeepSpeed", "ACCELERATE_USE_DEEPSPEED")):
+        if str(env.get(flag, "")).lower() in ("1", "true", "yes"):
+            return world_size, name
+    return world_size, None
+
+
+def check_distributed(backend: str, world_size: int, sharding: str | None) -> None:
+    """Refuse the multi-process setups a backend cannot run to the end here.
+
+    unsloth 2026.10.7 supports DDP: its loader pins each rank to cuda:LOCAL_RANK (models/loader_utils.py
+    prepare_device_map) and turns off DDP's find_unused_parameters under its checkpointing (models/_ddp_defaults.py).
+    Sharded training is not wired: unsloth's own FSDP path wants FSDP2 (UNSLOTH_FSDP2=1; under FSDP1 it declines
+    its fused LoRA kernels, models/fsdp2.py), and our unsloth merge reads the in-memory model, which FSDP and ZeRO-3
+    have sharded across the ranks. The hf backend does both.
+    """
+    if backend != "unsloth" or world_size <= 1 or sharding is None:
+        return
+    raise UserError(
+        f"--backend unsloth under {sharding} ({world_size} processes) is not supported: unsloth trains with several "
+        "GPUs by DDP only here (accelerate launch --config_file configs/accelerate/ddp.yaml train.py ...). "
+        f"For {sharding}, use --backend hf, e.g. accelerate launch --config_file configs/accelerate/fsdp_qlora.yaml "
+        "train.py --config configs/llama3_1_70b_fsdp_qlora.yaml --backend hf"
+    )
 
 
 def load_backend(name: str) -> ModuleType:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -22,6 +23,19 @@ def _dtype(load_in_4bit: bool) -> torch.dtype:
     return torch.bfloat16 if load_in_4bit else torch.float32
 
 
+def _fsdp() -> bool:
+    """accelerate launch exports this for an FSDP config (configs/accelerate/fsdp_qlora.yaml)."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true", "yes")
+
+
+def _device_map(quantized: bool) -> dict | None:
+    if not (torch.cuda.is_available() and quantized) or _fsdp():
+        # FSDP places (and shards) the weights itself; with cpu_ram_efficient_loading rank 0 loads, the rest wait.
+        return None
+    # 4-bit weights are quantized as they land on the GPU: each process on its own card, not all on cuda:0.
+    return {"": int(os.environ.get("LOCAL_RANK", "0"))}
+
+
 def load(base_model: str, model_args, trust_remote_code: bool = False, max_length: int = 2048):
     """Load the base model and tokenizer. `base_model` is a folder or hub id from models.resolve()."""
     quantization_config = None
@@ -31,6 +45,8 @@ def load(base_model: str, model_args, trust_remote_code: bool = False, max_lengt
             bnb_4bit_quant_type=model_args.bnb_4bit_quant_type or "nf4",
             bnb_4bit_use_double_quant=model_args.use_bnb_nested_quant,
             bnb_4bit_compute_dtype=_dtype(True),
+            # FSDP shards only float tensors: FSDP-QLoRA stores the packed 4-bit bytes as bf16 (the compute dtype).
+            bnb_4bit_quant_storage=model_args.bnb_4bit_quant_storage,  # None: uint8
         )
     try:
         tokenizer = AutoTokenizer.from_pretrained(base_model, trust_remote_code=trust_remote_code)
@@ -41,7 +57,7 @@ def load(base_model: str, model_args, trust_remote_code: bool = False, max_lengt
             attn_implementation=model_args.attn_implementation,
             trust_remote_code=trust_remote_code,
             use_safetensors=True,
-            device_map={"": 0} if torch.cuda.is_available() and quantization_config else None,
+            device_map=_device_map(quantization_config is not None),
         )
     except OSError as e:
         raise models.hub_error(base_model, e) from e
@@ -68,7 +84,8 @@ def disable_bnb_cpu_repack(model) -> int:
 
 def add_lora(model, model_args, training_args):
     """Wrap the model with a fresh LoRA adapter (r, alpha, dropout and targets from ModelConfig)."""
-    if model_args.load_in_4bit:
+    sharded = model_args.load_in_4bit and _fsdp()
+    if model_args.load_in_4bit and not sharded:
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=bool(training_args.gradient_checkpointing)
         )
@@ -83,7 +100,9 @@ def add_lora(model, model_args, training_args):
         bias="none",
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, config)
+    # Under FSDP every parameter of a wrapped unit must share one dtype: no fp32 upcast of the norms (skipped
+    # above) or of the LoRA weights (autocast_adapter_dtype), as TRL's prepare_peft_model does for sharded QLoRA.
+    return get_peft_model(model, config, autocast_adapter_dtype=not sharded)
 
 
 def merge(model, tokenizer, base_model: str, adapter_dir: Path, out_dir: Path, trust_remote_code: bool = False) -> Path:
