@@ -17,6 +17,7 @@ Stages: data -> model -> SFTTrainer -> adapter -> merge -> GGUF + Modelfile -> e
 from __future__ import annotations
 
 import logging
+import shutil
 import sys
 from pathlib import Path
 
@@ -83,22 +84,27 @@ def main(script_args, model_args, data_args, export_args, training_args):
         prompt_set = prompts.load(run_dir / "prompts" if script_args.resume else data_args.prompts)
         base_model = models.resolve(model_args.model_name_or_path)
         if main_process and not script_args.resume:
-            runs.save_config(
-                run_dir,
-                # "embedded" rather than today's cache folder, so the run folder stays valid on any machine
-                base_model=EMBEDDED if model_args.model_name_or_path in (None, "", EMBEDDED) else base_model,
-                backend=script_args.backend,
-                seed=training_args.seed,
-                trust_remote_code=training_args.trust_remote_code,
-                max_length=training_args.max_length,
-                script=runs.as_dict(script_args),
-                model=runs.as_dict(model_args),
-                data=runs.as_dict(data_args),
-                export=runs.as_dict(export_args),
-                training=runs.as_dict(training_args),
-            )
-            prompts.save(prompt_set, run_dir)
-            data.prepare_cached(data_args, training_args.seed, run_dir, prompt_set)
+            try:
+                runs.save_config(
+                    run_dir,
+                    # "embedded" rather than today's cache folder, so the run folder stays valid on any machine
+                    base_model=EMBEDDED if model_args.model_name_or_path in (None, "", EMBEDDED) else base_model,
+                    backend=script_args.backend,
+                    seed=training_args.seed,
+                    trust_remote_code=training_args.trust_remote_code,
+                    max_length=training_args.max_length,
+                    script=runs.as_dict(script_args),
+                    model=runs.as_dict(model_args),
+                    data=runs.as_dict(data_args),
+                    export=runs.as_dict(export_args),
+                    training=runs.as_dict(training_args),
+                )
+                prompts.save(prompt_set, run_dir)
+                data.prepare_cached(data_args, training_args.seed, run_dir, prompt_set)
+            except BaseException:
+                # A run whose data failed must not look like a run (infer.py takes the newest; reruns need --overwrite).
+                shutil.rmtree(run_dir, ignore_errors=True)
+                raise
     if script_args.prepare_only:
         log.info("prepared data in %s/data (--prepare-only: stopping here)", run_dir)
         return run_dir

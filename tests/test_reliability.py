@@ -168,7 +168,7 @@ def test_every_row_filtered_out_names_the_filters(tmp_path):
     assert_user_error(prepare(tmp_path, path),
                       r"all 9 rows of .* were dropped: 6 empty content, 3 short content\. Fix: lower "
                       r"--min_content_chars \(now 20\)")
-    assert not list((tmp_path / "run").glob("data/*.jsonl")), "no half-written split files"
+    assert not (tmp_path / "run").exists(), "a run whose data failed is removed, so it never looks like a run"
 
 
 def test_truncated_gzip(tmp_path):
@@ -176,7 +176,7 @@ def test_truncated_gzip(tmp_path):
     path = tmp_path / "trn.json.gz"
     path.write_bytes(whole[: len(whole) // 2])
     assert_user_error(prepare(tmp_path, path), r"truncated or corrupt gzip file: .*Check it with `gzip -t ")
-    assert not list((tmp_path / "run").glob("data/*.jsonl"))
+    assert not (tmp_path / "run").exists()
 
 
 def test_nonexistent_path(tmp_path):
