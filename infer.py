@@ -32,51 +32,105 @@ SIDE_BY_SIDE_MIN = 80  # narrower terminals get stacked blocks: two 38-column an
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES
+    )
     p.add_argument("question", nargs="?", help="The question to ask, e.g. \"What is 'Girls Ballet Tutu Neon Pink'?\".")
     where = p.add_argument_group("which run and model")
     where.add_argument("--run", help="Run folder (default: the most recent run in --outputs).")
     where.add_argument("--outputs", default=str(ROOT / "outputs"), help="Where runs live (default: %(default)s).")
-    where.add_argument("--engine", default="transformers", choices=["transformers", "llamacpp"],
-                       help="transformers: base + LoRA adapter (or merged/); llamacpp: GGUF files. "
-                       "Default: %(default)s.")
-    where.add_argument("--gguf", help="Tuned GGUF for --engine llamacpp (default: the run's model.q4_k_m.gguf, "
-                       "then q8_0, f16); with --serve, the file to serve.")
-    where.add_argument("--base-gguf", "--base_gguf", dest="base_gguf",
-                       help="Base-model GGUF for base answers with --engine llamacpp (default: the embedded "
-                       "SmolLM2 GGUF when the run's base is the embedded model).")
-    where.add_argument("--use-merged", "--use_merged", dest="use_merged", action="store_true",
-                       help="Tuned answers from the run's merged/ model instead of base + adapter/.")
+    where.add_argument(
+        "--engine",
+        default="transformers",
+        choices=["transformers", "llamacpp"],
+        help="transformers: base + LoRA adapter (or merged/); llamacpp: GGUF files. Default: %(default)s.",
+    )
+    where.add_argument(
+        "--gguf",
+        help="Tuned GGUF for --engine llamacpp (default: the run's model.q4_k_m.gguf, "
+        "then q8_0, f16); with --serve, the file to serve.",
+    )
+    where.add_argument(
+        "--base-gguf",
+        "--base_gguf",
+        dest="base_gguf",
+        help="Base-model GGUF for base answers with --engine llamacpp (default: the embedded "
+        "SmolLM2 GGUF when the run's base is the embedded model).",
+    )
+    where.add_argument(
+        "--use-merged",
+        "--use_merged",
+        dest="use_merged",
+        action="store_true",
+        help="Tuned answers from the run's merged/ model instead of base + adapter/.",
+    )
     where.add_argument("--only", choices=["base", "tuned"], help="Ask only one model (loads only what it needs).")
     where.add_argument("--threads", type=int, help="CPU threads for llama.cpp (default: half the logical cores).")
     gen = p.add_argument_group("generation")
-    gen.add_argument("--max-new-tokens", "--max_new_tokens", dest="max_new_tokens", type=int, default=200,
-                     help="Longest answer in tokens (default: %(default)s).")
-    gen.add_argument("--temperature", type=float, default=0.0,
-                     help="0 = greedy and repeatable (default: %(default)s).")
-    gen.add_argument("--top-p", "--top_p", dest="top_p", type=float, default=1.0,
-                     help="Nucleus sampling when --temperature > 0 (default: %(default)s = off).")
-    gen.add_argument("--top-k", "--top_k", dest="top_k", type=int, default=0,
-                     help="Top-k sampling when --temperature > 0 (default: %(default)s = off).")
-    gen.add_argument("--repetition-penalty", "--repetition_penalty", dest="repetition_penalty", type=float,
-                     default=1.0,
-                     help="Above 1.0 discourages repeats (default: %(default)s = off).")
-    gen.add_argument("--num-beams", "--num_beams", dest="num_beams", type=int, default=1,
-                     help="Beam search width, transformers engine only (default: %(default)s).")
+    gen.add_argument(
+        "--max-new-tokens",
+        "--max_new_tokens",
+        dest="max_new_tokens",
+        type=int,
+        default=200,
+        help="Longest answer in tokens (default: %(default)s).",
+    )
+    gen.add_argument(
+        "--temperature", type=float, default=0.0, help="0 = greedy and repeatable (default: %(default)s)."
+    )
+    gen.add_argument(
+        "--top-p",
+        "--top_p",
+        dest="top_p",
+        type=float,
+        default=1.0,
+        help="Nucleus sampling when --temperature > 0 (default: %(default)s = off).",
+    )
+    gen.add_argument(
+        "--top-k",
+        "--top_k",
+        dest="top_k",
+        type=int,
+        default=0,
+        help="Top-k sampling when --temperature > 0 (default: %(default)s = off).",
+    )
+    gen.add_argument(
+        "--repetition-penalty",
+        "--repetition_penalty",
+        dest="repetition_penalty",
+        type=float,
+        default=1.0,
+        help="Above 1.0 discourages repeats (default: %(default)s = off).",
+    )
+    gen.add_argument(
+        "--num-beams",
+        "--num_beams",
+        dest="num_beams",
+        type=int,
+        default=1,
+        help="Beam search width, transformers engine only (default: %(default)s).",
+    )
     mode = p.add_argument_group("modes")
     mode.add_argument("--interactive", action="store_true", help="Ask questions in a loop; Ctrl-C or Ctrl-D quits.")
     mode.add_argument("--json", action="store_true", help="Print one JSON object per question instead of columns.")
-    mode.add_argument("--evaluate", action="store_true",
-                      help="Score base, tuned and a BM25 retrieval baseline; writes report.json/.md/.png in the run.")
+    mode.add_argument(
+        "--evaluate",
+        action="store_true",
+        help="Score base, tuned and a BM25 retrieval baseline; writes report.json/.md/.png in the run.",
+    )
     mode.add_argument("--data", help="With --evaluate: a trn-format file to sample from (default: the run's splits).")
-    mode.add_argument("--samples", type=int, default=20,
-                      help="With --evaluate: products per population (default: %(default)s).")
+    mode.add_argument(
+        "--samples", type=int, default=20, help="With --evaluate: products per population (default: %(default)s)."
+    )
     mode.add_argument("--seed", type=int, default=42, help="With --evaluate: sampling seed (default: %(default)s).")
-    mode.add_argument("--serve", action="store_true",
-                      help="Serve --gguf (default: the run's GGUF) through llama-cpp-python's OpenAI-compatible API.")
-    mode.add_argument("--host", default="127.0.0.1",
-                      help="With --serve: address to bind (default: %(default)s, this machine only).")
+    mode.add_argument(
+        "--serve",
+        action="store_true",
+        help="Serve --gguf (default: the run's GGUF) through llama-cpp-python's OpenAI-compatible API.",
+    )
+    mode.add_argument(
+        "--host", default="127.0.0.1", help="With --serve: address to bind (default: %(default)s, this machine only)."
+    )
     mode.add_argument("--port", type=int, default=8000, help="With --serve: port (default: %(default)s).")
     return p.parse_args(argv)
 
@@ -92,12 +146,14 @@ def main(args: argparse.Namespace) -> None:
     generate.load_run(run_dir)
     if args.evaluate:
         return evaluate(args, run_dir)
-    sampling = generate.Sampling(args.max_new_tokens, args.temperature, args.top_p, args.top_k,
-                                 args.repetition_penalty, args.num_beams)
+    sampling = generate.Sampling(
+        args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.repetition_penalty, args.num_beams
+    )
     sampling.check()
     systems = (args.only,) if args.only else generate.SYSTEMS
-    engine = generate.load_engine(run_dir, args.engine, systems, args.use_merged, args.gguf, args.base_gguf,
-                                  args.threads)
+    engine = generate.load_engine(
+        run_dir, args.engine, systems, args.use_merged, args.gguf, args.base_gguf, args.threads
+    )
     if args.question:
         answer(engine, args.question, systems, sampling, args)
     if args.interactive:
@@ -180,10 +236,17 @@ def evaluate(args: argparse.Namespace, run_dir: Path) -> None:
 
     if args.only:
         raise UserError("--evaluate compares base and tuned; leave out --only.")
-    engine = generate.load_engine(run_dir, args.engine, generate.SYSTEMS, args.use_merged, args.gguf, args.base_gguf,
-                                  args.threads)
-    report = ev.evaluate_run(run_dir, samples=args.samples, data_path=args.data, max_new_tokens=args.max_new_tokens,
-                             seed=args.seed, engine=engine)
+    engine = generate.load_engine(
+        run_dir, args.engine, generate.SYSTEMS, args.use_merged, args.gguf, args.base_gguf, args.threads
+    )
+    report = ev.evaluate_run(
+        run_dir,
+        samples=args.samples,
+        data_path=args.data,
+        max_new_tokens=args.max_new_tokens,
+        seed=args.seed,
+        engine=engine,
+    )
     print(ev.summary(report))
     print(f"wrote {run_dir / 'report.md'}, report.json, report.png")
 
@@ -208,22 +271,41 @@ def serve(args: argparse.Namespace) -> None:
         from llama_cpp.server.app import create_app
         from llama_cpp.server.settings import ModelSettings, ServerSettings
     except ImportError as e:
-        raise UserError(f"the server needs llama-cpp-python[server] ({e}); "
-                        "pip install 'llama-cpp-python[server]'") from None
+        raise UserError(
+            f"the server needs llama-cpp-python[server] ({e}); pip install 'llama-cpp-python[server]'"
+        ) from None
     threads = args.threads or generate.default_threads()
     app = create_app(
         server_settings=ServerSettings(host=args.host, port=args.port),
-        model_settings=[ModelSettings(model=str(gguf), model_alias=gguf.stem, n_ctx=2048, n_threads=threads,
-                                      n_threads_batch=threads, verbose=False)],
+        model_settings=[
+            ModelSettings(
+                model=str(gguf),
+                model_alias=gguf.stem,
+                n_ctx=2048,
+                n_threads=threads,
+                n_threads_batch=threads,
+                verbose=False,
+            )
+        ],
     )
     url = f"http://{args.host}:{args.port}"
-    body = json.dumps({"messages": [{"role": "user", "content": "What is 'Girls Ballet Tutu Neon Pink'?"}],
-                       "max_tokens": 200, "temperature": 0})
-    print(f"serving {gguf} at {url}/v1 (OpenAI-compatible; Ctrl-C stops)\n"
-          f"  curl {url}/v1/chat/completions -H 'Content-Type: application/json' -d '{body}'", flush=True)
+    body = json.dumps(
+        {
+            "messages": [{"role": "user", "content": "What is 'Girls Ballet Tutu Neon Pink'?"}],
+            "max_tokens": 200,
+            "temperature": 0,
+        }
+    )
+    print(
+        f"serving {gguf} at {url}/v1 (OpenAI-compatible; Ctrl-C stops)\n"
+        f"  curl {url}/v1/chat/completions -H 'Content-Type: application/json' -d '{body}'",
+        flush=True,
+    )
     if args.host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"warning: --host {args.host} lets other machines reach this server; it has no authentication.",
-              file=sys.stderr)
+        print(
+            f"warning: --host {args.host} lets other machines reach this server; it has no authentication.",
+            file=sys.stderr,
+        )
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
 
 

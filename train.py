@@ -5,7 +5,7 @@ CPU, no GPU and no model hub (embedded SmolLM2-135M-Instruct on the embedded sam
 CUDA, Unsloth 4-bit QLoRA on Llama 3.2 3B Instruct (configs/llama3_2_3b_qlora.yaml is the default with a GPU):
     python train.py --data data/trn.json --max-samples 100000
 Another preset, any flag on top (flags beat the YAML, which beats the defaults in titletune/config.py):
-    python train.py --config configs/mistral_7b_qlora.yaml --data data/trn.json --max-samples 100000 --learning-rate 1e-4
+    python train.py --config configs/mistral_7b_qlora.yaml --max-samples 100000 --num-train-epochs 2
 Data only, re-export, resume:
     python train.py --prepare-only --data data/trn.json --max-samples 1000 --output-dir /tmp/prep
     python train.py --export-only --run outputs/run-20261122-101500 --gguf q4_k_m,q8_0
@@ -22,7 +22,15 @@ import sys
 from pathlib import Path
 
 from titletune import backends, models
-from titletune.config import CPU_CONFIG, DEFAULTS, EMBEDDED, GPU_CONFIG, DataArguments, ExportArguments, ScriptArguments
+from titletune.config import (
+    CPU_CONFIG,
+    DEFAULTS,
+    EMBEDDED,
+    GPU_CONFIG,
+    DataArguments,
+    ExportArguments,
+    ScriptArguments,
+)
 from titletune.errors import UserError, cli
 
 log = logging.getLogger("titletune")
@@ -41,9 +49,11 @@ def parse(argv: list[str]):
         argv = ["--config", str(GPU_CONFIG if cuda else CPU_CONFIG), *argv]
     parser = TrlParser((ScriptArguments, ModelConfig, DataArguments, ExportArguments, SFTConfig))
     parser.description = __doc__.split("\n\n")[0]
-    parser.epilog = (f"--config FILE  a YAML preset from configs/; its values replace the defaults, and flags beat it. "
-                     f"Without --config: {CPU_CONFIG.name} on CPU, {GPU_CONFIG.name} with CUDA. Every flag is "
-                     "accepted with dashes or underscores (--max-samples = --max_samples).")
+    parser.epilog = (
+        f"--config FILE  a YAML preset from configs/; its values replace the defaults, and flags beat it. "
+        f"Without --config: {CPU_CONFIG.name} on CPU, {GPU_CONFIG.name} with CUDA. Every flag is "
+        "accepted with dashes or underscores (--max-samples = --max_samples)."
+    )
     machine = {"use_cpu": not cuda, "bf16": _bf16_ok(torch, cuda), "fp16": cuda and not torch.cuda.is_bf16_supported()}
     parser.set_defaults_with_config(**DEFAULTS, **machine)
     script_args, model_args, data_args, export_args, training_args = parser.parse_args_and_config(argv)
@@ -102,7 +112,7 @@ def main(script_args, model_args, data_args, export_args, training_args):
                 prompts.save(prompt_set, run_dir)
                 data.prepare_cached(data_args, training_args.seed, run_dir, prompt_set)
             except BaseException:
-                # A run whose data failed must not look like a run (infer.py takes the newest; reruns need --overwrite).
+                # A run whose data failed must not look like a run: infer.py takes the newest; reruns need --overwrite.
                 shutil.rmtree(run_dir, ignore_errors=True)
                 raise
     if script_args.prepare_only:
@@ -116,13 +126,23 @@ def main(script_args, model_args, data_args, export_args, training_args):
     if script_args.backend == "unsloth":
         training_args.gradient_checkpointing = False  # get_peft_model(use_gradient_checkpointing="unsloth") did it
     trainable, total = model.get_nb_trainable_parameters()
-    log.info("model %s: %.1fM trainable of %.1fM parameters (LoRA r=%d)",
-             model_args.model_name_or_path, trainable / 1e6, total / 1e6, model_args.lora_r)
+    log.info(
+        "model %s: %.1fM trainable of %.1fM parameters (LoRA r=%d)",
+        model_args.model_name_or_path,
+        trainable / 1e6,
+        total / 1e6,
+        model_args.lora_r,
+    )
     trainer = training.build_trainer(model, tokenizer, train_rows, val_rows, training_args, run_dir)
     world = training_args.world_size
-    log.info("training on %d products: batch %d per device x %d accumulation x %d processes = %d per step",
-             len(train_rows), training_args.per_device_train_batch_size, training_args.gradient_accumulation_steps,
-             world, training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps * world)
+    log.info(
+        "training on %d products: batch %d per device x %d accumulation x %d processes = %d per step",
+        len(train_rows),
+        training_args.per_device_train_batch_size,
+        training_args.gradient_accumulation_steps,
+        world,
+        training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps * world,
+    )
     outcome = training.train(trainer, run_dir, script_args.resume)
 
     adapter_dir = run_dir / "adapter"
@@ -134,30 +154,45 @@ def main(script_args, model_args, data_args, export_args, training_args):
             model.save_pretrained(adapter_dir, safe_serialization=True)
         tokenizer.save_pretrained(adapter_dir)
         training.plot_loss(trainer.state.log_history, run_dir / "loss.png")
-    log.info("trained %d steps in %.0f s: loss %s -> %s; adapter in %s", outcome.steps, outcome.train_runtime or 0,
-             _fmt(outcome.first_loss), _fmt(outcome.last_loss), adapter_dir)
+    log.info(
+        "trained %d steps in %.0f s: loss %s -> %s; adapter in %s",
+        outcome.steps,
+        outcome.train_runtime or 0,
+        _fmt(outcome.first_loss),
+        _fmt(outcome.last_loss),
+        adapter_dir,
+    )
     if outcome.interrupted:
-        log.warning("interrupted at step %d. Continue with: python train.py --output-dir %s --resume",
-                    outcome.steps, run_dir)
+        log.warning(
+            "interrupted at step %d. Continue with: python train.py --output-dir %s --resume", outcome.steps, run_dir
+        )
         sys.exit(130)
     if not trainer.is_world_process_zero():
         return run_dir  # merge, export and evaluation happen once, on the main process
 
     if export_args.merge or gguf_types:
-        merged = backend.merge(model, tokenizer, base_model, adapter_dir, run_dir / "merged",
-                               training_args.trust_remote_code)
+        merged = backend.merge(
+            model, tokenizer, base_model, adapter_dir, run_dir / "merged", training_args.trust_remote_code
+        )
         del model, trainer
         backend.free()
         log.info("merged model in %s", merged)
         if gguf_types:
-            export.export(run_dir, merged, gguf_types, prompt_set.system, tokenizer, verify=export_args.verify,
-                          llama_cpp_dir=export_args.llama_cpp_dir, question=_sample_question(train_rows))
+            export.export(
+                run_dir,
+                merged,
+                gguf_types,
+                prompt_set.system,
+                tokenizer,
+                verify=export_args.verify,
+                llama_cpp_dir=export_args.llama_cpp_dir,
+                question=_sample_question(train_rows),
+            )
     if script_args.eval_samples > 0:
         from titletune import evaluate
 
         evaluate.evaluate_run(run_dir, samples=script_args.eval_samples, seed=training_args.seed)
-    log.info("done: %s  (try: python infer.py --run %s \"%s\")", run_dir, run_dir,
-             _sample_question(train_rows))
+    log.info('done: %s  (try: python infer.py --run %s "%s")', run_dir, run_dir, _sample_question(train_rows))
     return run_dir
 
 
@@ -183,8 +218,15 @@ def export_run(script_args, export_args, backend, gguf_types):
         hf.merge(None, tokenizer, base, adapter_dir, merged, bool(config.get("trust_remote_code")))
     prompt_set = prompts.load(run_dir / "prompts")
     if gguf_types:
-        export.export(run_dir, merged, gguf_types, prompt_set.system, tokenizer, verify=export_args.verify,
-                      llama_cpp_dir=export_args.llama_cpp_dir)
+        export.export(
+            run_dir,
+            merged,
+            gguf_types,
+            prompt_set.system,
+            tokenizer,
+            verify=export_args.verify,
+            llama_cpp_dir=export_args.llama_cpp_dir,
+        )
     return run_dir
 
 

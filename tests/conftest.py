@@ -16,9 +16,24 @@ SAMPLE = ROOT / "data" / "sample_trn.json"
 # A schedule that is tiny but real: 12 steps of batch 4 at a high learning rate visibly lower the loss of the
 # 135M model in about a minute on 2 cores. Short answers keep every step cheap.
 TINY = [
-    "--max-samples", "40", "--max-steps", "12", "--per-device-train-batch-size", "4", "--learning-rate", "1e-3",
-    "--max-length", "128", "--max-content-chars", "240", "--logging-steps", "2", "--save-steps", "6",
-    "--warmup-steps", "0",
+    "--max-samples",
+    "40",
+    "--max-steps",
+    "12",
+    "--per-device-train-batch-size",
+    "4",
+    "--learning-rate",
+    "1e-3",
+    "--max-length",
+    "128",
+    "--max-content-chars",
+    "240",
+    "--logging-steps",
+    "2",
+    "--save-steps",
+    "6",
+    "--warmup-steps",
+    "0",
 ]
 
 
@@ -29,8 +44,10 @@ def run_cli(*args: str, timeout: int = 900, check: bool = True, **kwargs) -> sub
         [sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env, **kwargs
     )
     if check and result.returncode != 0:
-        raise AssertionError(f"{args[0]} exited {result.returncode}\n--- stdout\n{result.stdout[-3000:]}\n"
-                             f"--- stderr\n{result.stderr[-6000:]}")
+        raise AssertionError(
+            f"{args[0]} exited {result.returncode}\n--- stdout\n{result.stdout[-3000:]}\n"
+            f"--- stderr\n{result.stderr[-6000:]}"
+        )
     return result
 
 
@@ -38,8 +55,18 @@ def run_cli(*args: str, timeout: int = 900, check: bool = True, **kwargs) -> sub
 def trained_run(tmp_path_factory) -> Path:
     """A complete run folder: data, adapter, merged model, GGUF (f16 + q4_k_m), Modelfile and evaluation report."""
     run_dir = tmp_path_factory.mktemp("runs") / "run1"
-    run_cli("train.py", "--data", str(SAMPLE), "--output-dir", str(run_dir), *TINY, "--gguf", "q4_k_m",
-            "--eval-samples", "2")
+    run_cli(
+        "train.py",
+        "--data",
+        str(SAMPLE),
+        "--output-dir",
+        str(run_dir),
+        *TINY,
+        "--gguf",
+        "q4_k_m",
+        "--eval-samples",
+        "2",
+    )
     return run_dir
 
 

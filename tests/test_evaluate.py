@@ -10,8 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from test_infer import INFER, ROOT, TEST, TRAIN, build_run, gguf_run  # noqa: F401 (fixture)
+
 from titletune import evaluate
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -79,10 +79,12 @@ def test_sampling_is_deterministic_and_questions_match_training(run_dir):
 
 def test_data_file_split_by_title_into_seen_and_heldout(run_dir, tmp_path):
     # trn format: uid/title/content, HTML entities and case differences as in the real file.
-    rows = [{"uid": "x1", "title": TRAIN[0][1].upper(), "content": TRAIN[0][2]},
-            {"uid": "x2", "title": "Garden Hose 50 ft &amp; Nozzle", "content": "A kink-free hose with a nozzle."},
-            {"uid": "x3", "title": TRAIN[1][1], "content": TRAIN[1][2]},
-            {"uid": "x4", "title": "", "content": "no title: dropped"}]
+    rows = [
+        {"uid": "x1", "title": TRAIN[0][1].upper(), "content": TRAIN[0][2]},
+        {"uid": "x2", "title": "Garden Hose 50 ft &amp; Nozzle", "content": "A kink-free hose with a nozzle."},
+        {"uid": "x3", "title": TRAIN[1][1], "content": TRAIN[1][2]},
+        {"uid": "x4", "title": "", "content": "no title: dropped"},
+    ]
     path = tmp_path / "trn.json"
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     train = evaluate.read_jsonl(run_dir / "data/train.jsonl")
@@ -107,7 +109,11 @@ def test_infer_evaluate_cli(run_dir, tmp_path):
     shutil.copytree(run_dir, run, ignore=shutil.ignore_patterns("report.*"))
     proc = subprocess.run(
         [sys.executable, str(INFER), "--evaluate", "--run", str(run), "--samples", "1", "--max-new-tokens", "8"],
-        capture_output=True, text=True, timeout=600, cwd=ROOT, env={**__import__("os").environ, "TQDM_DISABLE": "1"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+        env={**__import__("os").environ, "TQDM_DISABLE": "1"},
     )
     assert proc.returncode == 0, proc.stderr
     assert "| retrieval |" in proc.stdout

@@ -11,7 +11,6 @@ import os
 
 import pytest
 import torch
-
 from conftest import SAMPLE, run_cli
 
 pytestmark = [
@@ -19,14 +18,33 @@ pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU with CUDA"),
 ]
 MODEL = os.environ.get("TITLETUNE_GPU_MODEL", "unsloth/Llama-3.2-1B-Instruct-bnb-4bit")
-SHORT = ["--data", str(SAMPLE), "--max-samples", "64", "--max-steps", "20", "--learning-rate", "5e-4",
-         "--logging-steps", "5", "--save-steps", "20", "--eval-samples", "4", "--gguf", "q4_k_m",
-         "--model-name-or-path", MODEL, "--load-in-4bit"]
+SHORT = [
+    "--data",
+    str(SAMPLE),
+    "--max-samples",
+    "64",
+    "--max-steps",
+    "20",
+    "--learning-rate",
+    "5e-4",
+    "--logging-steps",
+    "5",
+    "--save-steps",
+    "20",
+    "--eval-samples",
+    "4",
+    "--gguf",
+    "q4_k_m",
+    "--model-name-or-path",
+    MODEL,
+    "--load-in-4bit",
+]
 
 
 def _check(run_dir):
-    losses = [json.loads(line)["loss"] for line in (run_dir / "train_log.jsonl").read_text().splitlines()
-              if '"loss"' in line]
+    losses = [
+        json.loads(line)["loss"] for line in (run_dir / "train_log.jsonl").read_text().splitlines() if '"loss"' in line
+    ]
     assert losses[-1] < losses[0]
     assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
     assert (run_dir / "merged" / "config.json").is_file()

@@ -19,17 +19,53 @@ INFER = ROOT / "infer.py"
 
 # Invented products, written for these tests.
 TRAIN = [
-    ("t1", "Girls Ballet Tutu Zebra Stripes", "A layered tulle tutu for girls aged 2 to 6, with black and white zebra stripes and a soft elastic waist."),
-    ("t2", "Stainless Steel Garlic Press Pro", "Crushes unpeeled cloves in one squeeze. Dishwasher safe, with a built-in cleaner that pushes out the skins."),
-    ("t3", "Hiking Socks Merino Wool 3 Pack", "Cushioned merino wool socks that keep feet dry on long trails. Three pairs, sizes 8 to 12."),
-    ("t4", "Bamboo Cutting Board Large", "A large bamboo board with a juice groove, gentle on knives and easy to clean by hand."),
-    ("t5", "LED Desk Lamp With USB Port", "A dimmable desk lamp with five brightness levels, a flexible neck and a USB port to charge a phone."),
-    ("t6", "Kids Watercolor Paint Set 24 Colors", "Twenty-four washable watercolor cakes with two brushes, made for young artists and easy cleanup."),
+    (
+        "t1",
+        "Girls Ballet Tutu Zebra Stripes",
+        "A layered tulle tutu for girls aged 2 to 6, with black and white zebra stripes and a soft elastic waist.",
+    ),
+    (
+        "t2",
+        "Stainless Steel Garlic Press Pro",
+        "Crushes unpeeled cloves in one squeeze. Dishwasher safe, with a built-in cleaner that pushes out the skins.",
+    ),
+    (
+        "t3",
+        "Hiking Socks Merino Wool 3 Pack",
+        "Cushioned merino wool socks that keep feet dry on long trails. Three pairs, sizes 8 to 12.",
+    ),
+    (
+        "t4",
+        "Bamboo Cutting Board Large",
+        "A large bamboo board with a juice groove, gentle on knives and easy to clean by hand.",
+    ),
+    (
+        "t5",
+        "LED Desk Lamp With USB Port",
+        "A dimmable desk lamp with five brightness levels, a flexible neck and a USB port to charge a phone.",
+    ),
+    (
+        "t6",
+        "Kids Watercolor Paint Set 24 Colors",
+        "Twenty-four washable watercolor cakes with two brushes, made for young artists and easy cleanup.",
+    ),
 ]
 TEST = [
-    ("h1", "Silicone Baking Mat Set of Two", "Two non-stick silicone mats that fit half sheet pans; no parchment paper needed and reusable for years."),
-    ("h2", "Wireless Computer Mouse Silent Click", "A quiet wireless mouse with a USB receiver, three DPI levels and an 18-month battery life."),
-    ("h3", "Ceramic Coffee Mug With Lid", "A 12 ounce ceramic mug with a bamboo lid that keeps coffee warm on the desk."),
+    (
+        "h1",
+        "Silicone Baking Mat Set of Two",
+        "Two non-stick silicone mats that fit half sheet pans; no parchment paper needed and reusable for years.",
+    ),
+    (
+        "h2",
+        "Wireless Computer Mouse Silent Click",
+        "A quiet wireless mouse with a USB receiver, three DPI levels and an 18-month battery life.",
+    ),
+    (
+        "h3",
+        "Ceramic Coffee Mug With Lid",
+        "A 12 ounce ceramic mug with a bamboo lid that keeps coffee warm on the desk.",
+    ),
 ]
 
 
@@ -48,9 +84,15 @@ def build_run(root: Path) -> Path:
     base = str(models.embedded_hf_dir())
     seed = 42
     cfg = {
-        "base_model": base, "backend": "hf", "seed": seed, "trust_remote_code": False, "max_length": 256,
-        "model": {"model_name_or_path": "embedded"}, "data": {"title_field": "title", "content_field": "content"},
-        "export": {}, "training": {},
+        "base_model": base,
+        "backend": "hf",
+        "seed": seed,
+        "trust_remote_code": False,
+        "max_length": 256,
+        "model": {"model_name_or_path": "embedded"},
+        "data": {"title_field": "title", "content_field": "content"},
+        "export": {},
+        "training": {},
     }
     (run / "run_config.yaml").write_text(yaml.safe_dump(cfg), encoding="utf-8")
     ps = prompts.load(run / "prompts")
@@ -93,8 +135,9 @@ def gguf_run(run_dir, tmp_path_factory) -> Path:
 
 def infer(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     env = {**os.environ, "COLUMNS": "120", "TQDM_DISABLE": "1"}
-    return subprocess.run([sys.executable, str(INFER), *args], capture_output=True, text=True, timeout=timeout,
-                          cwd=ROOT, env=env)
+    return subprocess.run(
+        [sys.executable, str(INFER), *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env
+    )
 
 
 def test_side_by_side_prints_both_answers(run_dir):
@@ -105,8 +148,9 @@ def test_side_by_side_prints_both_answers(run_dir):
 
 
 def test_json_base_differs_from_tuned(run_dir):
-    proc = infer("Tell me about Hiking Socks Merino Wool 3 Pack.", "--run", str(run_dir), "--max-new-tokens", "12",
-                 "--json")
+    proc = infer(
+        "Tell me about Hiking Socks Merino Wool 3 Pack.", "--run", str(run_dir), "--max-new-tokens", "12", "--json"
+    )
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     assert out["run"] == str(run_dir) and out["engine"] == "transformers"
@@ -114,8 +158,16 @@ def test_json_base_differs_from_tuned(run_dir):
 
 
 def test_only_tuned(run_dir):
-    proc = infer("What is 'Bamboo Cutting Board Large'?", "--run", str(run_dir), "--only", "tuned",
-                 "--max-new-tokens", "8", "--json")
+    proc = infer(
+        "What is 'Bamboo Cutting Board Large'?",
+        "--run",
+        str(run_dir),
+        "--only",
+        "tuned",
+        "--max-new-tokens",
+        "8",
+        "--json",
+    )
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     assert out["tuned"] and out["base"] is None
@@ -124,8 +176,18 @@ def test_only_tuned(run_dir):
 def test_llamacpp_base_answers_from_embedded_gguf(run_dir):
     from titletune import models
 
-    proc = infer("What is 'LED Desk Lamp With USB Port'?", "--run", str(run_dir), "--engine", "llamacpp",
-                 "--only", "base", "--max-new-tokens", "12", "--json")
+    proc = infer(
+        "What is 'LED Desk Lamp With USB Port'?",
+        "--run",
+        str(run_dir),
+        "--engine",
+        "llamacpp",
+        "--only",
+        "base",
+        "--max-new-tokens",
+        "12",
+        "--json",
+    )
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     assert out["base"] and out["engine"] == "llamacpp" and out["base_gguf"] == str(models.embedded_gguf())
@@ -134,8 +196,16 @@ def test_llamacpp_base_answers_from_embedded_gguf(run_dir):
 def test_llamacpp_uses_the_runs_gguf(gguf_run):
     from titletune import models
 
-    proc = infer("What is 'LED Desk Lamp With USB Port'?", "--run", str(gguf_run), "--engine", "llamacpp",
-                 "--max-new-tokens", "12", "--json")
+    proc = infer(
+        "What is 'LED Desk Lamp With USB Port'?",
+        "--run",
+        str(gguf_run),
+        "--engine",
+        "llamacpp",
+        "--max-new-tokens",
+        "12",
+        "--json",
+    )
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     assert out["gguf"] == str(gguf_run / "model.q4_k_m.gguf") and out["base_gguf"] == str(models.embedded_gguf())
@@ -144,10 +214,25 @@ def test_llamacpp_uses_the_runs_gguf(gguf_run):
 
 def test_interactive_answers_each_line_and_exits_cleanly_on_eof(run_dir):
     proc = subprocess.run(
-        [sys.executable, str(INFER), "--interactive", "--run", str(run_dir), "--engine", "llamacpp", "--only", "base",
-         "--max-new-tokens", "8", "--json"],
+        [
+            sys.executable,
+            str(INFER),
+            "--interactive",
+            "--run",
+            str(run_dir),
+            "--engine",
+            "llamacpp",
+            "--only",
+            "base",
+            "--max-new-tokens",
+            "8",
+            "--json",
+        ],
         input="What is 'Bamboo Cutting Board Large'?\n\nTell me about Hiking Socks.\n",
-        capture_output=True, text=True, timeout=120, cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
     )
     assert proc.returncode == 0, proc.stderr
     answers = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
@@ -170,9 +255,28 @@ def test_render_columns_or_stacked():
 def test_help_documents_every_flag():
     proc = infer("--help")
     assert proc.returncode == 0
-    for flag in ("--run", "--engine", "--gguf", "--base-gguf", "--use-merged", "--only", "--max-new-tokens",
-                 "--temperature", "--top-p", "--top-k", "--repetition-penalty", "--num-beams", "--interactive",
-                 "--json", "--evaluate", "--data", "--samples", "--serve", "--host", "--port"):
+    for flag in (
+        "--run",
+        "--engine",
+        "--gguf",
+        "--base-gguf",
+        "--use-merged",
+        "--only",
+        "--max-new-tokens",
+        "--temperature",
+        "--top-p",
+        "--top-k",
+        "--repetition-penalty",
+        "--num-beams",
+        "--interactive",
+        "--json",
+        "--evaluate",
+        "--data",
+        "--samples",
+        "--serve",
+        "--host",
+        "--port",
+    ):
         assert flag in proc.stdout
 
 
@@ -210,9 +314,21 @@ def test_serve_answers_openai_chat_request():
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     server = subprocess.Popen(
-        [sys.executable, str(INFER), "--serve", "--gguf", str(models.embedded_gguf()), "--host", "127.0.0.1",
-         "--port", str(port)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+        [
+            sys.executable,
+            str(INFER),
+            "--serve",
+            "--gguf",
+            str(models.embedded_gguf()),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=ROOT,
     )
     try:
         deadline = time.monotonic() + 60
@@ -226,11 +342,16 @@ def test_serve_answers_openai_chat_request():
                 pass
             assert time.monotonic() < deadline, "server did not answer within 60 s"
             time.sleep(0.5)
-        body = json.dumps({
-            "messages": [{"role": "user", "content": "What is a garlic press?"}], "max_tokens": 16, "temperature": 0,
-        }).encode()
-        req = urllib.request.Request(f"{url}/v1/chat/completions", data=body,
-                                     headers={"Content-Type": "application/json"})
+        body = json.dumps(
+            {
+                "messages": [{"role": "user", "content": "What is a garlic press?"}],
+                "max_tokens": 16,
+                "temperature": 0,
+            }
+        ).encode()
+        req = urllib.request.Request(
+            f"{url}/v1/chat/completions", data=body, headers={"Content-Type": "application/json"}
+        )
         with urllib.request.urlopen(req, timeout=60) as r:
             answer = json.load(r)["choices"][0]["message"]["content"]
         assert answer.strip()

@@ -44,17 +44,21 @@ from pathlib import Path
 import orjson
 import pytest
 import yaml
-
 from conftest import ROOT, SAMPLE, run_cli
 
 GOOD = [
-    {"uid": f"G{i}", "title": f"Garden Hose Reel Model {i}",
-     "content": f"A wall-mounted hose reel, model {i}, that holds 100 feet of hose."}
+    {
+        "uid": f"G{i}",
+        "title": f"Garden Hose Reel Model {i}",
+        "content": f"A wall-mounted hose reel, model {i}, that holds 100 feet of hose.",
+    }
     for i in range(12)
 ]
 LONG = " ".join(f"Sentence number {i} describes one more feature of the workshop manual." for i in range(2900))
-HTML = ("<div class='desc'><h2>Features</h2><ul><li><b>Waterproof</b> to 30&nbsp;m</li><li>Strap &amp; case</li>"
-        "</ul><p>Battery lasts 2 years.<br>Gift box.</p></div>")
+HTML = (
+    "<div class='desc'><h2>Features</h2><ul><li><b>Waterproof</b> to 30&nbsp;m</li><li>Strap &amp; case</li>"
+    "</ul><p>Battery lasts 2 years.<br>Gift box.</p></div>"
+)
 
 
 def lines(rows: list) -> bytes:
@@ -62,8 +66,17 @@ def lines(rows: list) -> bytes:
 
 
 def prepare(tmp_path: Path, data: Path | str, *extra: str):
-    return run_cli("train.py", "--prepare-only", "--data", str(data), "--output-dir", str(tmp_path / "run"), *extra,
-                   timeout=300, check=False)
+    return run_cli(
+        "train.py",
+        "--prepare-only",
+        "--data",
+        str(data),
+        "--output-dir",
+        str(tmp_path / "run"),
+        *extra,
+        timeout=300,
+        check=False,
+    )
 
 
 def assert_user_error(result, pattern: str) -> str:
@@ -87,8 +100,12 @@ def assert_ok(result, tmp_path: Path) -> tuple[dict, str]:
 
 def split_rows(tmp_path: Path) -> list[dict]:
     folder = tmp_path / "run" / "data"
-    return [orjson.loads(line) for s in ("train", "val", "test") for line in (folder / f"{s}.jsonl").read_bytes()
-            .splitlines() if line.strip()]
+    return [
+        orjson.loads(line)
+        for s in ("train", "val", "test")
+        for line in (folder / f"{s}.jsonl").read_bytes().splitlines()
+        if line.strip()
+    ]
 
 
 # ------------------------------------------------------------------------------------- data: skipped and counted
@@ -99,20 +116,29 @@ def mixed(tmp_path_factory):
     """One --prepare-only run over a file that holds every skippable problem at once, as a real dump does."""
     tmp_path = tmp_path_factory.mktemp("mixed")
     bad_utf8 = b'{"uid": "B1", "title": "Caf\xe9 Espresso Cups", "content": "Four cups \xff\xfe in white porcelain."}'
-    rows = GOOD[:6] + [
-        b'{"uid": "X", "title": "Broken',  # malformed JSON, mid-file
-        {"uid": "N1", "content": "No title field here at all."},
-        {"uid": "N2", "title": "No content field"},
-        bad_utf8,
-        {"uid": "L", "title": "Huge Workshop Manual", "content": LONG},
-        {"uid": "H", "title": "Dive Watch &amp; Strap", "content": HTML},
-    ] + GOOD[6:] + GOOD[:4]  # the last four are duplicates
+    rows = (
+        GOOD[:6]
+        + [
+            b'{"uid": "X", "title": "Broken',  # malformed JSON, mid-file
+            {"uid": "N1", "content": "No title field here at all."},
+            {"uid": "N2", "title": "No content field"},
+            bad_utf8,
+            {"uid": "L", "title": "Huge Workshop Manual", "content": LONG},
+            {"uid": "H", "title": "Dive Watch &amp; Strap", "content": HTML},
+        ]
+        + GOOD[6:]
+        + GOOD[:4]
+    )  # the last four are duplicates
     path = tmp_path / "trn.json"
     path.write_bytes(lines(rows))
     result = prepare(tmp_path, path)
     stats, summary = assert_ok(result, tmp_path)
-    return {"stats": stats, "summary": summary, "rows": {row["id"]: row for row in split_rows(tmp_path)},
-            "eda": (tmp_path / "run" / "data" / "eda.md").read_text(encoding="utf-8")}
+    return {
+        "stats": stats,
+        "summary": summary,
+        "rows": {row["id"]: row for row in split_rows(tmp_path)},
+        "eda": (tmp_path / "run" / "data" / "eda.md").read_text(encoding="utf-8"),
+    }
 
 
 def test_mixed_corpus_keeps_every_good_row(mixed):
@@ -165,9 +191,11 @@ def test_every_row_filtered_out_names_the_filters(tmp_path):
     rows += [{"uid": f"S{i}", "title": f"Short {i}", "content": "tiny"} for i in range(3)]
     path = tmp_path / "trn.json"
     path.write_bytes(lines(rows))
-    assert_user_error(prepare(tmp_path, path),
-                      r"all 9 rows of .* were dropped: 6 empty content, 3 short content\. Fix: lower "
-                      r"--min_content_chars \(now 20\)")
+    assert_user_error(
+        prepare(tmp_path, path),
+        r"all 9 rows of .* were dropped: 6 empty content, 3 short content\. Fix: lower "
+        r"--min_content_chars \(now 20\)",
+    )
     assert not (tmp_path / "run").exists(), "a run whose data failed is removed, so it never looks like a run"
 
 
@@ -187,15 +215,19 @@ def test_nonexistent_path(tmp_path):
 def test_directory_instead_of_file(tmp_path):
     (tmp_path / "dataset").mkdir()
     (tmp_path / "dataset" / "trn.json").write_bytes(lines(GOOD))
-    assert_user_error(prepare(tmp_path, tmp_path / "dataset"),
-                      r"is a directory, not a file\. It holds trn\.json\. Pass the file itself")
+    assert_user_error(
+        prepare(tmp_path, tmp_path / "dataset"),
+        r"is a directory, not a file\. It holds trn\.json\. Pass the file itself",
+    )
     assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("value", ["0", "-3"])
 def test_max_samples_zero_or_negative(tmp_path, value):
-    assert_user_error(prepare(tmp_path, SAMPLE, "--max-samples", value),
-                      rf"--max_samples must be a positive number or 'all', got {value}\. Use --max_samples all")
+    assert_user_error(
+        prepare(tmp_path, SAMPLE, "--max-samples", value),
+        rf"--max_samples must be a positive number or 'all', got {value}\. Use --max_samples all",
+    )
     assert not (tmp_path / "run").exists()
 
 
@@ -206,26 +238,63 @@ def test_unknown_hub_model_without_network(tmp_path, monkeypatch):
     # Offline mode makes "no network" fast and certain; the dead endpoint catches any request that slips through.
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
-    result = run_cli("train.py", "--data", str(SAMPLE), "--max-samples", "8", "--output-dir", str(tmp_path / "run"),
-                     "--model-name-or-path", "some-org/does-not-exist-xyz", "--gguf", "none", "--no-merge",
-                     "--eval-samples", "0", timeout=300, check=False)
-    assert_user_error(result, r"could not load model 'some-org/does-not-exist-xyz' \(OSError: .*\)\. If this machine "
-                              r"has no access to the model hub, pass --model_name_or_path with a local model folder")
+    result = run_cli(
+        "train.py",
+        "--data",
+        str(SAMPLE),
+        "--max-samples",
+        "8",
+        "--output-dir",
+        str(tmp_path / "run"),
+        "--model-name-or-path",
+        "some-org/does-not-exist-xyz",
+        "--gguf",
+        "none",
+        "--no-merge",
+        "--eval-samples",
+        "0",
+        timeout=300,
+        check=False,
+    )
+    assert_user_error(
+        result,
+        r"could not load model 'some-org/does-not-exist-xyz' \(OSError: .*\)\. If this machine "
+        r"has no access to the model hub, pass --model_name_or_path with a local model folder",
+    )
 
 
 def test_local_folder_without_config_json(tmp_path):
     folder = tmp_path / "my-model"
     folder.mkdir()
     (folder / "notes.txt").write_text("not a model")
-    result = run_cli("train.py", "--prepare-only", "--model-name-or-path", str(folder),
-                     "--output-dir", str(tmp_path / "run"), timeout=300, check=False)
-    assert_user_error(result, r"has no config\.json, so it is not a transformers model folder\. Pass a folder written "
-                              r"by save_pretrained, a hub id, or leave --model_name_or_path out")
+    result = run_cli(
+        "train.py",
+        "--prepare-only",
+        "--model-name-or-path",
+        str(folder),
+        "--output-dir",
+        str(tmp_path / "run"),
+        timeout=300,
+        check=False,
+    )
+    assert_user_error(
+        result,
+        r"has no config\.json, so it is not a transformers model folder\. Pass a folder written "
+        r"by save_pretrained, a hub id, or leave --model_name_or_path out",
+    )
 
 
 def test_unknown_gguf_type(tmp_path):
-    result = run_cli("train.py", "--prepare-only", "--gguf", "q3_zz", "--output-dir", str(tmp_path / "run"),
-                     timeout=300, check=False)
+    result = run_cli(
+        "train.py",
+        "--prepare-only",
+        "--gguf",
+        "q3_zz",
+        "--output-dir",
+        str(tmp_path / "run"),
+        timeout=300,
+        check=False,
+    )
     assert_user_error(result, r"--gguf 'q3_zz': unknown GGUF type q3_zz\. Valid types: f16, .*q4_k_m")
     assert not (tmp_path / "run").exists()
 
@@ -240,8 +309,14 @@ def fake_run(root: Path) -> Path:
     run = root / "run"
     run.mkdir()
     shutil.copytree(ROOT / "prompts" / "qa", run / "prompts")
-    config = {"base_model": "embedded", "backend": "hf", "seed": 42, "trust_remote_code": False, "max_length": 128,
-              "model": {"model_name_or_path": "embedded"}}
+    config = {
+        "base_model": "embedded",
+        "backend": "hf",
+        "seed": 42,
+        "trust_remote_code": False,
+        "max_length": 128,
+        "model": {"model_name_or_path": "embedded"},
+    }
     (run / "run_config.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
     return run
 
@@ -259,6 +334,18 @@ def test_infer_run_without_adapter(tmp_path):
 
 def test_infer_llamacpp_missing_gguf(tmp_path):
     run = fake_run(tmp_path)
-    result = run_cli("infer.py", "What is it?", "--run", str(run), "--engine", "llamacpp", "--only", "tuned",
-                     "--gguf", str(tmp_path / "missing.gguf"), timeout=300, check=False)
+    result = run_cli(
+        "infer.py",
+        "What is it?",
+        "--run",
+        str(run),
+        "--engine",
+        "llamacpp",
+        "--only",
+        "tuned",
+        "--gguf",
+        str(tmp_path / "missing.gguf"),
+        timeout=300,
+        check=False,
+    )
     assert_user_error(result, r"GGUF file .*missing\.gguf does not exist; check the path .*leave --gguf out")

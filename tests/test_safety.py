@@ -25,7 +25,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import ROOT, SAMPLE, run_cli
 
 PRODUCT = sorted([*(ROOT / "titletune").rglob("*.py"), ROOT / "train.py", ROOT / "infer.py"])
@@ -71,17 +70,31 @@ def test_the_scan_sees_the_code():
 
 
 def test_trust_remote_code_is_never_a_literal_true():
-    bad = [where for where, call in calls(PRODUCT)
-           if (value := keyword(call, "trust_remote_code")) is not None and isinstance(value, ast.Constant)
-           and value.value is not False]
+    bad = [
+        where
+        for where, call in calls(PRODUCT)
+        if (value := keyword(call, "trust_remote_code")) is not None
+        and isinstance(value, ast.Constant)
+        and value.value is not False
+    ]
     assert not bad, f"trust_remote_code must come from the run's config (--trust-remote-code), not a literal: {bad}"
 
 
 @pytest.mark.parametrize("flag, expected", [([], False), (["--trust-remote-code"], True)])
 def test_trust_remote_code_is_off_unless_asked(tmp_path, flag, expected):
     run = tmp_path / "run"
-    run_cli("train.py", "--prepare-only", "--data", str(SAMPLE), "--max-samples", "8", "--output-dir", str(run),
-            *flag, timeout=300)
+    run_cli(
+        "train.py",
+        "--prepare-only",
+        "--data",
+        str(SAMPLE),
+        "--max-samples",
+        "8",
+        "--output-dir",
+        str(run),
+        *flag,
+        timeout=300,
+    )
     config = yaml.safe_load((run / "run_config.yaml").read_text(encoding="utf-8"))
     assert config["trust_remote_code"] is expected and config["training"]["trust_remote_code"] is expected
     assert config["model"].get("trust_remote_code", expected) is expected
@@ -97,20 +110,30 @@ def test_model_weights_load_as_safetensors():
     safetensors) and falls back only to torch.load(weights_only=True); unsloth's loader (CUDA only, 4-bit
     safetensors checkpoints)."""
     loads = [(where, call) for where, call in calls(PRODUCT) if name(call.func).endswith(".from_pretrained")]
-    models = [(where, call) for where, call in loads
-              if name(call.func).split(".")[-2].startswith("AutoModel") or "ForCausalLM" in name(call.func)]
+    models = [
+        (where, call)
+        for where, call in loads
+        if name(call.func).split(".")[-2].startswith("AutoModel") or "ForCausalLM" in name(call.func)
+    ]
     assert len(models) >= 3
-    bad = [where for where, call in models
-           if not is_const(keyword(call, "use_safetensors"), True) and keyword(call, "gguf_file") is None]
+    bad = [
+        where
+        for where, call in models
+        if not is_const(keyword(call, "use_safetensors"), True) and keyword(call, "gguf_file") is None
+    ]
     assert not bad, f"from_pretrained of model weights without use_safetensors=True: {bad}"
     others = {name(call.func).split(".")[-2] for _, call in loads} - {name(c.func).split(".")[-2] for _, c in models}
     assert others <= {"AutoTokenizer", "PeftModel", "FastLanguageModel"}, others
 
 
 def test_models_save_as_safetensors():
-    bad = [where for where, call in calls(PRODUCT)
-           if name(call.func).endswith((".save_pretrained", ".save_pretrained_merged"))
-           and (value := keyword(call, "safe_serialization")) is not None and not is_const(value, True)]
+    bad = [
+        where
+        for where, call in calls(PRODUCT)
+        if name(call.func).endswith((".save_pretrained", ".save_pretrained_merged"))
+        and (value := keyword(call, "safe_serialization")) is not None
+        and not is_const(value, True)
+    ]
     assert not bad, f"save_pretrained with safe_serialization other than True: {bad}"
 
 
@@ -129,8 +152,11 @@ def test_libraries_save_safetensors_by_default():
 
 def test_trained_run_holds_no_pickled_weights(trained_run):
     files = [p for p in trained_run.rglob("*") if p.is_file()]
-    outside = [p for p in files if p.suffix in PICKLED and not any(part.startswith("checkpoint-")
-                                                                    for part in p.relative_to(trained_run).parts)]
+    outside = [
+        p
+        for p in files
+        if p.suffix in PICKLED and not any(part.startswith("checkpoint-") for part in p.relative_to(trained_run).parts)
+    ]
     assert not outside, outside
     inside = {p.name for p in files if p.suffix in PICKLED} - TRAINER_STATE
     assert not inside, f"pickled files in checkpoints other than the Trainer's own state: {inside}"
@@ -147,8 +173,11 @@ def test_no_pickle_loading():
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             if isinstance(node, (ast.Import, ast.ImportFrom)):
                 modules = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
-                bad += [f"{path.name}:{node.lineno} import {m}" for m in modules
-                        if m.split(".")[0] in {"pickle", "cPickle", "dill", "joblib", "cloudpickle", "shelve"}]
+                bad += [
+                    f"{path.name}:{node.lineno} import {m}"
+                    for m in modules
+                    if m.split(".")[0] in {"pickle", "cPickle", "dill", "joblib", "cloudpickle", "shelve"}
+                ]
     for where, call in calls():
         target = name(call.func)
         if target.endswith("torch.load") and not is_const(keyword(call, "weights_only"), True):
@@ -175,7 +204,7 @@ def test_subprocesses_take_argument_lists():
 
 # ---------------------------------------------------------------------------------------------------- network
 
-GUARD = '''
+GUARD = """
 import os, socket
 
 LOG = os.environ["NETGUARD_LOG"]
@@ -210,7 +239,7 @@ def getaddrinfo(host, *args, **kwargs):
 
 
 socket.socket.connect, socket.socket.connect_ex, socket.getaddrinfo = connect, connect_ex, getaddrinfo
-'''
+"""
 
 
 def test_nothing_phones_home(tmp_path, monkeypatch):
@@ -221,19 +250,53 @@ def test_nothing_phones_home(tmp_path, monkeypatch):
     guard.mkdir()
     (guard / "sitecustomize.py").write_text(GUARD, encoding="utf-8")
     log = tmp_path / "network.log"
-    for var in ("CI", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE", "HF_HUB_DISABLE_TELEMETRY",
-                "HF_UPDATE_DOWNLOAD_COUNTS"):
+    for var in (
+        "CI",
+        "HF_HUB_OFFLINE",
+        "TRANSFORMERS_OFFLINE",
+        "HF_DATASETS_OFFLINE",
+        "HF_HUB_DISABLE_TELEMETRY",
+        "HF_UPDATE_DOWNLOAD_COUNTS",
+    ):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (str(guard), os.environ.get("PYTHONPATH")) if p))
     monkeypatch.setenv("NETGUARD_LOG", str(log))
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # a second wall: nothing listens there
     run = tmp_path / "run"
-    run_cli("train.py", "--data", str(SAMPLE), "--output-dir", str(run), "--max-samples", "8", "--max-steps", "1",
-            "--per-device-train-batch-size", "2", "--max-length", "64", "--max-content-chars", "100",
-            "--gguf", "none", "--no-merge", "--eval-samples", "0", timeout=600)
+    run_cli(
+        "train.py",
+        "--data",
+        str(SAMPLE),
+        "--output-dir",
+        str(run),
+        "--max-samples",
+        "8",
+        "--max-steps",
+        "1",
+        "--per-device-train-batch-size",
+        "2",
+        "--max-length",
+        "64",
+        "--max-content-chars",
+        "100",
+        "--gguf",
+        "none",
+        "--no-merge",
+        "--eval-samples",
+        "0",
+        timeout=600,
+    )
     assert Path(f"{log}.loaded").is_file(), "the socket guard did not load"
     assert not log.exists(), log.read_text()
-    out = run_cli("infer.py", "What is 'Girls Ballet Tutu Neon Pink'?", "--run", str(run), "--max-new-tokens", "4",
-                  "--json", timeout=600).stdout
+    out = run_cli(
+        "infer.py",
+        "What is 'Girls Ballet Tutu Neon Pink'?",
+        "--run",
+        str(run),
+        "--max-new-tokens",
+        "4",
+        "--json",
+        timeout=600,
+    ).stdout
     assert '"tuned"' in out and '"base"' in out
     assert not log.exists(), log.read_text()

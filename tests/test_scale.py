@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import ROOT, SAMPLE, run_cli
 from safetensors.torch import load_file
 
-from conftest import ROOT, SAMPLE, run_cli
 from titletune import backends, data, prompts, runs
 from titletune.config import DataArguments
 from titletune.errors import UserError
@@ -37,18 +37,58 @@ def launch_env() -> dict[str, str]:
 def test_two_processes_train_one_run(tmp_path):
     """accelerate launch with the DDP preset, two CPU processes (no GPU: accelerate falls back to gloo)."""
     run_dir = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(DDP), "--num_processes", "2",
-           "train.py", "--data", str(SAMPLE), "--output-dir", str(run_dir), "--max-samples", "24", "--max-steps", "4",
-           "--per-device-train-batch-size", "2", "--learning-rate", "1e-3", "--max-length", "128",
-           "--max-content-chars", "240", "--logging-steps", "1", "--save-steps", "2", "--warmup-steps", "0",
-           "--gguf", "none", "--eval-samples", "0"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(DDP),
+        "--num_processes",
+        "2",
+        "train.py",
+        "--data",
+        str(SAMPLE),
+        "--output-dir",
+        str(run_dir),
+        "--max-samples",
+        "24",
+        "--max-steps",
+        "4",
+        "--per-device-train-batch-size",
+        "2",
+        "--learning-rate",
+        "1e-3",
+        "--max-length",
+        "128",
+        "--max-content-chars",
+        "240",
+        "--logging-steps",
+        "1",
+        "--save-steps",
+        "2",
+        "--warmup-steps",
+        "0",
+        "--gguf",
+        "none",
+        "--eval-samples",
+        "0",
+    ]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, env=launch_env())
     out = result.stdout + result.stderr
     assert result.returncode == 0, out[-6000:]
 
     # One complete run folder, and nothing else in it.
-    assert {p.name for p in run_dir.iterdir()} == {"run_config.yaml", "prompts", "data", "adapter", "merged",
-                                                    "train_log.jsonl", "loss.png", "checkpoint-2", "checkpoint-4"}
+    assert {p.name for p in run_dir.iterdir()} == {
+        "run_config.yaml",
+        "prompts",
+        "data",
+        "adapter",
+        "merged",
+        "train_log.jsonl",
+        "loss.png",
+        "checkpoint-2",
+        "checkpoint-4",
+    }
     adapter = load_file(run_dir / "adapter" / "adapter_model.safetensors")
     assert all(v.abs().max() > 0 for k, v in adapter.items() if "lora_B" in k)  # trained (lora_B starts at zero)
     assert (run_dir / "merged" / "model.safetensors").is_file()
@@ -64,8 +104,12 @@ def test_two_processes_train_one_run(tmp_path):
     assert state["epoch"] == pytest.approx(4 / math.ceil(n_train / 4))
 
     # Nothing done or written twice: one run folder, one data prep, one merge, one log record per step.
-    for line in ("titletune: run folder ", "titletune.data: data prep: ", "titletune: merged model in ",
-                 "titletune: done: "):
+    for line in (
+        "titletune: run folder ",
+        "titletune.data: data prep: ",
+        "titletune: merged model in ",
+        "titletune: done: ",
+    ):
         assert out.count(line) == 1, f"{line!r} logged {out.count(line)} times"
     records = [json.loads(x) for x in (run_dir / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
@@ -74,7 +118,8 @@ def test_two_processes_train_one_run(tmp_path):
 def test_auto_output_dir_is_rank_zeros_on_every_rank(tmp_path):
     """Each rank reads its own clock; rank 1 a second later. Both must still name the same run folder."""
     script = tmp_path / "ranks.py"
-    script.write_text(textwrap.dedent(f"""
+    script.write_text(
+        textwrap.dedent(f"""
         import sys, time
         import torch.distributed as dist
         sys.path.insert(0, {str(ROOT)!r})
@@ -83,7 +128,8 @@ def test_auto_output_dir_is_rank_zeros_on_every_rank(tmp_path):
         time.sleep(1.2 * dist.get_rank())  # more than a second apart: the timestamps differ
         print("RUN_DIR", dist.get_rank(), runs.resolve_dir("auto"), flush=True)
         dist.destroy_process_group()
-    """))
+    """)
+    )
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=launch_env())
     assert result.returncode == 0, result.stderr[-3000:]
@@ -150,8 +196,9 @@ def test_datasets_are_memory_mapped_and_hold_the_chat_columns_only(tmp_path):
     assert train_ds.column_names == ["prompt", "completion"]
     assert len(train_ds) == len(data.load_split(run_dir, "train"))
     assert train_ds[0]["prompt"] == data.load_split(run_dir, "train")[0]["prompt"]
-    assert train_ds.cache_files and all(f["filename"].startswith(str(run_dir / "data" / "cache"))
-                                         for f in train_ds.cache_files)
+    assert train_ds.cache_files and all(
+        f["filename"].startswith(str(run_dir / "data" / "cache")) for f in train_ds.cache_files
+    )
     (run_dir / "data" / "val.jsonl").write_bytes(b"")
     assert training.load_datasets(run_dir)[1] is None
 

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import ROOT, SAMPLE, TINY, run_cli
 from safetensors.torch import load_file
 
-from conftest import ROOT, SAMPLE, TINY, run_cli
 from titletune import models
 
 
@@ -28,14 +28,31 @@ def losses(run_dir: Path) -> dict[int, float]:
 
 def test_run_folder_has_exactly_the_promised_files(trained_run):
     top = {p.name for p in trained_run.iterdir()}
-    expected = {"run_config.yaml", "prompts", "data", "adapter", "merged", "train_log.jsonl", "loss.png",
-                "model.f16.gguf", "model.q4_k_m.gguf", "Modelfile", "export.json",
-                "report.json", "report.md", "report.png"}
+    expected = {
+        "run_config.yaml",
+        "prompts",
+        "data",
+        "adapter",
+        "merged",
+        "train_log.jsonl",
+        "loss.png",
+        "model.f16.gguf",
+        "model.q4_k_m.gguf",
+        "Modelfile",
+        "export.json",
+        "report.json",
+        "report.md",
+        "report.png",
+    }
     checkpoints = {name for name in top if name.startswith("checkpoint-")}
     assert checkpoints == {"checkpoint-6", "checkpoint-12"}
     assert top - checkpoints == expected
     assert {p.name for p in (trained_run / "adapter").iterdir()} >= {
-        "adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "tokenizer_config.json"}
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    }
     assert {p.name for p in (trained_run / "prompts").iterdir()} == {"system.txt", "user.txt", "assistant.txt"}
     assert (trained_run / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -73,18 +90,19 @@ def test_lora_weights_changed_and_base_weights_did_not(trained_run):
 
 
 def test_adapter_answers_differently_from_base(trained_run):
+    import yaml
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    import yaml
-
     config = yaml.safe_load((trained_run / "run_config.yaml").read_text())
     tokenizer = AutoTokenizer.from_pretrained(trained_run / "adapter")
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(models.resolve(config["base_model"])),
-                                      trained_run / "adapter").eval()
+    model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(models.resolve(config["base_model"])), trained_run / "adapter"
+    ).eval()
     row = json.loads((trained_run / "data" / "train.jsonl").read_text().splitlines()[0])
-    ids = tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True, return_tensors="pt",
-                                        return_dict=True)
+    ids = tokenizer.apply_chat_template(
+        row["prompt"], add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
     with torch.no_grad():
         tuned = model.generate(**ids, max_new_tokens=24, do_sample=False)
         with model.disable_adapter():
@@ -120,9 +138,25 @@ def test_resume_without_checkpoint_fails_with_the_fix(tmp_path):
 
 def _start(run_dir: Path, *extra: str) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "train.py", "--data", str(SAMPLE), "--output-dir", str(run_dir), *TINY, *extra,
-         "--gguf", "none", "--no-merge", "--eval-samples", "0"],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [
+            sys.executable,
+            "train.py",
+            "--data",
+            str(SAMPLE),
+            "--output-dir",
+            str(run_dir),
+            *TINY,
+            *extra,
+            "--gguf",
+            "none",
+            "--no-merge",
+            "--eval-samples",
+            "0",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
 
@@ -131,8 +165,9 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 600) -> None:
     deadline = time.monotonic() + timeout
     while not path.exists():
         if proc.poll() is not None:
-            raise AssertionError(f"train.py ended ({proc.returncode}) before {path.name} appeared:\n"
-                                 f"{proc.stdout.read()[-3000:]}")
+            raise AssertionError(
+                f"train.py ended ({proc.returncode}) before {path.name} appeared:\n{proc.stdout.read()[-3000:]}"
+            )
         if time.monotonic() > deadline:
             proc.kill()
             raise AssertionError(f"{path} did not appear in {timeout} s")
@@ -145,8 +180,20 @@ SHORT = ["--max-steps", "8", "--save-steps", "2", "--max-samples", "24"]
 @pytest.mark.slow
 def test_kill_9_then_resume_ends_at_the_planned_step_with_the_same_data_order(tmp_path):
     straight = tmp_path / "straight"
-    run_cli("train.py", "--data", str(SAMPLE), "--output-dir", str(straight), *TINY, *SHORT,
-            "--gguf", "none", "--no-merge", "--eval-samples", "0")
+    run_cli(
+        "train.py",
+        "--data",
+        str(SAMPLE),
+        "--output-dir",
+        str(straight),
+        *TINY,
+        *SHORT,
+        "--gguf",
+        "none",
+        "--no-merge",
+        "--eval-samples",
+        "0",
+    )
 
     broken = tmp_path / "broken"
     proc = _start(broken, *SHORT)
@@ -155,8 +202,19 @@ def test_kill_9_then_resume_ends_at_the_planned_step_with_the_same_data_order(tm
     proc.wait()
     assert not (broken / "adapter").exists()
 
-    run_cli("train.py", "--output-dir", str(broken), "--resume", *TINY, *SHORT,
-            "--gguf", "none", "--no-merge", "--eval-samples", "0")
+    run_cli(
+        "train.py",
+        "--output-dir",
+        str(broken),
+        "--resume",
+        *TINY,
+        *SHORT,
+        "--gguf",
+        "none",
+        "--no-merge",
+        "--eval-samples",
+        "0",
+    )
     state = json.loads((broken / "checkpoint-8" / "trainer_state.json").read_text())
     assert state["global_step"] == 8
     assert (broken / "adapter" / "adapter_model.safetensors").is_file()
@@ -190,10 +248,28 @@ def test_unsloth_backend_without_cuda_fails_with_the_fix():
 
 def test_help_documents_every_flag():
     out = run_cli("train.py", "--help").stdout
-    for flag in ("--max_samples", "--max-samples", "--data", "--title_field", "--content_field", "--backend",
-                 "--resume", "--overwrite", "--prepare_only", "--export_only", "--gguf", "--llama_cpp_dir",
-                 "--model_name_or_path", "--load_in_4bit", "--lora_r", "--learning_rate", "--max_length",
-                 "--config", "--trust_remote_code", "--eval_samples"):
+    for flag in (
+        "--max_samples",
+        "--max-samples",
+        "--data",
+        "--title_field",
+        "--content_field",
+        "--backend",
+        "--resume",
+        "--overwrite",
+        "--prepare_only",
+        "--export_only",
+        "--gguf",
+        "--llama_cpp_dir",
+        "--model_name_or_path",
+        "--load_in_4bit",
+        "--lora_r",
+        "--learning_rate",
+        "--max_length",
+        "--config",
+        "--trust_remote_code",
+        "--eval_samples",
+    ):
         assert flag in out, flag
 
 
@@ -205,8 +281,9 @@ def test_4bit_gradients_are_unchanged_by_an_eval_forward():
     from titletune import models
     from titletune.backends import hf
 
-    args = ModelConfig(load_in_4bit=True, lora_r=8, lora_alpha=8, lora_dropout=0.0,
-                       lora_target_modules=["q_proj", "v_proj"])
+    args = ModelConfig(
+        load_in_4bit=True, lora_r=8, lora_alpha=8, lora_dropout=0.0, lora_target_modules=["q_proj", "v_proj"]
+    )
 
     class Training:
         gradient_checkpointing = False

@@ -11,7 +11,6 @@ import re
 import subprocess
 import sys
 import zipfile
-from pathlib import Path
 
 import pytest
 
@@ -34,7 +33,17 @@ def unsloth_source() -> dict[str, str]:
     wheels = list(folder.glob(f"unsloth-{version}-*.whl"))
     if not wheels:
         folder.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", f"unsloth=={version}", "-d", str(folder)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--quiet",
+            f"unsloth=={version}",
+            "-d",
+            str(folder),
+        ]
         if subprocess.run(cmd, capture_output=True).returncode != 0:
             pytest.skip(f"could not download the unsloth {version} wheel (no package index reachable)")
         wheels = list(folder.glob(f"unsloth-{version}-*.whl"))

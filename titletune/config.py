@@ -71,25 +71,32 @@ class DataArguments:
 
     data: str = field(
         default="auto",
-        metadata={"help": "trn.json, trn.json.gz, or any JSONL/JSON file of products. auto: data/trn.json(.gz) when "
-                  "you have put the real file there, else the embedded sample data/sample_trn.json."},
+        metadata={
+            "help": "trn.json, trn.json.gz, or any JSONL/JSON file of products. auto: data/trn.json(.gz) when "
+            "you have put the real file there, else the embedded sample data/sample_trn.json."
+        },
     )
     title_field: str = field(default="title", metadata={"help": "Field that holds the product title."})
     content_field: str = field(default="content", metadata={"help": "Field that holds the product description."})
     max_samples: str = field(
         default="all",
-        metadata={"help": "Products to keep after cleaning: a positive number, chosen uniformly with --seed "
-                  "(not the first N), or 'all'."},
+        metadata={
+            "help": "Products to keep after cleaning: a positive number, chosen uniformly with --seed "
+            "(not the first N), or 'all'."
+        },
     )
     val_size: float = field(default=0.05, metadata={"help": "Share of products held out for validation."})
     test_size: float = field(default=0.05, metadata={"help": "Share of products held out for the test split."})
-    min_content_chars: int = field(default=20, metadata={"help": "Drop products whose cleaned description is shorter."})
+    min_content_chars: int = field(
+        default=20, metadata={"help": "Drop products whose cleaned description is shorter."}
+    )
     max_content_chars: int = field(
         default=2000,
         metadata={"help": "Cut longer descriptions at a sentence end (real rows reach 197,622 chars; median 398)."},
     )
     prompts: str = field(
-        default=str(ROOT / "prompts" / "qa"), metadata={"help": "Prompt set folder: system.txt, user.txt, assistant.txt."}
+        default=str(ROOT / "prompts" / "qa"),
+        metadata={"help": "Prompt set folder: system.txt, user.txt, assistant.txt."},
     )
 
     def __post_init__(self):
@@ -105,13 +112,17 @@ class ExportArguments:
     merge: bool = field(default=True, metadata={"help": "Write merged/ (base + adapter, 16-bit safetensors)."})
     gguf: str = field(
         default="q4_k_m",
-        metadata={"help": "Comma list of GGUF types to write: f16, bf16, q8_0, q4_k_m; 'none' skips GGUF. "
-                  "The f16 (or bf16) file is always written when any GGUF is."},
+        metadata={
+            "help": "Comma list of GGUF types to write: f16, bf16, q8_0, q4_k_m; 'none' skips GGUF. "
+            "The f16 (or bf16) file is always written when any GGUF is."
+        },
     )
     llama_cpp_dir: str | None = field(
         default=None,
-        metadata={"help": "A llama.cpp checkout holding convert_hf_to_gguf.py (else $LLAMA_CPP_DIR, else the one "
-                  "extracted from the pinned llama-cpp-python sdist into the cache)."},
+        metadata={
+            "help": "A llama.cpp checkout holding convert_hf_to_gguf.py (else $LLAMA_CPP_DIR, else the one "
+            "extracted from the pinned llama-cpp-python sdist into the cache)."
+        },
     )
     verify: bool = field(default=True, metadata={"help": "Load every GGUF in llama.cpp and ask it one question."})
 
@@ -133,5 +144,7 @@ def parse_max_samples(value: str | int | None) -> int | None:
     except ValueError:
         raise UserError(f"--max_samples must be a positive number or 'all', got {value!r}.") from None
     if n <= 0:
-        raise UserError(f"--max_samples must be a positive number or 'all', got {n}. Use --max_samples all for every product.")
+        raise UserError(
+            f"--max_samples must be a positive number or 'all', got {n}. Use --max_samples all for every product."
+        )
     return n

@@ -603,14 +603,16 @@ def cache_key(args: DataArguments, seed: int, prompts: PromptSet) -> str:
         "args": settings,
         "seed": seed,
         "prompts": [prompts.system, list(prompts.questions), prompts.answer],
-        "code": [hashlib.blake2b(Path(m).read_bytes(), digest_size=16).hexdigest()
-                 for m in (__file__, prompts_lib.__file__)],
+        "code": [
+            hashlib.blake2b(Path(m).read_bytes(), digest_size=16).hexdigest() for m in (__file__, prompts_lib.__file__)
+        ],
     }
     return hashlib.blake2b(json.dumps(key, sort_keys=True, default=str).encode(), digest_size=8).hexdigest()
 
 
-def prepare_cached(args: DataArguments, seed: int, out_dir: str | Path, prompts: PromptSet,
-                   cache_root: str | Path | None = None) -> dict:
+def prepare_cached(
+    args: DataArguments, seed: int, out_dir: str | Path, prompts: PromptSet, cache_root: str | Path | None = None
+) -> dict:
     """prepare(), keyed by cache_key() under <cache>/data/<key>/: a rerun, or another process, links the same files
     into out_dir/data instead of reading the input again. Returns the stats, as prepare() does."""
     from titletune.config import cache_dir

@@ -29,9 +29,16 @@ EXAMPLE_CHARS = 300  # report.md cuts long texts here; report.json keeps them wh
 RAG_TEMPLATE = "Catalogue entry of the most similar product we know:\n{context}\n\n{question}"
 
 
-def evaluate_run(run_dir: str | Path, samples: int = 20, data_path: str | Path | None = None,
-                 max_new_tokens: int = 128, seed: int = 42, engine=None, rag: bool = False,
-                 batch_size: int = 8) -> dict:
+def evaluate_run(
+    run_dir: str | Path,
+    samples: int = 20,
+    data_path: str | Path | None = None,
+    max_new_tokens: int = 128,
+    seed: int = 42,
+    engine=None,
+    rag: bool = False,
+    batch_size: int = 8,
+) -> dict:
     """Score base, tuned and retrieval on `samples` seen and `samples` held-out products; write the reports.
 
     engine: a loaded generate.TransformersEngine/LlamaCppEngine (reused, not reloaded), "transformers",
@@ -62,8 +69,16 @@ def evaluate_run(run_dir: str | Path, samples: int = 20, data_path: str | Path |
     for pop, products in pops.items():
         for p in products:
             row = prompts.render(ps, p["title"], p["content"], key=str(p["id"]), seed=run_seed)
-            items.append({"population": pop, "id": str(p["id"]), "title": p["title"], "row": row,
-                          "question": row["prompt"][-1]["content"], "reference": row["completion"][0]["content"]})
+            items.append(
+                {
+                    "population": pop,
+                    "id": str(p["id"]),
+                    "title": p["title"],
+                    "row": row,
+                    "question": row["prompt"][-1]["content"],
+                    "reference": row["completion"][0]["content"],
+                }
+            )
 
     retriever = Retriever(train)
     for item in items:
@@ -79,10 +94,13 @@ def evaluate_run(run_dir: str | Path, samples: int = 20, data_path: str | Path |
         t0 = time.perf_counter()
         convs = conversations
         if system == "rag":
-            convs = [prompts.messages(ps, RAG_TEMPLATE.format(context=i["retrieval"], question=i["question"]))
-                     for i in items]
-        answers = engine.generate(convs, "base" if system == "rag" else system, sampling, batch_size=batch_size,
-                                  progress=True)
+            convs = [
+                prompts.messages(ps, RAG_TEMPLATE.format(context=i["retrieval"], question=i["question"]))
+                for i in items
+            ]
+        answers = engine.generate(
+            convs, "base" if system == "rag" else system, sampling, batch_size=batch_size, progress=True
+        )
         timing[system] = round(time.perf_counter() - t0, 2)
         for item, answer in zip(items, answers):
             item[system] = answer
@@ -102,17 +120,39 @@ def evaluate_run(run_dir: str | Path, samples: int = 20, data_path: str | Path |
                 loss, ppl = generate.perplexity(*engine.loss([i["row"] for i in group], system, batch_size))
             report[pop][system].update(loss=_round(loss), ppl=_round(ppl))
     report.update(
-        samples=samples, seed=seed, max_new_tokens=max_new_tokens, greedy=True,
+        samples=samples,
+        seed=seed,
+        max_new_tokens=max_new_tokens,
+        greedy=True,
         counts={pop: sum(i["population"] == pop for i in items) for pop in POPULATIONS},
-        run=str(run_dir), engine=engine.name, data=str(data_path) if data_path else "run splits",
-        bleu_scale="sacrebleu corpus BLEU, 0-100; ROUGE F1 0-1", seconds=timing,
-        examples=[{k: i[k] for k in ("population", "id", "title", "question", "reference", *systems, "retrieval",
-                                     "retrieved_title")} for i in items],
+        run=str(run_dir),
+        engine=engine.name,
+        data=str(data_path) if data_path else "run splits",
+        bleu_scale="sacrebleu corpus BLEU, 0-100; ROUGE F1 0-1",
+        seconds=timing,
+        examples=[
+            {
+                k: i[k]
+                for k in (
+                    "population",
+                    "id",
+                    "title",
+                    "question",
+                    "reference",
+                    *systems,
+                    "retrieval",
+                    "retrieved_title",
+                )
+            }
+            for i in items
+        ],
     )
     report["seconds"]["total"] = round(time.perf_counter() - started, 2)
     write_reports(run_dir, report)
-    log.info("evaluate: %s", " ".join(f"{p}: tuned rougeL {report[p]['tuned']['rougeL']}" for p in POPULATIONS
-                                      if p in report))
+    log.info(
+        "evaluate: %s",
+        " ".join(f"{p}: tuned rougeL {report[p]['tuned']['rougeL']}" for p in POPULATIONS if p in report),
+    )
     return report
 
 
@@ -126,8 +166,9 @@ def read_jsonl(path: Path) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def sample_populations(run_dir: Path, cfg: dict, train: list[dict], samples: int, seed: int,
-                       data_path: str | Path | None) -> dict[str, list[dict]]:
+def sample_populations(
+    run_dir: Path, cfg: dict, train: list[dict], samples: int, seed: int, data_path: str | Path | None
+) -> dict[str, list[dict]]:
     """`samples` products per population, chosen with `seed` (the same products every time)."""
     if data_path is None:
         heldout = read_jsonl(run_dir / "data" / "test.jsonl") or read_jsonl(run_dir / "data" / "val.jsonl")
@@ -224,8 +265,11 @@ def table(report: dict, pop: str) -> str:
     rows = []
     for system, m in report[pop].items():
         cells = [m.get(k) for k in ("rouge1", "rouge2", "rougeL", "bleu", "loss", "ppl")]
-        rows.append(f"| {system} | " + " | ".join("-" if c is None else f"{c:.3f}" if i < 3 else f"{c:.2f}"
-                                                   for i, c in enumerate(cells)) + " |")
+        rows.append(
+            f"| {system} | "
+            + " | ".join("-" if c is None else f"{c:.3f}" if i < 3 else f"{c:.2f}" for i, c in enumerate(cells))
+            + " |"
+        )
     return "\n".join([head, *rows])
 
 
@@ -240,19 +284,27 @@ def summary(report: dict) -> str:
 
 def render_md(report: dict) -> str:
     lines = [
-        "# Evaluation report", "",
+        "# Evaluation report",
+        "",
         f"Run `{report['run']}`, engine {report['engine']}, data: {report['data']}. "
         f"Up to {report['samples']} products per population (seed {report['seed']}), greedy answers of at most "
         f"{report['max_new_tokens']} new tokens. ROUGE is F1 (0-1, mean over products, stemmed); BLEU is sacrebleu "
-        "corpus BLEU (0-100); loss and perplexity are teacher-forced on the reference answer tokens only.", "",
+        "corpus BLEU (0-100); loss and perplexity are teacher-forced on the reference answer tokens only.",
+        "",
     ]
     for pop, title, note in (
-        ("seen", "Seen products (from the training set)",
-         "Did the model learn the catalogue? **Retrieval here is not a real baseline:** it searches the training "
-         "catalogue, so it finds the very product asked about and scores ROUGE near 1 by construction."),
-        ("heldout", "Held-out products (never trained on)",
-         "Does the tuned model carry the style over to new products? Retrieval answers with the description of the "
-         "most similar training title (BM25): the number to beat."),
+        (
+            "seen",
+            "Seen products (from the training set)",
+            "Did the model learn the catalogue? **Retrieval here is not a real baseline:** it searches the training "
+            "catalogue, so it finds the very product asked about and scores ROUGE near 1 by construction.",
+        ),
+        (
+            "heldout",
+            "Held-out products (never trained on)",
+            "Does the tuned model carry the style over to new products? Retrieval answers with the description of the "
+            "most similar training title (BM25): the number to beat.",
+        ),
     ):
         lines += [f"## {title}", "", note, ""]
         lines += [table(report, pop) if pop in report else "_No products in this population._", ""]
@@ -261,9 +313,14 @@ def render_md(report: dict) -> str:
     picked = [e for e in report["examples"] if e["population"] == "heldout"][:3]
     picked += [e for e in report["examples"] if e["population"] == "seen"][: 3 - len(picked)]
     for e in picked:
-        lines += [f"**{e['population']}**: {_cell(e['question'])}", "",
-                  "| reference | " + " | ".join(systems) + " |", "|---" * (len(systems) + 1) + "|",
-                  "| " + " | ".join(_cell(e[k]) for k in ["reference", *systems]) + " |", ""]
+        lines += [
+            f"**{e['population']}**: {_cell(e['question'])}",
+            "",
+            "| reference | " + " | ".join(systems) + " |",
+            "|---" * (len(systems) + 1) + "|",
+            "| " + " | ".join(_cell(e[k]) for k in ["reference", *systems]) + " |",
+            "",
+        ]
     lines.append("![ROUGE-L and BLEU per system](report.png)")
     return "\n".join(lines) + "\n"
 
@@ -298,8 +355,10 @@ def plot(report: dict, path: Path) -> None:
 
 
 def write_reports(run_dir: Path, report: dict) -> None:
-    _atomic(run_dir / "report.json", lambda tmp: Path(tmp).write_text(json.dumps(report, indent=2, ensure_ascii=False)
-                                                                      + "\n", encoding="utf-8"))
+    _atomic(
+        run_dir / "report.json",
+        lambda tmp: Path(tmp).write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"),
+    )
     _atomic(run_dir / "report.md", lambda tmp: Path(tmp).write_text(render_md(report), encoding="utf-8"))
     plot(report, run_dir / "report.png")
 

@@ -212,12 +212,22 @@ class TransformersEngine:
 
     def _render(self, conversations: list[list[dict]]):
         return self.tokenizer.apply_chat_template(
-            conversations, add_generation_prompt=True, tokenize=True, return_dict=True,
-            padding=True, return_tensors="pt",
+            conversations,
+            add_generation_prompt=True,
+            tokenize=True,
+            return_dict=True,
+            padding=True,
+            return_tensors="pt",
         ).to(self.device)
 
-    def generate(self, conversations: list[list[dict]], system: str = "tuned", sampling: Sampling | None = None,
-                 batch_size: int = 8, progress: bool = False) -> list[str]:
+    def generate(
+        self,
+        conversations: list[list[dict]],
+        system: str = "tuned",
+        sampling: Sampling | None = None,
+        batch_size: int = 8,
+        progress: bool = False,
+    ) -> list[str]:
         """One answer per conversation. Batched with left padding; batches hold similar lengths."""
         import contextlib
 
@@ -271,8 +281,10 @@ class TransformersEngine:
             prompt_ids = self._ids(row["prompt"], add_generation_prompt=True)
             full_ids = self._ids(row["prompt"] + row["completion"], add_generation_prompt=False)
             if full_ids[: len(prompt_ids)] != prompt_ids:
-                raise UserError("the chat template renders the prompt differently with the answer appended; "
-                                "cannot separate completion tokens for the loss.")
+                raise UserError(
+                    "the chat template renders the prompt differently with the answer appended; "
+                    "cannot separate completion tokens for the loss."
+                )
             full_ids = full_ids[: self.max_length]  # as training truncated
             if len(full_ids) > len(prompt_ids):
                 examples.append((full_ids, len(prompt_ids)))
@@ -316,8 +328,15 @@ class LlamaCppEngine:
     name = "llamacpp"
     supports_loss = False
 
-    def __init__(self, run_dir: str | Path, systems: tuple[str, ...] = SYSTEMS, gguf: str | Path | None = None,
-                 base_gguf: str | Path | None = None, threads: int | None = None, n_ctx: int = 2048):
+    def __init__(
+        self,
+        run_dir: str | Path,
+        systems: tuple[str, ...] = SYSTEMS,
+        gguf: str | Path | None = None,
+        base_gguf: str | Path | None = None,
+        threads: int | None = None,
+        n_ctx: int = 2048,
+    ):
         # Spin-waiting OpenMP threads collapse llama.cpp throughput on a busy machine (measured: 1-10 vs 57 tok/s).
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         self.run_dir = Path(run_dir)
@@ -347,8 +366,14 @@ class LlamaCppEngine:
             str(path), n_ctx=self.n_ctx, n_threads=self.threads, n_threads_batch=self.threads, verbose=False
         )
 
-    def generate(self, conversations: list[list[dict]], system: str = "tuned", sampling: Sampling | None = None,
-                 batch_size: int = 1, progress: bool = False) -> list[str]:
+    def generate(
+        self,
+        conversations: list[list[dict]],
+        system: str = "tuned",
+        sampling: Sampling | None = None,
+        batch_size: int = 1,
+        progress: bool = False,
+    ) -> list[str]:
         """One answer per conversation (llama-cpp-python answers one at a time)."""
         sampling = sampling or Sampling()
         sampling.check()
@@ -377,17 +402,25 @@ def check_gguf(path: str | Path) -> Path:
     """A GGUF path that exists and starts with the GGUF magic bytes."""
     path = Path(path).expanduser()
     if not path.is_file():
-        raise UserError(f"GGUF file {path} does not exist; check the path (train.py writes "
-                        "outputs/<run>/model.q4_k_m.gguf), or leave --gguf out to use the run's own.")
+        raise UserError(
+            f"GGUF file {path} does not exist; check the path (train.py writes "
+            "outputs/<run>/model.q4_k_m.gguf), or leave --gguf out to use the run's own."
+        )
     with open(path, "rb") as f:
         if f.read(4) != b"GGUF":
             raise UserError(f"{path} is not a GGUF file (it does not start with the GGUF magic bytes).")
     return path
 
 
-def load_engine(run_dir: str | Path, engine: str = "transformers", systems: tuple[str, ...] = SYSTEMS,
-                use_merged: bool = False, gguf: str | Path | None = None, base_gguf: str | Path | None = None,
-                threads: int | None = None):
+def load_engine(
+    run_dir: str | Path,
+    engine: str = "transformers",
+    systems: tuple[str, ...] = SYSTEMS,
+    use_merged: bool = False,
+    gguf: str | Path | None = None,
+    base_gguf: str | Path | None = None,
+    threads: int | None = None,
+):
     """TransformersEngine or LlamaCppEngine for a run, loading only what `systems` needs."""
     bad = [s for s in systems if s not in SYSTEMS]
     if bad or not systems:
@@ -403,8 +436,13 @@ def load_engine(run_dir: str | Path, engine: str = "transformers", systems: tupl
     raise UserError(f"--engine must be transformers or llamacpp, got {engine!r}.")
 
 
-def ask(engine, questions: list[str], systems: tuple[str, ...] = SYSTEMS, sampling: Sampling | None = None,
-        progress: bool = False) -> dict[str, list[str]]:
+def ask(
+    engine,
+    questions: list[str],
+    systems: tuple[str, ...] = SYSTEMS,
+    sampling: Sampling | None = None,
+    progress: bool = False,
+) -> dict[str, list[str]]:
     """Answers per system for plain questions, each wrapped in the run's prompts (system prompt included)."""
     ps = prompt_set(engine.run_dir)
     conversations = [conversation(ps, q) for q in questions]

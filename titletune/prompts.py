@@ -34,7 +34,9 @@ def load(folder: str | Path) -> PromptSet:
     answer = (folder / "assistant.txt").read_text(encoding="utf-8").strip()
     bad = [q for q in questions if "{title}" not in q]
     if not questions or bad:
-        raise UserError(f"{folder / 'user.txt'}: every line must contain {{title}}; these do not: {bad or ['(empty file)']}")
+        raise UserError(
+            f"{folder / 'user.txt'}: every line must contain {{title}}; these do not: {bad or ['(empty file)']}"
+        )
     if "{content}" not in answer:
         raise UserError(f"{folder / 'assistant.txt'} must contain {{content}}.")
     return PromptSet(system=system, questions=questions, answer=answer, folder=folder)

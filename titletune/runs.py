@@ -36,8 +36,10 @@ def _from_rank_zero(value: str) -> str:
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):
-        raise UserError("--output_dir auto under several processes needs the process group started first; "
-                        "pass --output_dir outputs/<name> so every process writes to the same folder.")
+        raise UserError(
+            "--output_dir auto under several processes needs the process group started first; "
+            "pass --output_dir outputs/<name> so every process writes to the same folder."
+        )
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]

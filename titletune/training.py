@@ -80,8 +80,10 @@ def load_datasets(run_dir: Path) -> tuple:
     files = {split: Path(run_dir) / "data" / f"{split}.jsonl" for split in ("train", "val")}
     missing = [str(path) for path in files.values() if not path.is_file()]
     if missing:
-        raise UserError(f"{', '.join(missing)} missing; prepare the data first: python train.py --prepare_only "
-                        f"--output_dir {run_dir}")
+        raise UserError(
+            f"{', '.join(missing)} missing; prepare the data first: python train.py --prepare_only "
+            f"--output_dir {run_dir}"
+        )
     loaded = {
         split: load_dataset("json", data_files=str(path), split="train", cache_dir=cache)
         for split, path in files.items()
@@ -118,8 +120,11 @@ def build_trainer(model, tokenizer, train_ds, eval_ds, training_args, run_dir: P
 def last_checkpoint(run_dir: Path) -> str | None:
     """The newest complete checkpoint. A kill -9 during a save leaves a folder without trainer_state.json (written
     last); resuming from that would fail, so it is passed over."""
-    done = [p for p in run_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()
-            and (p / "trainer_state.json").is_file()]
+    done = [
+        p
+        for p in run_dir.glob("checkpoint-*")
+        if p.name.split("-")[-1].isdigit() and (p / "trainer_state.json").is_file()
+    ]
     return str(max(done, key=lambda p: int(p.name.split("-")[-1]))) if done else None
 
 
@@ -139,7 +144,7 @@ def train(trainer, run_dir: Path, resume: bool) -> Outcome:
         result = trainer.train(resume_from_checkpoint=checkpoint)
     finally:
         stopper.uninstall()
-    # TRL writes a hub model card here that names no base model ("fine-tuned version of None"); it is wrong, not useful.
+    # TRL writes a hub model card here that names no base model ("fine-tuned version of None"): wrong, not useful.
     (run_dir / "README.md").unlink(missing_ok=True)
     losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
     return Outcome(

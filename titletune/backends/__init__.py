@@ -52,8 +52,10 @@ def choose(requested: str) -> str:
     check_distributed(requested, world_size, sharding)
     if requested == "unsloth":
         if not has_cuda:
-            raise UserError("--backend unsloth needs an NVIDIA GPU with CUDA, and none is visible. "
-                            "Use --backend hf (CPU or GPU), or --backend auto.")
+            raise UserError(
+                "--backend unsloth needs an NVIDIA GPU with CUDA, and none is visible. "
+                "Use --backend hf (CPU or GPU), or --backend auto."
+            )
         if not has_unsloth:
             raise UserError("--backend unsloth: unsloth is not installed. Run: pip install -r requirements.txt")
     return requested

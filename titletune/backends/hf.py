@@ -105,7 +105,9 @@ def add_lora(model, model_args, training_args):
     return get_peft_model(model, config, autocast_adapter_dtype=not sharded)
 
 
-def merge(model, tokenizer, base_model: str, adapter_dir: Path, out_dir: Path, trust_remote_code: bool = False) -> Path:
+def merge(
+    model, tokenizer, base_model: str, adapter_dir: Path, out_dir: Path, trust_remote_code: bool = False
+) -> Path:
     """Base in 16-bit + adapter -> merge_and_unload -> safetensors + tokenizer (with its chat template) in out_dir.
 
     The base is reloaded from disk in 16-bit: merging into a 4-bit base would round the LoRA delta away.

@@ -46,7 +46,9 @@ def add_lora(model, model_args, training_args):
     )
 
 
-def merge(model, tokenizer, base_model: str, adapter_dir: Path, out_dir: Path, trust_remote_code: bool = False) -> Path:
+def merge(
+    model, tokenizer, base_model: str, adapter_dir: Path, out_dir: Path, trust_remote_code: bool = False
+) -> Path:
     """Unsloth dequantizes the 4-bit base itself and writes 16-bit safetensors with the tokenizer."""
     model.save_pretrained_merged(str(out_dir), tokenizer, save_method="merged_16bit")
     return out_dir
