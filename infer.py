@@ -18,6 +18,7 @@ On a CUDA machine the transformers engine uses the GPU by itself; nothing change
 from __future__ import annotations
 
 import argparse
+import os
 import json
 import shutil
 import sys

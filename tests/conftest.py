@@ -9,6 +9,9 @@ from pathlib import Path
 
 import pytest
 
+# As in train.py: passive OpenMP waiting, so tests sharing 2 cores with other processes do not collapse.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 SAMPLE = ROOT / "data" / "sample_trn.json"
