@@ -17,6 +17,7 @@ Stages: data -> model -> SFTTrainer -> adapter -> merge -> GGUF + Modelfile -> e
 from __future__ import annotations
 
 import logging
+import shlex
 import shutil
 import sys
 from pathlib import Path
@@ -192,7 +193,8 @@ def main(script_args, model_args, data_args, export_args, training_args):
         from titletune import evaluate
 
         evaluate.evaluate_run(run_dir, samples=script_args.eval_samples, seed=training_args.seed)
-    log.info('done: %s  (try: python infer.py --run %s "%s")', run_dir, run_dir, _sample_question(train_rows))
+    question = _sample_question(train_rows) or "What is ...?"
+    log.info("done: %s  (try: python infer.py --run %s %s)", run_dir, shlex.quote(str(run_dir)), shlex.quote(question))
     return run_dir
 
 
