@@ -179,16 +179,7 @@ def main(script_args, model_args, data_args, export_args, training_args):
         backend.free()
         log.info("merged model in %s", merged)
         if gguf_types:
-            export.export(
-                run_dir,
-                merged,
-                gguf_types,
-                prompt_set.system,
-                tokenizer,
-                verify=export_args.verify,
-                llama_cpp_dir=export_args.llama_cpp_dir,
-                question=_sample_question(train_rows),
-            )
+            _export(run_dir, merged, gguf_types, prompt_set, tokenizer, export_args, _sample_question(train_rows))
     if script_args.eval_samples > 0:
         from titletune import evaluate
 
@@ -202,7 +193,7 @@ def export_run(script_args, export_args, backend, gguf_types):
     """--export-only: merge (if needed) and re-export an existing run."""
     from transformers import AutoTokenizer
 
-    from titletune import export, models, prompts, runs
+    from titletune import models, prompts, runs
 
     if not script_args.run:
         raise UserError("--export-only needs --run <run folder>, e.g. --run outputs/run-20261122-101500")
@@ -220,16 +211,24 @@ def export_run(script_args, export_args, backend, gguf_types):
         hf.merge(None, tokenizer, base, adapter_dir, merged, bool(config.get("trust_remote_code")))
     prompt_set = prompts.load(run_dir / "prompts")
     if gguf_types:
-        export.export(
-            run_dir,
-            merged,
-            gguf_types,
-            prompt_set.system,
-            tokenizer,
-            verify=export_args.verify,
-            llama_cpp_dir=export_args.llama_cpp_dir,
-        )
+        _export(run_dir, merged, gguf_types, prompt_set, tokenizer, export_args)
     return run_dir
+
+
+def _export(run_dir, merged, gguf_types, prompt_set, tokenizer, export_args, question: str | None = None):
+    """GGUF files, Modelfile and export.json beside the run; each GGUF is loaded and asked `question`."""
+    from titletune import export
+
+    return export.export(
+        run_dir,
+        merged,
+        gguf_types,
+        prompt_set.system,
+        tokenizer,
+        verify=export_args.verify,
+        llama_cpp_dir=export_args.llama_cpp_dir,
+        question=question,
+    )
 
 
 def _sample_question(rows: list[dict]) -> str | None:
