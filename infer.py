@@ -18,8 +18,8 @@ On a CUDA machine the transformers engine uses the GPU by itself; nothing change
 from __future__ import annotations
 
 import argparse
-import os
 import json
+import os
 import shutil
 import sys
 import textwrap
@@ -138,13 +138,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 @cli
 def main(args: argparse.Namespace) -> None:
-    from titletune import generate
+    from titletune import generate, runs
 
     if args.serve:
         return serve(args)
     check(args)
     run_dir = Path(args.run) if args.run else generate.latest_run(args.outputs)
-    generate.load_run(run_dir)
+    runs.load_config(run_dir)
     if args.evaluate:
         return evaluate(args, run_dir)
     sampling = generate.Sampling(
@@ -254,7 +254,6 @@ def evaluate(args: argparse.Namespace, run_dir: Path) -> None:
 
 def serve(args: argparse.Namespace) -> None:
     """llama-cpp-python's OpenAI-compatible server, in this process (so stopping us stops it)."""
-    import os
 
     from titletune import generate
 

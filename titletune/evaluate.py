@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from titletune import generate, prompts
+from titletune import generate, prompts, runs
 from titletune.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -45,7 +45,7 @@ def evaluate_run(
     "llamacpp", or None (transformers). Loss and perplexity need transformers; with llamacpp they are null.
     """
     run_dir = Path(run_dir)
-    cfg = generate.load_run(run_dir)
+    cfg = runs.load_config(run_dir)
     if samples < 1:
         raise UserError(f"samples must be >= 1, got {samples}.")
     if max_new_tokens < 1:

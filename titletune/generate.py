@@ -15,7 +15,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from titletune import models, prompts
+from titletune import models, prompts, runs
 from titletune.config import EMBEDDED, ROOT, cache_dir
 from titletune.errors import UserError
 
@@ -62,22 +62,6 @@ def latest_run(outputs_dir: str | Path = ROOT / "outputs") -> Path:
     if not configs:
         raise UserError(f"no trained run in {outputs_dir} (no */run_config.yaml); train first: python train.py")
     return configs[-1].parent
-
-
-def load_run(run_dir: str | Path) -> dict:
-    """run_config.yaml of a run folder, as a dict."""
-    import yaml
-
-    run_dir = Path(run_dir)
-    path = run_dir / "run_config.yaml"
-    if not run_dir.is_dir():
-        raise UserError(f"run folder {run_dir} does not exist; pass a run in outputs/, or train: python train.py")
-    if not path.is_file():
-        raise UserError(f"{run_dir} has no run_config.yaml, so it is not a finished run; pass --run outputs/<run>.")
-    cfg = yaml.safe_load(path.read_text(encoding="utf-8"))
-    if not isinstance(cfg, dict) or not cfg.get("base_model"):
-        raise UserError(f"{path} must be a YAML mapping with base_model; did another version of train.py write it?")
-    return cfg
 
 
 def prompt_set(run_dir: str | Path) -> prompts.PromptSet:
@@ -143,7 +127,7 @@ class TransformersEngine:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.run_dir = Path(run_dir)
-        self.cfg = load_run(self.run_dir)
+        self.cfg = runs.load_config(self.run_dir)
         self.systems = tuple(systems)
         self.max_length = int(self.cfg.get("max_length") or 2048)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -340,7 +324,7 @@ class LlamaCppEngine:
         # Spin-waiting OpenMP threads collapse llama.cpp throughput on a busy machine (measured: 1-10 vs 57 tok/s).
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         self.run_dir = Path(run_dir)
-        self.cfg = load_run(self.run_dir)
+        self.cfg = runs.load_config(self.run_dir)
         self.systems = tuple(systems)
         self.threads = threads or default_threads()
         self.n_ctx = n_ctx

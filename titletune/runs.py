@@ -81,10 +81,17 @@ def save_config(run_dir: Path, **sections) -> Path:
 
 
 def load_config(run_dir: str | Path) -> dict:
-    path = Path(run_dir) / CONFIG
+    """run_config.yaml of a run folder, as a dict; every problem is a UserError with the fix."""
+    run_dir = Path(run_dir)
+    path = run_dir / CONFIG
+    if not run_dir.is_dir():
+        raise UserError(f"run folder {run_dir} does not exist; pass a run in outputs/, or train: python train.py")
     if not path.is_file():
-        raise UserError(f"{run_dir} is not a titletune run folder (no {CONFIG}). Train one first: python train.py")
-    return yaml.safe_load(path.read_text(encoding="utf-8"))
+        raise UserError(f"{run_dir} has no {CONFIG}, so it is not a finished run; pass --run outputs/<run>.")
+    config = yaml.safe_load(path.read_text(encoding="utf-8"))
+    if not isinstance(config, dict) or not config.get("base_model"):
+        raise UserError(f"{path} must be a YAML mapping with base_model; did another version of train.py write it?")
+    return config
 
 
 def write_text_atomic(path: Path, text: str) -> Path:
