@@ -6,7 +6,9 @@
 The file is shaped like the real LF-AmazonTitles-1.3M trn.json (data/README.md): titles lognormal around a median of
 54 chars, contents around 398 (mean 619, one 197,622-char outlier), 33.4% empty contents, 5.6% empty titles, ~3%
 repeated titles, HTML entities, tags and glued edition notes. Each measurement runs in its own subprocess, which
-reports its own peak RSS. pandas is measured on a slice (--naive_fraction) of the file: it holds the whole frame in
+reports its own peak memory: the peak, sampled every 50 ms, of the summed PSS of that process and its worker
+processes (PSS shares the pages a forked worker shares with its parent, so nothing is counted twice), and VmHWM of the
+main process alone. prepare() is measured with --data_workers 1 and with auto (one per CPU). pandas is measured on a slice (--naive_fraction) of the file: it holds the whole frame in
 memory, which at full size needs many GB on a shared machine. Pass --naive_fraction 1 to try it on the full file.
 """
 
@@ -111,7 +113,7 @@ def title_of(title_words: list[str], idx: list[int], length: int) -> str:
     return " ".join(out)
 
 
-def measure_ours(path: Path, max_samples: int) -> dict:
+def measure_ours(path: Path, max_samples: int, workers: str = "auto") -> dict:
     """What train.py does before training: prepare() into a temp folder."""
     from titletune import data, prompts
     from titletune.config import DataArguments
@@ -119,7 +121,7 @@ def measure_ours(path: Path, max_samples: int) -> dict:
     with tempfile.TemporaryDirectory() as out:
         started = time.perf_counter()
         stats = data.prepare(
-            DataArguments(data=str(path), max_samples=str(max_samples)),
+            DataArguments(data=str(path), max_samples=str(max_samples), data_workers=workers),
             seed=42,
             out_dir=out,
             prompts=prompts.load(ROOT / "prompts" / "qa"),
@@ -153,6 +155,44 @@ def measure_naive(path: Path, max_samples: int) -> dict:
     return {"seconds": time.perf_counter() - started, "rows": rows, "kept": len(df)}
 
 
+class TreeMemory:
+    """Samples the summed PSS (MB) of this process and its children every `interval` s; .peak is the largest."""
+
+    def __init__(self, interval: float = 0.05):
+        import threading
+
+        self.peak, self.interval = 0.0, interval
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread.start()
+
+    @staticmethod
+    def pss_mb(pid: int) -> float:
+        try:
+            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    return int(line.split()[1]) / 1024
+        except OSError:
+            pass
+        return 0.0
+
+    def children(self) -> list[int]:
+        try:
+            return [int(c) for c in Path(f"/proc/{os.getpid()}/task/{os.getpid()}/children").read_text().split()]
+        except OSError:
+            return []
+
+    def run(self) -> None:
+        while not self.done.wait(self.interval):
+            total = sum(self.pss_mb(pid) for pid in (os.getpid(), *self.children()))
+            self.peak = max(self.peak, total)
+
+    def stop(self) -> float:
+        self.done.set()
+        self.thread.join()
+        return self.peak
+
+
 def peak_rss_mb() -> float:
     """This process's peak RSS. VmHWM, not ru_maxrss: Linux carries ru_maxrss over exec, so a child would report the
     parent's peak (here, the generator's) whenever that was higher."""
@@ -165,9 +205,10 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def run_child(method: str, path: Path, max_samples: int) -> dict:
-    """Run one measurement in a fresh interpreter, so its peak RSS is its own."""
+def run_child(method: str, path: Path, max_samples: int, workers: str = "auto") -> dict:
+    """Run one measurement in a fresh interpreter, so its peak memory is its own."""
     cmd = [sys.executable, __file__, "--measure", method, "--path", str(path), "--max_samples", str(max_samples)]
+    cmd += ["--workers", workers]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         return {"error": (proc.stderr.strip().splitlines() or ["failed"])[-1]}
@@ -192,11 +233,11 @@ def head_slice(path: Path, fraction: float) -> Path:
 def row(method: str, path: Path, result: dict) -> str:
     size = path.stat().st_size / 1e6
     if "error" in result:
-        return f"| {method} | {path.name} | | {size:,.0f} | failed: {result['error'][:80]} | | | | |"
+        return f"| {method} | {path.name} | | {size:,.0f} | failed: {result['error'][:80]} | | | | | |"
     return (
         f"| {method} | {path.name} | {result['rows']:,} | {size:,.0f} | {result['seconds']:.1f} | "
         f"{size / result['seconds']:.1f} | {result['cpu_seconds']:.1f} | {size / result['cpu_seconds']:.1f} | "
-        f"{result['maxrss_mb']:,.0f} |"
+        f"{result['pss_mb']:,.0f} | {result['maxrss_mb']:,.0f} |"
     )
 
 
@@ -207,16 +248,24 @@ def main() -> None:
     parser.add_argument("--regenerate", action="store_true", help="write --out even if it exists")
     parser.add_argument("--max_samples", type=int, default=100_000)
     parser.add_argument("--naive_fraction", type=float, default=0.1, help="share of the file pandas is measured on")
+    parser.add_argument("--workers", default="1,auto", help="comma list of --data_workers values to measure")
     parser.add_argument("--measure", choices=["ours", "naive"], help=argparse.SUPPRESS)
     parser.add_argument("--path", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.measure:
-        fn = measure_ours if args.measure == "ours" else measure_naive
-        result = fn(Path(args.path), args.max_samples)
+        memory = TreeMemory()
+        if args.measure == "ours":
+            result = measure_ours(Path(args.path), args.max_samples, args.workers)
+        else:
+            result = measure_naive(Path(args.path), args.max_samples)
+        result["pss_mb"] = memory.stop()
         result["maxrss_mb"] = peak_rss_mb()
-        usage = resource.getrusage(resource.RUSAGE_SELF)
-        result["cpu_seconds"] = usage.ru_utime + usage.ru_stime  # the machine is shared: wall time alone misleads
+        cpu = 0.0
+        for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN):  # workers included, once they have exited
+            usage = resource.getrusage(who)
+            cpu += usage.ru_utime + usage.ru_stime  # the machine is shared: wall time alone misleads
+        result["cpu_seconds"] = cpu
         print(json.dumps(result))
         return
 
@@ -229,18 +278,22 @@ def main() -> None:
         )
     part = head_slice(path, args.naive_fraction)
     table = [
-        "| method | file | rows | MB | wall s | MB/s (wall) | CPU s | MB/s per CPU s | peak RSS (MB) |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| method | file | rows | MB | wall s | MB/s (wall) | CPU s | MB/s per CPU s | peak PSS, all processes (MB) "
+        "| main VmHWM (MB) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    runs = [("titletune.data.prepare", "ours", path)]
-    if part != path:
-        runs.append(("titletune.data.prepare", "ours", part))
-    runs.append(("pandas.read_json + .apply", "naive", part))
-    for label, method, target in runs:
-        result = run_child(method, target, args.max_samples)
+    runs = []
+    for target in dict.fromkeys([path, part]):
+        for workers in args.workers.split(","):
+            runs.append((f"titletune.data.prepare, --data_workers {workers}", "ours", target, workers))
+    runs.append(("pandas.read_json + .apply", "naive", part, "1"))
+    load_before = os.getloadavg()
+    for label, method, target, workers in runs:
+        result = run_child(method, target, args.max_samples, workers)
         table.append(row(label, target, result))
         print(table[-1], file=sys.stderr)
-    print(f"\nmax_samples={args.max_samples:,}; {platform.python_version()}; {os.cpu_count()} CPUs\n")
+    load = " -> ".join("/".join(f"{x:.2f}" for x in avg) for avg in (load_before, os.getloadavg()))
+    print(f"\nmax_samples={args.max_samples:,}; {platform.python_version()}; {os.cpu_count()} CPUs; load {load}\n")
     print("\n".join(table))
 
 

@@ -43,10 +43,16 @@ sys.path.insert(0, str(ROOT))
 POLICIES = {"passive": {"OMP_WAIT_POLICY": "PASSIVE"}, "spin": {}, "spin10k": {"GOMP_SPINCOUNT": "10000"}}
 DEFAULT_POLICY = {"gguf": "passive", "hf": "spin10k"}
 DEFAULT_CONFIGS = [
-    "hf:fp32:2", "hf:bf16:2",
-    "gguf:q4_k_m:1", "gguf:q8_0:1", "gguf:f16:1",
-    "gguf:q4_k_m:2", "gguf:q8_0:2", "gguf:f16:2",
-    "gguf:q4_k_m:2:spin", "hf:bf16:2:passive",
+    "hf:fp32:2",
+    "hf:bf16:2",
+    "gguf:q4_k_m:1",
+    "gguf:q8_0:1",
+    "gguf:f16:1",
+    "gguf:q4_k_m:2",
+    "gguf:q8_0:2",
+    "gguf:f16:2",
+    "gguf:q4_k_m:2:spin",
+    "hf:bf16:2:passive",
 ]
 QUESTION = "Tell me about The Lighthouse Keeper's Ledger (Hardcover)."
 

@@ -326,3 +326,57 @@ def test_streaming_memory_is_flat(tmp_path):
     growth = traced_peak(lambda: select(big, 80_000)) - traced_peak(lambda: select(small, 20_000))
     # Each more product costs a set entry, an 8-byte hash and two lengths (~90 bytes); keeping rows would cost 400+.
     assert growth < 60_000 * 150, f"{growth / 1e6:.1f} MB for 60k more rows"
+
+
+# --- parallel reading (--data_workers) --------------------------------------------------------------------------
+
+
+def awkward_file(path: Path) -> Path:
+    """Products with the cases a chunk boundary could break: duplicates far apart (in other chunks), rows without
+    uid (their id is the file line number), a BOM, blank and malformed lines, a long line, no final newline."""
+    rows = products(300)
+    lines = [json.dumps(row) for row in rows]
+    for i in range(0, 300, 7):  # a later copy of an earlier title, with other content: the first must win
+        later = {**rows[i], "uid": f"DUP{i}", "content": "Another description, of a copy."}
+        lines.insert(min(len(lines), 2 * i + 150), json.dumps(later))
+    for i in range(5, len(lines), 37):
+        lines.insert(i, json.dumps({"title": f"No uid product {i}", "content": f"A product without uid, number {i}."}))
+    lines.insert(60, json.dumps({"uid": "LONG", "title": "Long one", "content": "Long text here. " * 2000}))
+    lines[10:10] = ["", "{not json", "   "]
+    path.write_bytes(b"\xef\xbb\xbf" + "\n".join(lines).encode())  # BOM, and no newline after the last line
+    return path
+
+
+@pytest.mark.parametrize("max_samples", ["all", "120"])
+def test_parallel_reading_writes_what_one_process_writes(tmp_path, qa, monkeypatch, max_samples):
+    path = awkward_file(tmp_path / "awkward.json")
+    monkeypatch.setattr(data, "CHUNK_BYTES", 4096)  # ~25 chunks: duplicates and ids cross chunk boundaries
+    assert len(data._chunks(path, path.stat().st_size, data.CHUNK_BYTES)) > 10
+    one, out1 = run(tmp_path, qa, name="one", data=str(path), max_samples=max_samples, data_workers="1")
+    two, out2 = run(tmp_path, qa, name="two", data=str(path), max_samples=max_samples, data_workers="2")
+    one.pop("seconds"), two.pop("seconds")
+    assert one == two
+    assert one["dropped"]["duplicate_title"] == 43 and one["dropped"]["malformed_json"] == 1
+    assert one["notes"]["blank_lines"] == 2 and one["truncated"] == 1
+    for name in ("train.jsonl", "val.jsonl", "test.jsonl", "eda.md"):
+        assert (out1 / "data" / name).read_bytes() == (out2 / "data" / name).read_bytes(), name
+    rows = [row for split in kept_rows(out2).values() for row in split]
+    assert not [row for row in rows if row["id"].startswith("DUP")]  # the first occurrence won, across chunks
+    no_uid = [row for row in rows if row["title"].startswith("No uid")]
+    # The id of a row without uid is its line number in the file, whichever chunk it fell in.
+    lines = path.read_bytes().decode("utf-8-sig").split("\n")
+    assert len(no_uid) > 5 and all(row["title"] in lines[int(row["id"]) - 1] for row in no_uid)
+    assert not list((out2 / "data").glob(".*tmp*"))  # the workers' chunk files are gone
+
+
+def test_data_workers_auto_and_bad_values(tmp_path, qa):
+    path = write_jsonl(tmp_path / "p.json", products(30))
+    assert data.data_workers("auto", path) == 1  # a small file: no pool
+    assert data.data_workers("3", path) == 3
+    gz = tmp_path / "p.json.gz"
+    gz.write_bytes(gzip.compress(path.read_bytes()))
+    assert data.data_workers("4", gz) == 1  # a gzip stream cannot be cut into chunks
+    with pytest.raises(UserError, match="--data_workers must be 'auto' or a number"):
+        run(tmp_path, qa, data=str(path), data_workers="0")
+    with pytest.raises(UserError, match="--data_workers must be 'auto' or a number"):
+        run(tmp_path, qa, data=str(path), data_workers="many")

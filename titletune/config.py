@@ -94,6 +94,13 @@ class DataArguments:
         default=2000,
         metadata={"help": "Cut longer descriptions at a sentence end (real rows reach 197,622 chars; median 398)."},
     )
+    data_workers: str = field(
+        default="auto",
+        metadata={
+            "help": "Processes that read the data file: auto (one per CPU, up to 8, for a plain JSON-lines file of "
+            "64 MB or more; else 1) or a number. The output is the same for any number."
+        },
+    )
     prompts: str = field(
         default=str(ROOT / "prompts" / "qa"),
         metadata={"help": "Prompt set folder: system.txt, user.txt, assistant.txt."},

@@ -11,7 +11,8 @@ class UserError(Exception):
 
 
 def cli(main):
-    """Run `main` so that a UserError prints `error: <message>` and exits 2, with no traceback."""
+    """Run `main` so that a UserError prints `error: <message>` and exits 2, and Ctrl-C exits 130, with no
+    traceback. (Training catches Ctrl-C itself, to save a checkpoint first.)"""
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
@@ -20,5 +21,9 @@ def cli(main):
         except UserError as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
+        except KeyboardInterrupt:
+            # Every file titletune writes is renamed into place whole, so an interruption leaves no half file.
+            print("\ninterrupted (Ctrl-C); nothing half-written was left behind.", file=sys.stderr)
+            sys.exit(130)
 
     return wrapper
