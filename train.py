@@ -122,7 +122,9 @@ def main(script_args, model_args, data_args, export_args, training_args):
     train_rows, val_rows = training.load_datasets(run_dir)  # memory-mapped Arrow, not Python lists
 
     # Model: the backend decides how it is loaded; everything after this is shared.
-    model, tokenizer = backend.load(base_model, model_args, training_args.trust_remote_code, training_args.max_length)
+    model, tokenizer = backend.load(
+        base_model, model_args, training_args.trust_remote_code, training_args.max_length, bf16=training_args.bf16
+    )
     model = backend.add_lora(model, model_args, training_args)
     if script_args.backend == "unsloth":
         training_args.gradient_checkpointing = False  # get_peft_model(use_gradient_checkpointing="unsloth") did it

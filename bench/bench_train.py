@@ -57,7 +57,8 @@ CONFIGS = {
     "packing": ("packing=True (BFD, padding-free) into max_length rows", {"packing": True}),
     "fp32": ("default in fp32 (no bf16 autocast)", {"bf16": False}),
     "4bit": ("bnb nf4 4-bit base, bf16 compute", {"load_in_4bit": True}),
-    "bf16_base": ("base weights in bf16 (LoRA stays fp32), bf16 autocast", {"base_dtype": "bfloat16"}),
+    "fp32_base": ("base weights in fp32 (LoRA fp32), bf16 autocast", {"fp32_base": True}),
+    "compile": ("default + torch.compile (inductor, C++ kernels)", {"torch_compile": True}),
     "grad_ckpt": ("default + gradient checkpointing", {"gradient_checkpointing": True}),
     # How idle OpenMP threads wait, and how many threads there are. Every other run uses WAIT below.
     "omp_spin": ("libgomp's default wait (spin 300,000 rounds, then sleep)", {"env": {"OMP_WAIT_POLICY": None}}),
@@ -68,7 +69,7 @@ CONFIGS = {
     "1_thread": ("default on 1 thread", {"threads": 1}),
 }
 # The OpenMP variants are left out by default: next to another job, one libgomp-spin run can take minutes.
-DEFAULT_CONFIGS = ["padded_full", "default", "padding_free", "packing", "fp32", "4bit", "bf16_base", "grad_ckpt"]
+DEFAULT_CONFIGS = ["padded_full", "default", "padding_free", "packing", "fp32", "4bit", "fp32_base", "grad_ckpt"]
 # How torch's OpenMP threads wait between ops decided more than any other setting (bench/README.md): on a quiet
 # machine libgomp's default spin was fastest (~1.35x PASSIVE), but next to another job on the 2 cores it collapsed
 # (12-28 tok/s against PASSIVE's 106-215), and so did a short spin (GOMP_SPINCOUNT=10000). PASSIVE never collapsed,
@@ -203,6 +204,7 @@ def measure(name: str, data_dir: str, args: argparse.Namespace) -> dict:
         bf16=opts.get("bf16", True),
         use_cpu=True,
         gradient_checkpointing=opts.get("gradient_checkpointing", False),
+        torch_compile=opts.get("torch_compile", False),
         # TRL refuses padding_free without packing while max_length is set: it would not truncate. Every row here
         # is shorter than max_length (checked in main), so nothing is lost.
         max_length=None if padding_free else args.max_length,
@@ -217,10 +219,9 @@ def measure(name: str, data_dir: str, args: argparse.Namespace) -> dict:
         seed=42,
         dataloader_num_workers=0,
     )
-    model, tokenizer = hf.load(str(models.embedded_hf_dir()), model_args, max_length=args.max_length)
-    if "base_dtype" in opts:
-        # hf.load keeps fp32 master weights on CPU; peft then keeps the adapter in fp32 (autocast_adapter_dtype).
-        model = model.to(getattr(torch, opts["base_dtype"]))
+    # As train.py: with bf16 autocast the CPU base is loaded in bf16, else in fp32. The LoRA weights stay fp32.
+    bf16_base = training_args.bf16 and not opts.get("fp32_base")
+    model, tokenizer = hf.load(str(models.embedded_hf_dir()), model_args, max_length=args.max_length, bf16=bf16_base)
     model = hf.add_lora(model, model_args, training_args)
     if opts.get("rows") == "messages":
         # The naive way: whole conversations as language-modelling rows, loss on every token (system prompt too).

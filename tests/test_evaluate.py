@@ -32,7 +32,7 @@ def test_report_files_and_schema(run_dir, report):
     assert on_disk == json.loads(json.dumps(report))
     for pop in ("seen", "heldout"):
         assert set(report[pop]) == {"base", "tuned", "retrieval"}
-        for system, metrics in report[pop].items():
+        for metrics in report[pop].values():
             assert {"rouge1", "rouge2", "rougeL", "bleu"} <= set(metrics)
             assert all(0.0 <= metrics[k] <= 1.0 for k in ("rouge1", "rouge2", "rougeL"))
             assert 0.0 <= metrics["bleu"] <= 100.0

@@ -192,7 +192,7 @@ def test_datasets_are_memory_mapped_and_hold_the_chat_columns_only(tmp_path):
 
     run_dir = tmp_path / "run"
     data.prepare(DataArguments(data=str(SAMPLE), max_samples="30"), 7, run_dir, prompts.load(QA))
-    train_ds, val_ds = training.load_datasets(run_dir)
+    train_ds, _val_ds = training.load_datasets(run_dir)
     assert train_ds.column_names == ["prompt", "completion"]
     assert len(train_ds) == len(data.load_split(run_dir, "train"))
     assert train_ds[0]["prompt"] == data.load_split(run_dir, "train")[0]["prompt"]

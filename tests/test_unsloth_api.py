@@ -21,7 +21,7 @@ OURS = ROOT / "titletune" / "backends" / "unsloth.py"
 
 def pinned(name: str) -> str:
     text = (ROOT / "requirements.txt").read_text()
-    match = re.search(rf"^{re.escape(name)}==(\S+)", text, re.M)
+    match = re.search(rf"^{re.escape(name)}==(\S+)", text, re.MULTILINE)
     assert match, f"{name} is not pinned in requirements.txt"
     return match.group(1)
 

@@ -15,7 +15,8 @@ from unsloth import FastLanguageModel
 from titletune import models
 
 
-def load(base_model: str, model_args, trust_remote_code: bool = False, max_length: int = 2048):
+def load(base_model: str, model_args, trust_remote_code: bool = False, max_length: int = 2048, bf16: bool = False):
+    """Load the base model and tokenizer; Unsloth picks the dtype from the GPU, so `bf16` is not needed here."""
     try:
         model, tokenizer = FastLanguageModel.from_pretrained(
             model_name=base_model,
