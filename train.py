@@ -55,20 +55,15 @@ def parse(argv: list[str]):
         f"Without --config: {CPU_CONFIG.name} on CPU, {GPU_CONFIG.name} with CUDA. Every flag is "
         "accepted with dashes or underscores (--max-samples = --max_samples)."
     )
-    machine = {"use_cpu": not cuda, "bf16": _bf16_ok(torch, cuda), "fp16": cuda and not torch.cuda.is_bf16_supported()}
+    machine = {
+        "use_cpu": not cuda,
+        "bf16": backends.bf16_supported(),
+        "fp16": cuda and not torch.cuda.is_bf16_supported(),
+    }
     parser.set_defaults_with_config(**DEFAULTS, **machine)
     script_args, model_args, data_args, export_args, training_args = parser.parse_args_and_config(argv)
     script_args.backend = backend
     return script_args, model_args, data_args, export_args, training_args
-
-
-def _bf16_ok(torch, cuda: bool) -> bool:
-    if cuda:
-        return torch.cuda.is_bf16_supported()
-    try:  # bf16 autocast only pays on CPUs with native bf16 (AVX512-BF16 / AMX); elsewhere it is emulated
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
 
 
 @cli

@@ -20,6 +20,9 @@ GPU_CONFIG = ROOT / "configs" / "llama3_2_3b_qlora.yaml"
 DEFAULTS = {
     "model_name_or_path": EMBEDDED,  # the only model that is always there: no hub needed
     "use_peft": True,
+    # auto: bf16 on a GPU with bf16 (else fp16); on CPU bf16 when training in bf16, else fp32 (backends/hf.py).
+    # TRL's own default, float32, would double the memory of a GPU base and slow a CPU one (bench/README.md).
+    "dtype": "auto",
     "lora_r": 16,
     "lora_alpha": 16,  # alpha = r, as in Unsloth's notebooks: scale 1.0 keeps the lr meaning the same across ranks
     "lora_dropout": 0.0,  # Unsloth's fast LoRA kernels need 0; on small data a few epochs overfit less than they learn

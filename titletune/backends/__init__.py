@@ -19,6 +19,31 @@ from titletune.errors import UserError
 NAMES = ("auto", "hf", "unsloth")
 
 
+def bf16_supported() -> bool:
+    """Whether bf16 pays here: a GPU with bf16, or a CPU with native bf16 (AVX512-BF16 / AMX); elsewhere on CPU it is
+    emulated and slower than fp32. Imports torch: call it after choose()."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def torch_dtype(name: str | None):
+    """--dtype as a torch dtype, or None for auto (the backend picks); a bad name is a UserError."""
+    import torch
+
+    if name in (None, "", "auto"):
+        return None
+    dtype = getattr(torch, str(name), None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise UserError(f"--dtype must be auto, bfloat16, float16 or float32, got {name!r}.")
+    return dtype
+
+
 def requested_backend(argv: list[str]) -> str:
     """The --backend value from the CLI, else from the --config YAML, else 'auto'. Reads argv without argparse."""
     for flag in ("--backend",):

@@ -12,6 +12,7 @@ from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_t
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from titletune import models
+from titletune.backends import torch_dtype
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,7 @@ def load(base_model: str, model_args, trust_remote_code: bool = False, max_lengt
         tokenizer = AutoTokenizer.from_pretrained(base_model, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(
             base_model,
-            dtype=_dtype(model_args.load_in_4bit, bf16),
+            dtype=torch_dtype(model_args.dtype) or _dtype(model_args.load_in_4bit, bf16),
             quantization_config=quantization_config,
             attn_implementation=model_args.attn_implementation,
             trust_remote_code=trust_remote_code,

@@ -13,15 +13,16 @@ import torch
 from unsloth import FastLanguageModel
 
 from titletune import models
+from titletune.backends import torch_dtype
 
 
 def load(base_model: str, model_args, trust_remote_code: bool = False, max_length: int = 2048, bf16: bool = False):
-    """Load the base model and tokenizer; Unsloth picks the dtype from the GPU, so `bf16` is not needed here."""
+    """Load the base model and tokenizer; with --dtype auto Unsloth picks the dtype from the GPU (`bf16` unused)."""
     try:
         model, tokenizer = FastLanguageModel.from_pretrained(
             model_name=base_model,
             max_seq_length=max_length,
-            dtype=None,  # Unsloth picks bf16 where the GPU has it, else fp16
+            dtype=torch_dtype(model_args.dtype),  # None (auto): Unsloth picks bf16 where the GPU has it, else fp16
             load_in_4bit=model_args.load_in_4bit,
             trust_remote_code=trust_remote_code,
         )
