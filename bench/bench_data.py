@@ -113,7 +113,7 @@ def title_of(title_words: list[str], idx: list[int], length: int) -> str:
     return " ".join(out)
 
 
-def measure_ours(path: Path, max_samples: int, workers: str = "auto") -> dict:
+def measure_ours(path: Path, max_samples: str, workers: str = "auto") -> dict:
     """What train.py does before training: prepare() into a temp folder."""
     from titletune import data, prompts
     from titletune.config import DataArguments
@@ -130,7 +130,7 @@ def measure_ours(path: Path, max_samples: int, workers: str = "auto") -> dict:
     return {"seconds": seconds, "rows": stats["rows_read"], "kept": stats["kept"]["total"]}
 
 
-def measure_naive(path: Path, max_samples: int) -> dict:
+def measure_naive(path: Path, max_samples: str) -> dict:
     """The obvious way: load everything with pandas, clean with .apply, dedupe, sample, split."""
     import pandas as pd
 
@@ -143,7 +143,8 @@ def measure_naive(path: Path, max_samples: int) -> dict:
     df["content"] = df["content"].fillna("").astype(str).apply(clean_text)
     df = df[(df["title"] != "") & (df["content"].str.len() >= 20)]
     df = df.assign(key=df["title"].apply(title_key)).drop_duplicates("key")
-    df = df.sample(n=min(max_samples, len(df)), random_state=42)
+    if max_samples != "all":
+        df = df.sample(n=min(int(max_samples), len(df)), random_state=42)
     df["content"] = df["content"].str.slice(0, 2000)
     test = df.sample(frac=0.05, random_state=42)
     rest = df.drop(test.index)
@@ -205,7 +206,7 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def run_child(method: str, path: Path, max_samples: int, workers: str = "auto") -> dict:
+def run_child(method: str, path: Path, max_samples: str, workers: str = "auto") -> dict:
     """Run one measurement in a fresh interpreter, so its peak memory is its own."""
     cmd = [sys.executable, __file__, "--measure", method, "--path", str(path), "--max_samples", str(max_samples)]
     cmd += ["--workers", workers]
@@ -246,7 +247,8 @@ def main() -> None:
     parser.add_argument("--lines", type=int, default=2_248_619, help="rows to generate (real trn.json: 2,248,619)")
     parser.add_argument("--out", default="/tmp/trn_synth.json", help="synthetic file; reused if it exists")
     parser.add_argument("--regenerate", action="store_true", help="write --out even if it exists")
-    parser.add_argument("--max_samples", type=int, default=100_000)
+    parser.add_argument("--max_samples", default="100000", help="a number, or all (every product)")
+    parser.add_argument("--skip_naive", action="store_true", help="measure prepare() only")
     parser.add_argument("--naive_fraction", type=float, default=0.1, help="share of the file pandas is measured on")
     parser.add_argument("--workers", default="1,auto", help="comma list of --data_workers values to measure")
     parser.add_argument("--measure", choices=["ours", "naive"], help=argparse.SUPPRESS)
@@ -286,14 +288,15 @@ def main() -> None:
     for target in dict.fromkeys([path, part]):
         for workers in args.workers.split(","):
             runs.append((f"titletune.data.prepare, --data_workers {workers}", "ours", target, workers))
-    runs.append(("pandas.read_json + .apply", "naive", part, "1"))
+    if not args.skip_naive:
+        runs.append(("pandas.read_json + .apply", "naive", part, "1"))
     load_before = os.getloadavg()
     for label, method, target, workers in runs:
         result = run_child(method, target, args.max_samples, workers)
         table.append(row(label, target, result))
         print(table[-1], file=sys.stderr)
     load = " -> ".join("/".join(f"{x:.2f}" for x in avg) for avg in (load_before, os.getloadavg()))
-    print(f"\nmax_samples={args.max_samples:,}; {platform.python_version()}; {os.cpu_count()} CPUs; load {load}\n")
+    print(f"\nmax_samples={args.max_samples}; {platform.python_version()}; {os.cpu_count()} CPUs; load {load}\n")
     print("\n".join(table))
 
 

@@ -73,6 +73,7 @@ def measure(backend_name: str, data_dir: str, args: argparse.Namespace) -> dict:
         lora_target_modules=TARGETS,
         load_in_4bit=not args.smoke_cpu,
         bnb_4bit_quant_type="nf4",
+        dtype="auto",  # as train.py (config.DEFAULTS); TRL's own default would be float32
     )
     steps = args.warmup + args.steps
     out = tempfile.mkdtemp(prefix="bench_gpu_")

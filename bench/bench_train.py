@@ -58,6 +58,7 @@ CONFIGS = {
     "fp32": ("default in fp32 (no bf16 autocast)", {"bf16": False}),
     "4bit": ("bnb nf4 4-bit base, bf16 compute", {"load_in_4bit": True}),
     "fp32_base": ("base weights in fp32 (LoRA fp32), bf16 autocast", {"fp32_base": True}),
+    "grouped": ("default + group_by_length (batches of similar lengths: less padding)", {"group_by_length": True}),
     "compile": ("default + torch.compile (inductor, C++ kernels)", {"torch_compile": True}),
     "grad_ckpt": ("default + gradient checkpointing", {"gradient_checkpointing": True}),
     # How idle OpenMP threads wait, and how many threads there are. Every other run uses WAIT below.
@@ -191,6 +192,7 @@ def measure(name: str, data_dir: str, args: argparse.Namespace) -> dict:
         lora_target_modules=TARGETS,
         load_in_4bit=opts.get("load_in_4bit", False),
         bnb_4bit_quant_type="nf4",
+        dtype="auto",  # as train.py (config.DEFAULTS); TRL's own default would be float32
     )
     steps = args.warmup + args.steps
     out = tempfile.mkdtemp(prefix="bench_train_")
@@ -205,6 +207,7 @@ def measure(name: str, data_dir: str, args: argparse.Namespace) -> dict:
         use_cpu=True,
         gradient_checkpointing=opts.get("gradient_checkpointing", False),
         torch_compile=opts.get("torch_compile", False),
+        train_sampling_strategy="group_by_length" if opts.get("group_by_length") else "random",
         # TRL refuses padding_free without packing while max_length is set: it would not truncate. Every row here
         # is shorter than max_length (checked in main), so nothing is lost.
         max_length=None if padding_free else args.max_length,
