@@ -712,6 +712,7 @@ def _select_parallel(
     # `if __name__ == "__main__"` guard in the caller's script. The pool starts before the progress bar's thread.
     method = "fork" if sys.platform == "linux" else "spawn"
     pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method), initializer=_ignore_sigint)
+    finished = False
     bar = None
     if size >= PROGRESS_MIN_BYTES:
         from tqdm import tqdm
@@ -752,19 +753,18 @@ def _select_parallel(
                 results[index] = result
                 if bar is not None:
                     bar.update(chunks[index][1] - chunks[index][0])
+        finished = True
     except BrokenProcessPool:
         raise UserError(
             "a data-prep worker process died (out of memory?); run again with --data_workers 1 (one process)."
         ) from None
-    except BaseException:
-        pool.shutdown(wait=True, cancel_futures=True)
-        for file in tmp:
-            file.unlink(missing_ok=True)
-        raise
     finally:
-        pool.shutdown(wait=True)
+        pool.shutdown(wait=True, cancel_futures=not finished)  # Ctrl-C or an error: the chunks not begun never run
         if bar is not None:
             bar.close()
+        if not finished:
+            for file in tmp:
+                file.unlink(missing_ok=True)
     if not counts["rows_read"]:
         raise UserError(
             f"data file {path} holds no JSON rows (only blank lines); re-download it or pass another --data."
