@@ -267,16 +267,7 @@ def test_local_folder_without_config_json(tmp_path):
     folder = tmp_path / "my-model"
     folder.mkdir()
     (folder / "notes.txt").write_text("not a model")
-    result = run_cli(
-        "train.py",
-        "--prepare-only",
-        "--model-name-or-path",
-        str(folder),
-        "--output-dir",
-        str(tmp_path / "run"),
-        timeout=300,
-        check=False,
-    )
+    result = prepare(tmp_path, SAMPLE, "--model-name-or-path", str(folder))
     assert_user_error(
         result,
         r"has no config\.json, so it is not a transformers model folder\. Pass a folder written "

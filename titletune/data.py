@@ -177,6 +177,11 @@ def check_path(path: str | Path) -> Path:
     return path
 
 
+def _is_gzip(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(2) == GZIP_MAGIC
+
+
 def _open(path: Path) -> tuple[io.BufferedReader, io.BufferedIOBase]:
     """(raw file, decompressed stream); gzip is told by its magic bytes, so a .json that is really gzip still works."""
     raw = open(path, "rb")  # noqa: SIM115 - closed by the caller, with the stream
@@ -586,12 +591,8 @@ def data_workers(value: str | int, path: Path) -> int:
             workers = 0
         if workers < 1:
             raise UserError(f"--data_workers must be 'auto' or a number of processes >= 1, got {value!r}.")
-    if workers > 1:
-        with open(path, "rb") as f:
-            if f.read(2) == GZIP_MAGIC:
-                return 1
-        if _sniff(path) == b"[":
-            return 1
+    if workers > 1 and (_is_gzip(path) or _sniff(path) == b"["):
+        return 1
     return workers
 
 
@@ -1008,10 +1009,8 @@ def _stats(
 ) -> dict:
     dropped = {reason: counts[reason] for reason in DROP_REASONS}
     kept = sum(split_counts.values())
-    with open(path, "rb") as f:
-        compressed = f.read(2) == GZIP_MAGIC
     return {
-        "input": {"path": str(path.resolve()), "bytes": path.stat().st_size, "gzip": compressed},
+        "input": {"path": str(path.resolve()), "bytes": path.stat().st_size, "gzip": _is_gzip(path)},
         "seed": seed,
         "rows_read": counts["rows_read"],
         "kept": {**split_counts, "total": kept},

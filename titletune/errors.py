@@ -22,8 +22,7 @@ def cli(main):
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
         except KeyboardInterrupt:
-            # Every file titletune writes is renamed into place whole, so an interruption leaves no half file.
-            print("\ninterrupted (Ctrl-C); nothing half-written was left behind.", file=sys.stderr)
+            print("\ninterrupted (Ctrl-C)", file=sys.stderr)
             sys.exit(130)
 
     return wrapper
