@@ -12,12 +12,12 @@ STAMP := $(VENV)/.installed-$(REQS)
 .PHONY: setup demo test clean
 setup: $(STAMP)
 
-$(STAMP): $(REQS) requirements-cpu.txt requirements-embedded.txt
+$(STAMP): $(REQS) requirements-cpu.txt requirements-nodeps.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	@echo "Installing $(REQS). The first install builds llama-cpp-python from source (about 10 minutes on 2 cores)."
 	CMAKE_ARGS="-DLLAVA_BUILD=OFF" $(BIN)/python -m pip install -r $(REQS)
-	$(BIN)/python -m pip install --no-deps -r requirements-embedded.txt
+	$(BIN)/python -m pip install --no-deps -r requirements-nodeps.txt
 	touch $@
 
 demo: setup

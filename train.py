@@ -41,13 +41,14 @@ def parse(argv: list[str]):
     """Choose the backend (importing unsloth first if it is the one), then parse every flag with TrlParser."""
     import torch
 
-    backend = backends.choose(backends.requested_backend(argv))
-    backends.load_backend(backend)  # imports unsloth, when chosen, before trl/transformers/peft
-    from trl import ModelConfig, SFTConfig, TrlParser
-
     cuda = torch.cuda.is_available()
     if "--config" not in argv and not any(a in argv for a in ("-h", "--help")):
         argv = ["--config", str(GPU_CONFIG if cuda else CPU_CONFIG), *argv]
+    # The backend after the preset is known, so a preset's `backend:` counts; unsloth is imported here, once.
+    backend = backends.choose(backends.requested_backend(argv))
+    backends.load_backend(backend)
+    from trl import ModelConfig, SFTConfig, TrlParser
+
     parser = TrlParser((ScriptArguments, ModelConfig, DataArguments, ExportArguments, SFTConfig))
     parser.description = __doc__.split("\n\n")[0]
     parser.epilog = (
@@ -70,10 +71,11 @@ def parse(argv: list[str]):
 def main(script_args, model_args, data_args, export_args, training_args):
     from titletune import data, export, models, prompts, runs, training
 
-    backend = backends.load_backend(script_args.backend)
+    backend = backends.load_backend(script_args.backend)  # already imported by parse(): returns the module
     gguf_types = export.parse_gguf_types(export_args.gguf)
     if script_args.export_only:
         return export_run(script_args, export_args, backend, gguf_types)
+    backend.check(model_args, export_args)
 
     if not script_args.resume:  # a bad --data fails before a run folder exists that infer.py would take as the latest
         data.check_args(data_args)
@@ -121,8 +123,6 @@ def main(script_args, model_args, data_args, export_args, training_args):
         base_model, model_args, training_args.trust_remote_code, training_args.max_length, bf16=training_args.bf16
     )
     model = backend.add_lora(model, model_args, training_args)
-    if script_args.backend == "unsloth":
-        training_args.gradient_checkpointing = False  # get_peft_model(use_gradient_checkpointing="unsloth") did it
     trainable, total = model.get_nb_trainable_parameters()
     log.info(
         "model %s: %.1fM trainable of %.1fM parameters (LoRA r=%d)",

@@ -1,7 +1,8 @@
 """Two backends with the same four functions (load, add_lora, merge, free) and no base class.
 
-`hf`: transformers + peft (+ bitsandbytes 4-bit), CPU or CUDA. `unsloth`: Unsloth's FastLanguageModel, CUDA only.
-`choose` runs before trl, transformers or peft are imported, because unsloth must patch them on import.
+`hf`: transformers + peft (+ bitsandbytes 4-bit), CPU or CUDA. `unsloth`: Unsloth's FastLanguageModel: its kernels
+on CUDA, its own CPU backend (unsloth_zoo.cpu) without a GPU. `choose` and `load_backend` run before trl,
+transformers or peft are imported, because unsloth must patch them on import.
 """
 
 from __future__ import annotations
@@ -63,6 +64,11 @@ def requested_backend(argv: list[str]) -> str:
     return "auto"
 
 
+# --backend auto, per device, from bench/bench_train.py (bench/README.md): on CUDA Unsloth's kernels; on CPU the
+# backend measured faster at the same loss.
+AUTO = {"cuda": "unsloth", "cpu": "hf"}
+
+
 def choose(requested: str) -> str:
     """Resolve 'auto' and check that the backend can run here; fails at once with the fix."""
     import torch
@@ -70,19 +76,16 @@ def choose(requested: str) -> str:
     if requested not in NAMES:
         raise UserError(f"--backend must be one of {', '.join(NAMES)}, got {requested!r}.")
     world_size, sharding = launch()
-    has_cuda = torch.cuda.is_available()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     has_unsloth = importlib.util.find_spec("unsloth") is not None
     if requested == "auto":
-        return "unsloth" if has_cuda and has_unsloth and not sharding else "hf"
+        return "unsloth" if AUTO[device] == "unsloth" and has_unsloth and not sharding else "hf"
     check_distributed(requested, world_size, sharding)
-    if requested == "unsloth":
-        if not has_cuda:
-            raise UserError(
-                "--backend unsloth needs an NVIDIA GPU with CUDA, and none is visible. "
-                "Use --backend hf (CPU or GPU), or --backend auto."
-            )
-        if not has_unsloth:
-            raise UserError("--backend unsloth: unsloth is not installed. Run: pip install -r requirements.txt")
+    if requested == "unsloth" and not has_unsloth:
+        raise UserError(
+            "--backend unsloth: unsloth is not installed. Run: make setup "
+            "(or pip install --no-deps -r requirements-nodeps.txt after requirements-cpu.txt)"
+        )
     return requested
 
 
@@ -116,8 +119,9 @@ def check_distributed(backend: str, world_size: int, sharding: str | None) -> No
 
 
 def load_backend(name: str) -> ModuleType:
-    """Import the chosen backend. For unsloth this imports unsloth itself, so call it before trl/transformers/peft."""
-    if name == "unsloth":
+    """Import the chosen backend. For unsloth this imports unsloth itself, so the first call must come before
+    trl/transformers/peft are imported; later calls (train.main after train.parse) find it imported and return."""
+    if name == "unsloth" and "unsloth" not in sys.modules:
         patched = [m for m in ("trl", "transformers", "peft") if m in sys.modules]
         if patched:
             # Unsloth patches these on import; imported earlier, its speed-ups silently don't apply.

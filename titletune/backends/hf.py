@@ -39,6 +39,10 @@ def _device_map(quantized: bool) -> dict | None:
     return {"": int(os.environ.get("LOCAL_RANK", "0"))}
 
 
+def check(model_args, export_args) -> None:
+    """The hf backend finishes every configuration on CPU and CUDA; the unsloth backend refuses some here."""
+
+
 def load(base_model: str, model_args, trust_remote_code: bool = False, max_length: int = 2048, bf16: bool = False):
     """Load the base model and tokenizer. `base_model` is a folder or hub id from models.resolve().
 
