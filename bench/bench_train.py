@@ -68,6 +68,13 @@ CONFIGS = {
         {"env": {"OMP_WAIT_POLICY": None, "GOMP_SPINCOUNT": "10000"}},
     ),
     "1_thread": ("default on 1 thread", {"threads": 1}),
+    # The two backends as train.py runs them on this CPU (bf16 only where it is native), on the same rows:
+    # --backend auto on CPU follows this pair (backends.AUTO).
+    "train_hf": ("hf backend (transformers + peft), train.py's CPU settings", {"backend": "hf", "bf16": "auto"}),
+    "train_unsloth": (
+        "unsloth backend (Unsloth's own CPU backend), train.py's CPU settings",
+        {"backend": "unsloth", "bf16": "auto"},
+    ),
 }
 # The OpenMP variants are left out by default: next to another job, one libgomp-spin run can take minutes.
 DEFAULT_CONFIGS = ["padded_full", "default", "padding_free", "packing", "fp32", "4bit", "fp32_base", "grad_ckpt"]
@@ -173,15 +180,17 @@ def sequence_lengths(kwargs: dict) -> list[int]:
 def measure(name: str, data_dir: str, args: argparse.Namespace) -> dict:
     # As libgomp sees it when torch loads it, below; importing titletune later sets OMP_WAIT_POLICY if unset.
     omp_env = {k: os.environ[k] for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT") if k in os.environ}
+    opts = CONFIGS[name][1]
+    from titletune import backends
+
+    backend = backends.load_backend(opts.get("backend", "hf"))  # unsloth, if chosen, before trl and transformers
     import torch
     from datasets import Dataset
     from transformers import TrainerCallback
     from trl import ModelConfig, SFTConfig, SFTTrainer
 
     from titletune import data, models, training
-    from titletune.backends import hf
 
-    opts = CONFIGS[name][1]
     torch.set_num_threads(opts.get("threads", args.threads))
     rows = data.load_split(data_dir, "train")
     model_args = ModelConfig(
@@ -203,7 +212,7 @@ def measure(name: str, data_dir: str, args: argparse.Namespace) -> dict:
         per_device_train_batch_size=args.batch_size,
         learning_rate=5e-4,
         lr_scheduler_type="constant",
-        bf16=opts.get("bf16", True),
+        bf16=backends.bf16_supported() if opts.get("bf16") == "auto" else opts.get("bf16", True),
         use_cpu=True,
         gradient_checkpointing=opts.get("gradient_checkpointing", False),
         torch_compile=opts.get("torch_compile", False),
@@ -224,8 +233,10 @@ def measure(name: str, data_dir: str, args: argparse.Namespace) -> dict:
     )
     # As train.py: with bf16 autocast the CPU base is loaded in bf16, else in fp32. The LoRA weights stay fp32.
     bf16_base = training_args.bf16 and not opts.get("fp32_base")
-    model, tokenizer = hf.load(str(models.embedded_hf_dir()), model_args, max_length=args.max_length, bf16=bf16_base)
-    model = hf.add_lora(model, model_args, training_args)
+    model, tokenizer = backend.load(
+        str(models.embedded_hf_dir()), model_args, max_length=args.max_length, bf16=bf16_base
+    )
+    model = backend.add_lora(model, model_args, training_args)
     if opts.get("rows") == "messages":
         # The naive way: whole conversations as language-modelling rows, loss on every token (system prompt too).
         dataset = Dataset.from_list([{"messages": r["prompt"] + r["completion"]} for r in rows])
@@ -291,6 +302,7 @@ def measure(name: str, data_dir: str, args: argparse.Namespace) -> dict:
         "load": f"{load_before} -> {load_after}",
         "omp_env": omp_env,
         "threads": torch.get_num_threads(),
+        "bf16": training_args.bf16,
     }
 
 
@@ -362,7 +374,7 @@ def summarise(runs: list[dict], measured: list[dict]) -> list[str]:
         if not good:
             lines.append(f"| {name} | 0 | failed: {rs[0]['error'][:100]} |||||||||")
             continue
-        dtype = "float32" if name == "fp32" else "bfloat16"
+        dtype = "bfloat16" if good[0].get("bf16", name != "fp32") else "float32"
         mfu = statistics.median(r["flops"] / r["wall_s"] / 1e9 / peak[dtype] for r in good)
         mfu_cpu = statistics.median(r["flops"] / r["cpu_s"] / 1e9 / peak_cpu[dtype] for r in good)
 

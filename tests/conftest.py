@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -52,6 +53,12 @@ def run_cli(*args: str, timeout: int = 900, check: bool = True, **kwargs) -> sub
             f"--- stderr\n{result.stderr[-6000:]}"
         )
     return result
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    """step -> training loss, from the run's train_log.jsonl."""
+    records = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in records if "loss" in r}
 
 
 @pytest.fixture(scope="session")

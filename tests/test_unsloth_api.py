@@ -1,54 +1,46 @@
-"""Guard the CUDA path without a GPU: every keyword we pass to Unsloth exists in the pinned unsloth's source.
+"""Every keyword we pass to Unsloth exists in the pinned unsloth's source: the CUDA loader (unsloth.models) and the
+CPU loader (unsloth_zoo.cpu) alike, since FastLanguageModel is a different class on each device.
 
-The source comes from the pinned wheel (pip download --no-deps), read with ast and never imported: importing
-unsloth needs a GPU (2026.10.7) and patches transformers for the whole test session.
+The source is read from the installed packages with ast and never imported: importing unsloth patches
+transformers for the whole test session. The installed versions must be the pinned ones.
 """
 
 from __future__ import annotations
 
 import ast
+import importlib.metadata
 import re
-import subprocess
-import sys
-import zipfile
+from pathlib import Path
 
 import pytest
 
-from titletune.config import ROOT, cache_dir
+from titletune.config import ROOT
 
 OURS = ROOT / "titletune" / "backends" / "unsloth.py"
 
 
 def pinned(name: str) -> str:
-    text = (ROOT / "requirements.txt").read_text()
+    text = (ROOT / "requirements-nodeps.txt").read_text()
     match = re.search(rf"^{re.escape(name)}==(\S+)", text, re.MULTILINE)
-    assert match, f"{name} is not pinned in requirements.txt"
+    assert match, f"{name} is not pinned in requirements-nodeps.txt"
     return match.group(1)
+
+
+def installed_source(dist: str) -> dict[str, str]:
+    """{relative path: text} of a distribution's .py files, checked to be the pinned version."""
+    assert importlib.metadata.version(dist) == pinned(dist), f"{dist} installed is not the pinned version"
+    files = importlib.metadata.distribution(dist).files or []
+    return {str(f): Path(f.locate()).read_text(encoding="utf-8") for f in files if str(f).endswith(".py")}
 
 
 @pytest.fixture(scope="module")
 def unsloth_source() -> dict[str, str]:
-    version = pinned("unsloth")
-    folder = cache_dir() / "wheels"
-    wheels = list(folder.glob(f"unsloth-{version}-*.whl"))
-    if not wheels:
-        folder.mkdir(parents=True, exist_ok=True)
-        cmd = [
-            sys.executable,
-            "-m",
-            "pip",
-            "download",
-            "--no-deps",
-            "--quiet",
-            f"unsloth=={version}",
-            "-d",
-            str(folder),
-        ]
-        if subprocess.run(cmd, capture_output=True).returncode != 0:
-            pytest.skip(f"could not download the unsloth {version} wheel (no package index reachable)")
-        wheels = list(folder.glob(f"unsloth-{version}-*.whl"))
-    with zipfile.ZipFile(wheels[0]) as z:
-        return {n: z.read(n).decode("utf-8") for n in z.namelist() if n.endswith(".py")}
+    return installed_source("unsloth")
+
+
+@pytest.fixture(scope="module")
+def zoo_source() -> dict[str, str]:
+    return installed_source("unsloth_zoo")
 
 
 def function_params(source: str, func: str, cls: str | None = None) -> set[str]:
@@ -93,6 +85,31 @@ def test_save_pretrained_merged_keywords_exist(unsloth_source):
     ours = our_keywords("save_pretrained_merged")
     assert ours <= params, ours - params
     assert '"merged_16bit"' in source
+
+
+def test_cpu_init_makes_fastlanguagemodel_the_cpu_loader(unsloth_source):
+    """Without a GPU, `from unsloth import FastLanguageModel` gives unsloth_zoo.cpu's FastCPUModel."""
+    assert "from ._cpu_init import" in unsloth_source["unsloth/__init__.py"]
+    cpu_init = unsloth_source["unsloth/_cpu_init.py"]
+    assert "class FastLanguageModel(FastCPUModel)" in cpu_init and "from unsloth_zoo.cpu import" in cpu_init
+
+
+def test_cpu_from_pretrained_keywords_exist(zoo_source):
+    params = function_params(zoo_source["unsloth_zoo/cpu/loader.py"], "from_pretrained", "FastCPUModel")
+    assert our_keywords("from_pretrained") <= params, our_keywords("from_pretrained") - params
+
+
+def test_cpu_get_peft_model_keywords_exist(zoo_source):
+    params = function_params(zoo_source["unsloth_zoo/cpu/loader.py"], "get_peft_model", "FastCPUModel")
+    assert our_keywords("get_peft_model") <= params, our_keywords("get_peft_model") - params
+
+
+def test_cpu_save_pretrained_merged_keywords_exist(zoo_source):
+    source = zoo_source["unsloth_zoo/cpu/loader.py"]
+    params = function_params(source, "save_pretrained_merged")
+    ours = our_keywords("save_pretrained_merged")
+    assert ours <= params, ours - params
+    assert "merged_16bit" in source
 
 
 def test_unsloth_is_imported_only_by_its_backend():
