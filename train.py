@@ -45,7 +45,8 @@ def parse(argv: list[str]):
     if "--config" not in argv and not any(a in argv for a in ("-h", "--help")):
         argv = ["--config", str(GPU_CONFIG if cuda else CPU_CONFIG), *argv]
     # The backend after the preset is known, so a preset's `backend:` counts; unsloth is imported here, once.
-    backend = backends.choose(backends.requested_backend(argv))
+    load_in_4bit = backends.requested(argv, "load_in_4bit", "false").lower() in ("true", "1", "yes")
+    backend = backends.choose(backends.requested_backend(argv), load_in_4bit)
     backends.load_backend(backend)
     from trl import ModelConfig, SFTConfig, TrlParser
 

@@ -87,6 +87,15 @@ WAIT = {"OMP_WAIT_POLICY": "PASSIVE"}
 UNSET = ("GOMP_SPINCOUNT",)
 
 
+def cpu_name() -> str:
+    """Model name and the flags that decide CPU training speed here (bf16 is native only with AVX512-BF16 or AMX)."""
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
+    flags = next((set(line.split(":", 1)[1].split()) for line in info.splitlines() if line.startswith("flags")), set())
+    wanted = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
+    return f"{model} ({', '.join(wanted) or 'no AVX2'})"
+
+
 def load_average() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
@@ -117,12 +126,16 @@ def matmul_peak(
 
 def peaks(threads: int) -> dict:
     """The two peaks MFU is taken against, and bf16 at one MLP matmul of a default training step (4 rows of ~112
-    tokens, hidden 576 -> 1536), which is as large as the matmuls of this model get."""
-    return {
-        "bfloat16": matmul_peak("bfloat16", threads),
-        "float32": matmul_peak("float32", threads),
-        "bfloat16_mlp_shape": matmul_peak("bfloat16", threads, (448, 576, 1536)),
-    }
+    tokens, hidden 576 -> 1536), which is as large as the matmuls of this model get. On a CPU without native bf16
+    (AVX2 only) the bf16 peaks are left out: emulated, one 4096^3 bf16 matmul takes minutes and nothing trains in bf16.
+    """
+    from titletune.backends import bf16_supported
+
+    found = {"float32": matmul_peak("float32", threads)}
+    if bf16_supported():
+        found["bfloat16"] = matmul_peak("bfloat16", threads)
+        found["bfloat16_mlp_shape"] = matmul_peak("bfloat16", threads, (448, 576, 1536))
+    return found
 
 
 def model_dims(model_dir: Path, lora_r: int) -> dict:
@@ -356,8 +369,9 @@ def cpu_preset() -> dict:
 
 def summarise(runs: list[dict], measured: list[dict]) -> list[str]:
     """One row per configuration: medians over its runs, ratios against `default` and `padded_full`."""
-    peak = {k: statistics.median(p[k]["gflops"] for p in measured) for k in ("bfloat16", "float32")}
-    peak_cpu = {k: statistics.median(p[k]["gflops_per_cpu_s"] for p in measured) for k in ("bfloat16", "float32")}
+    kinds = [k for k in ("bfloat16", "float32") if k in measured[0]]
+    peak = {k: statistics.median(p[k]["gflops"] for p in measured) for k in kinds}
+    peak_cpu = {k: statistics.median(p[k]["gflops_per_cpu_s"] for p in measured) for k in kinds}
     by: dict[str, list[dict]] = {}
     for r in runs:
         by.setdefault(r["config"], []).append(r)
@@ -375,8 +389,11 @@ def summarise(runs: list[dict], measured: list[dict]) -> list[str]:
             lines.append(f"| {name} | 0 | failed: {rs[0]['error'][:100]} |||||||||")
             continue
         dtype = "bfloat16" if good[0].get("bf16", name != "fp32") else "float32"
-        mfu = statistics.median(r["flops"] / r["wall_s"] / 1e9 / peak[dtype] for r in good)
-        mfu_cpu = statistics.median(r["flops"] / r["cpu_s"] / 1e9 / peak_cpu[dtype] for r in good)
+        if dtype in peak:
+            mfu = f"{statistics.median(r['flops'] / r['wall_s'] / 1e9 / peak[dtype] for r in good):.1%}"
+            mfu_cpu = f"{statistics.median(r['flops'] / r['cpu_s'] / 1e9 / peak_cpu[dtype] for r in good):.1%}"
+        else:
+            mfu = mfu_cpu = "n/a"
 
         def ratio(base: str) -> str:
             if base not in rate:
@@ -386,7 +403,7 @@ def summarise(runs: list[dict], measured: list[dict]) -> list[str]:
         first = good[0]
         lines.append(
             f"| {name} | {len(good)} | {rate[name]:.0f} | {rate_cpu[name]:.0f} | {ratio('default')} | "
-            f"{ratio('padded_full')} | {first['executed'] / first['tokens']:.2f} | {mfu:.1%} | {mfu_cpu:.1%} | "
+            f"{ratio('padded_full')} | {first['executed'] / first['tokens']:.2f} | {mfu} | {mfu_cpu} | "
             f"{max(r['peak_rss_mb'] for r in good):,.0f} | {first['losses'][0]:.3f} -> {first['losses'][-1]:.3f} |"
         )
     return lines
@@ -474,15 +491,16 @@ def main() -> None:
     print(
         f"\nSmolLM2-135M-Instruct, LoRA r={args.lora_r} on {len(TARGETS)} projections, batch {args.batch_size}, "
         f"max_length {args.max_length}, {args.warmup} warm-up + {args.steps} timed steps, {args.rounds} round(s), "
-        f"{args.threads} threads; longest row {longest} tokens; Python {platform.python_version()}"
+        f"{args.threads} threads; longest row {longest} tokens; Python {platform.python_version()}; CPU {cpu_name()}"
     )
     print(
         f"N_matmul {dims['n_matmul'] / 1e6:.1f}M, N_lora {dims['n_lora'] / 1e6:.2f}M -> "
         f"{(4 * dims['n_matmul'] + 6 * dims['n_lora']) / 1e9:.3f} GFLOP per token + attention"
     )
+    names_gf = {"bfloat16": "bf16 4096^3", "float32": "fp32 4096^3", "bfloat16_mlp_shape": "bf16 448x576x1536"}
     print(
         f"matmul GFLOP/s ({args.threads} threads, best of 4), before each round and at the end: "
-        f"bf16 4096^3 {gf['bfloat16']}, fp32 4096^3 {gf['float32']}, bf16 448x576x1536 {gf['bfloat16_mlp_shape']}"
+        + ", ".join(f"{names_gf[k]} {v}" for k, v in gf.items())
     )
     print(f"load average at the end: {load_average()}; wall {time.perf_counter() - started:.0f} s\n")
     print("\n".join(summarise(runs, measured)))

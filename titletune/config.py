@@ -49,7 +49,10 @@ class ScriptArguments:
 
     backend: str = field(
         default="auto",
-        metadata={"help": "auto (unsloth when CUDA and unsloth are present, else hf), hf, or unsloth (CUDA only)."},
+        metadata={
+            "help": "auto (unsloth on CUDA and on CPUs without native bf16, where it measured faster; hf on CPUs "
+            "with native bf16, for a 4-bit base on CPU, and under FSDP/DeepSpeed), hf, or unsloth (CUDA or CPU)."
+        },
     )
     resume: bool = field(
         default=False, metadata={"help": "Continue from the last checkpoint in --output_dir (same data, same order)."}

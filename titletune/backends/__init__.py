@@ -22,7 +22,7 @@ NAMES = ("auto", "hf", "unsloth")
 
 def bf16_supported() -> bool:
     """Whether bf16 pays here: a GPU with bf16, or a CPU with native bf16 (AVX512-BF16 / AMX); elsewhere on CPU it is
-    emulated and slower than fp32. Imports torch: call it after choose()."""
+    emulated and slower than fp32. Imports torch only, so it may run before unsloth is imported."""
     import torch
 
     if torch.cuda.is_available():
@@ -45,41 +45,60 @@ def torch_dtype(name: str | None):
     return dtype
 
 
-def requested_backend(argv: list[str]) -> str:
-    """The --backend value from the CLI, else from the --config YAML, else 'auto'. Reads argv without argparse."""
-    for flag in ("--backend",):
-        if flag in argv and argv.index(flag) + 1 < len(argv):
-            return argv[argv.index(flag) + 1]
-        for arg in argv:
-            if arg.startswith(flag + "="):
-                return arg.split("=", 1)[1]
+def requested(argv: list[str], name: str, default: str) -> str:
+    """A setting from the CLI (--name or --name=, dashes or underscores), else from the --config YAML, else
+    `default`. Reads argv without argparse: the backend must be known before trl (and its parser) is imported."""
+    flags = {f"--{name}", f"--{name.replace('_', '-')}"}
+    for i, arg in enumerate(argv):
+        if arg in flags and i + 1 < len(argv):
+            return argv[i + 1]
+        if "=" in arg and arg.split("=", 1)[0] in flags:
+            return arg.split("=", 1)[1]
     if "--config" in argv and argv.index("--config") + 1 < len(argv):
         import yaml
 
         path = Path(argv[argv.index("--config") + 1])
         if path.is_file():
             config = yaml.safe_load(path.read_text()) or {}
-            if isinstance(config, dict) and config.get("backend"):
-                return str(config["backend"])
-    return "auto"
+            if isinstance(config, dict) and config.get(name) is not None:
+                return str(config[name])
+    return default
 
 
-# --backend auto, per device, from bench/bench_train.py (bench/README.md): on CUDA Unsloth's kernels; on CPU the
-# backend measured faster at the same loss.
-AUTO = {"cuda": "unsloth", "cpu": "hf"}
+def requested_backend(argv: list[str]) -> str:
+    return requested(argv, "backend", "auto")
 
 
-def choose(requested: str) -> str:
-    """Resolve 'auto' and check that the backend can run here; fails at once with the fix."""
+# --backend auto, per device, from bench/bench_train.py train_hf vs train_unsloth (bench/README.md). CUDA: Unsloth's
+# kernels. A CPU without native bf16 (AVX2 only): Unsloth's CPU backend, 1.08x hf's tokens/s at the same losses
+# (its chunked cross-entropy; both train the fp32 base there). A CPU with native bf16: hf, which trains a bf16 base
+# (294 tok/s against Unsloth's 194 at 16-bit, on the AVX512-BF16 machine). A 4-bit base on CPU always takes hf,
+# since Unsloth cannot merge it without a GPU, and so do several CPU processes.
+AUTO = {"cuda": "unsloth", "cpu": "unsloth", "cpu_bf16": "hf"}
+
+
+def device() -> str:
+    """The AUTO key of this machine: cuda, cpu_bf16 (native bf16) or cpu."""
     import torch
 
+    if torch.cuda.is_available():
+        return "cuda"
+    return "cpu_bf16" if bf16_supported() else "cpu"
+
+
+def choose(requested: str, load_in_4bit: bool = False) -> str:
+    """Resolve 'auto' and check that the backend can run here; fails at once with the fix."""
     if requested not in NAMES:
         raise UserError(f"--backend must be one of {', '.join(NAMES)}, got {requested!r}.")
     world_size, sharding = launch()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    here = device()
     has_unsloth = importlib.util.find_spec("unsloth") is not None
     if requested == "auto":
-        return "unsloth" if AUTO[device] == "unsloth" and has_unsloth and not sharding else "hf"
+        # On CPU, Unsloth cannot merge a 4-bit base, and its CPU backend under several processes (gloo DDP) is
+        # untested: hf, which tests/test_scale.py runs that way.
+        on_cpu_only_hf = here != "cuda" and (load_in_4bit or world_size > 1)
+        unsloth_fits = has_unsloth and not sharding and not on_cpu_only_hf
+        return "unsloth" if AUTO[here] == "unsloth" and unsloth_fits else "hf"
     check_distributed(requested, world_size, sharding)
     if requested == "unsloth" and not has_unsloth:
         raise UserError(
