@@ -20,7 +20,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
+import socket
 import sys
 import textwrap
 from pathlib import Path
@@ -226,7 +228,10 @@ def loop(engine, systems, sampling, args) -> None:
         while True:
             question = input("question> " if tty else "").strip()  # piped input: stdout stays answers only
             if question:
-                answer(engine, question, systems, sampling, args)
+                try:
+                    answer(engine, question, systems, sampling, args)
+                except UserError as e:  # one bad question does not end the session
+                    print(f"error: {e}", file=sys.stderr, flush=True)
     except (EOFError, KeyboardInterrupt):
         print(file=sys.stderr)
 
@@ -296,9 +301,10 @@ def serve(args: argparse.Namespace) -> None:
             "temperature": 0,
         }
     )
+    sock = _listen(args.host, args.port)  # before "serving ... at": a port in use is an error, not a false success
     print(
         f"serving {gguf} at {url}/v1 (OpenAI-compatible; Ctrl-C stops)\n"
-        f"  curl {url}/v1/chat/completions -H 'Content-Type: application/json' -d '{body}'",
+        f"  curl {url}/v1/chat/completions -H 'Content-Type: application/json' -d {shlex.quote(body)}",
         flush=True,
     )
     if args.host not in ("127.0.0.1", "localhost", "::1"):
@@ -306,7 +312,21 @@ def serve(args: argparse.Namespace) -> None:
             f"warning: --host {args.host} lets other machines reach this server; it has no authentication.",
             file=sys.stderr,
         )
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port, for uvicorn to serve on; a port in use or a bad address is a UserError."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError as e:
+        raise UserError(
+            f"cannot listen on {host}:{port} ({e.strerror or e}). Pass a free --port, or stop what is using it."
+        ) from None
+    return sock
 
 
 def _str(path) -> str | None:

@@ -18,11 +18,10 @@ from __future__ import annotations
 
 import logging
 import shlex
-import shutil
 import sys
 from pathlib import Path
 
-from titletune import backends, models
+from titletune import backends, models, runs
 from titletune.config import (
     CPU_CONFIG,
     DEFAULTS,
@@ -42,11 +41,17 @@ def parse(argv: list[str]):
     import torch
 
     cuda = torch.cuda.is_available()
-    if "--config" not in argv and not any(a in argv for a in ("-h", "--help")):
+    # --resume continues the same run: its own settings are the defaults, and only flags given now change them.
+    original = None
+    if "--resume" in argv:
+        original = runs.resume_settings(runs.resolve_dir(backends.requested(argv, "output_dir", "auto")))
+    if original is None and "--config" not in argv and not any(a in argv for a in ("-h", "--help")):
         argv = ["--config", str(GPU_CONFIG if cuda else CPU_CONFIG), *argv]
     # The backend after the preset is known, so a preset's `backend:` counts; unsloth is imported here, once.
-    load_in_4bit = backends.requested(argv, "load_in_4bit", "false").lower() in ("true", "1", "yes")
-    backend = backends.choose(backends.requested_backend(argv), load_in_4bit)
+    fallback = original or {}
+    load_in_4bit = backends.requested(argv, "load_in_4bit", str(fallback.get("load_in_4bit", "false")))
+    requested = backends.requested(argv, "backend", str(fallback.get("backend") or "auto"))
+    backend = backends.choose(requested, load_in_4bit.lower() in ("true", "1", "yes"))
     backends.load_backend(backend)
     from trl import ModelConfig, SFTConfig, TrlParser
 
@@ -63,8 +68,24 @@ def parse(argv: list[str]):
         "fp16": cuda and not torch.cuda.is_bf16_supported(),
     }
     parser.set_defaults_with_config(**DEFAULTS, **machine)
-    script_args, model_args, data_args, export_args, training_args = parser.parse_args_and_config(argv)
+    if original:
+        parser.set_defaults_with_config(**original)
+    parsed = parser.parse_args_and_config(argv)
+    script_args, model_args, data_args, export_args, training_args = parsed
     script_args.backend = backend
+    given = {a.split("=", 1)[0].lstrip("-").replace("-", "_") for a in argv if a.startswith("--")}
+    if original:  # recorded in run_config.yaml by main(): what this resume changed, [old, new]
+        now = {k: v for args in parsed for k, v in runs.as_dict(args).items()}
+        changed = {k: [original.get(k), now[k]] for k in sorted(given) if k in now and k in original}
+        script_args.resume_changes = {k: v for k, v in changed.items() if runs.plain(v[0]) != runs.plain(v[1])}
+    if "num_train_epochs" in given and "max_steps" not in given and training_args.max_steps > 0:
+        # max_steps, when set (the presets set it), beats epochs in the Trainer: the flag given here must win.
+        log.info(
+            "--num_train_epochs %s given: training for epochs, not the preset's max_steps %d",
+            training_args.num_train_epochs,
+            training_args.max_steps,
+        )
+        training_args.max_steps = -1
     return script_args, model_args, data_args, export_args, training_args
 
 
@@ -78,6 +99,7 @@ def main(script_args, model_args, data_args, export_args, training_args):
         return export_run(script_args, export_args, backend, gguf_types)
     backend.check(model_args, export_args)
 
+    training.check_args(training_args)
     if not script_args.resume:  # a bad --data fails before a run folder exists that infer.py would take as the latest
         data.check_args(data_args)
         data.check_path(data_args.data)
@@ -89,11 +111,16 @@ def main(script_args, model_args, data_args, export_args, training_args):
         if main_process:
             runs.create(run_dir, script_args.overwrite, script_args.resume)
             log.info("run folder %s (backend %s)", run_dir, script_args.backend)
-        # A resumed run reuses its own prompts and splits, so the data and its order are exactly the same.
-        prompt_set = prompts.load(run_dir / "prompts" if script_args.resume else data_args.prompts)
-        base_model = models.resolve(model_args.model_name_or_path)
-        if main_process and not script_args.resume:
-            try:
+            if script_args.resume and (run_dir / runs.CONFIG).is_file():
+                changed = getattr(script_args, "resume_changes", {})
+                runs.record_resume(run_dir, changed)
+                log.info("resume: the run's own settings%s", f", changed: {changed}" if changed else ", unchanged")
+        # A new run that fails here must not look like a run: infer.py takes the newest; reruns need --overwrite.
+        with runs.removed_on_failure(run_dir, enabled=main_process and not script_args.resume):
+            # A resumed run reuses its own prompts and splits, so the data and its order are exactly the same.
+            prompt_set = prompts.load(run_dir / "prompts" if script_args.resume else data_args.prompts)
+            base_model = models.resolve(model_args.model_name_or_path)
+            if main_process and not script_args.resume:
                 runs.save_config(
                     run_dir,
                     # "embedded" rather than today's cache folder, so the run folder stays valid on any machine
@@ -110,39 +137,14 @@ def main(script_args, model_args, data_args, export_args, training_args):
                 )
                 prompts.save(prompt_set, run_dir)
                 data.prepare_cached(data_args, training_args.seed, run_dir, prompt_set)
-            except BaseException:
-                # A run whose data failed must not look like a run: infer.py takes the newest; reruns need --overwrite.
-                shutil.rmtree(run_dir, ignore_errors=True)
-                raise
     if script_args.prepare_only:
         log.info("prepared data in %s/data (--prepare-only: stopping here)", run_dir)
         return run_dir
-    train_rows, val_rows = training.load_datasets(run_dir)  # memory-mapped Arrow, not Python lists
-
-    # Model: the backend decides how it is loaded; everything after this is shared.
-    model, tokenizer = backend.load(
-        base_model, model_args, training_args.trust_remote_code, training_args.max_length, bf16=training_args.bf16
-    )
-    model = backend.add_lora(model, model_args, training_args)
-    trainable, total = model.get_nb_trainable_parameters()
-    log.info(
-        "model %s: %.1fM trainable of %.1fM parameters (LoRA r=%d)",
-        model_args.model_name_or_path,
-        trainable / 1e6,
-        total / 1e6,
-        model_args.lora_r,
-    )
-    trainer = training.build_trainer(model, tokenizer, train_rows, val_rows, training_args, run_dir)
-    world = training_args.world_size
-    log.info(
-        "training on %d products: batch %d per device x %d accumulation x %d processes = %d per step",
-        len(train_rows),
-        training_args.per_device_train_batch_size,
-        training_args.gradient_accumulation_steps,
-        world,
-        training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps * world,
-    )
-    outcome = training.train(trainer, run_dir, script_args.resume)
+    # A failure before the first checkpoint (model load, tokenisation, a bad setting) removes the new run folder.
+    with runs.removed_on_failure(run_dir, enabled=main_process and not script_args.resume):
+        model, tokenizer, trainer, outcome, train_rows = _fit(
+            backend, base_model, script_args, model_args, training_args, run_dir
+        )
 
     adapter_dir = run_dir / "adapter"
     if trainer.is_fsdp_enabled:  # the adapter is sharded: every rank helps gather it, and rank 0 writes it
@@ -170,9 +172,9 @@ def main(script_args, model_args, data_args, export_args, training_args):
         return run_dir  # merge, export and evaluation happen once, on the main process
 
     if export_args.merge or gguf_types:
-        merged = backend.merge(
-            model, tokenizer, base_model, adapter_dir, run_dir / "merged", training_args.trust_remote_code
-        )
+        with runs.staged_dir(run_dir / "merged") as staged:  # a merge cut short leaves no merged/ to export from
+            backend.merge(model, tokenizer, base_model, adapter_dir, staged, training_args.trust_remote_code)
+        merged = run_dir / "merged"
         del model, trainer
         backend.free()
         log.info("merged model in %s", merged)
@@ -185,6 +187,39 @@ def main(script_args, model_args, data_args, export_args, training_args):
     question = _sample_question(train_rows) or "What is ...?"
     log.info("done: %s  (try: python infer.py --run %s %s)", run_dir, shlex.quote(str(run_dir)), shlex.quote(question))
     return run_dir
+
+
+def _fit(backend, base_model, script_args, model_args, training_args, run_dir):
+    """Model -> LoRA -> SFTTrainer -> train (or resume), on the run's prepared splits."""
+    from titletune import training
+
+    train_rows, val_rows = training.load_datasets(run_dir)  # memory-mapped Arrow, not Python lists
+
+    # Model: the backend decides how it is loaded; everything after this is shared.
+    model, tokenizer = backend.load(
+        base_model, model_args, training_args.trust_remote_code, training_args.max_length, bf16=training_args.bf16
+    )
+    model = backend.add_lora(model, model_args, training_args)
+    trainable, total = model.get_nb_trainable_parameters()
+    log.info(
+        "model %s: %.1fM trainable of %.1fM parameters (LoRA r=%d)",
+        model_args.model_name_or_path,
+        trainable / 1e6,
+        total / 1e6,
+        model_args.lora_r,
+    )
+    trainer = training.build_trainer(model, tokenizer, train_rows, val_rows, training_args, run_dir)
+    world = training_args.world_size
+    log.info(
+        "training on %d products: batch %d per device x %d accumulation x %d processes = %d per step",
+        len(train_rows),
+        training_args.per_device_train_batch_size,
+        training_args.gradient_accumulation_steps,
+        world,
+        training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps * world,
+    )
+    outcome = training.train(trainer, run_dir, script_args.resume)
+    return model, tokenizer, trainer, outcome, train_rows
 
 
 def export_run(script_args, export_args, backend, gguf_types):
@@ -206,7 +241,8 @@ def export_run(script_args, export_args, backend, gguf_types):
         from titletune.backends import hf  # merging from disk needs no unsloth: base in 16-bit + adapter
 
         base = models.resolve(config["base_model"])
-        hf.merge(None, tokenizer, base, adapter_dir, merged, bool(config.get("trust_remote_code")))
+        with runs.staged_dir(merged) as staged:
+            hf.merge(None, tokenizer, base, adapter_dir, staged, bool(config.get("trust_remote_code")))
     prompt_set = prompts.load(run_dir / "prompts")
     if gguf_types:
         _export(run_dir, merged, gguf_types, prompt_set, tokenizer, export_args)
@@ -241,9 +277,5 @@ def _fmt(x: float | None) -> str:
 if __name__ == "__main__":
     models.disable_telemetry()  # before trl, datasets and huggingface_hub are imported
     logging.basicConfig(format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S", level=logging.INFO)
-    try:
-        args = parse(sys.argv[1:])
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    args = cli(parse)(sys.argv[1:])  # a bad flag, or Ctrl-C during the imports: one line, no traceback
     main(*args)

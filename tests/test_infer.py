@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -331,6 +332,8 @@ def test_serve_answers_openai_chat_request():
         cwd=ROOT,
     )
     try:
+        printed = [server.stdout.readline(), server.stdout.readline()]  # printed once the port is bound
+        assert printed[0].startswith("serving ") and printed[1].strip().startswith("curl "), printed
         deadline = time.monotonic() + 60
         while True:
             assert server.poll() is None, server.stdout.read()
@@ -355,6 +358,10 @@ def test_serve_answers_openai_chat_request():
         with urllib.request.urlopen(req, timeout=60) as r:
             answer = json.load(r)["choices"][0]["message"]["content"]
         assert answer.strip()
+        # The printed curl command works as printed, in a shell, although its question holds a single quote.
+        curl = subprocess.run(["bash", "-c", printed[1].strip()], capture_output=True, text=True, timeout=120)
+        assert curl.returncode == 0, curl.stderr
+        assert json.loads(curl.stdout)["choices"][0]["message"]["content"].strip()
     finally:
         server.terminate()
         try:
@@ -364,3 +371,50 @@ def test_serve_answers_openai_chat_request():
             server.wait()
         if server.stdout:
             server.stdout.close()
+
+
+def test_serve_on_a_port_in_use_is_an_error_and_claims_nothing():
+    from titletune import models
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        proc = subprocess.run(
+            [sys.executable, str(INFER), "--serve", "--gguf", str(models.embedded_gguf()), "--port", str(port)],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            timeout=120,
+        )
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "serving" not in proc.stdout and "Traceback" not in proc.stderr
+    assert f"cannot listen on 127.0.0.1:{port}" in proc.stderr and "--port" in proc.stderr
+
+
+LONG_QUESTION = "What is " + "a very long product title with many words " * 1400 + "?"  # 58,809 chars
+
+
+@pytest.mark.parametrize("engine", ["transformers", "llamacpp"])
+def test_a_question_longer_than_the_context_is_refused_before_generating(run_dir, engine):
+    args = ["--engine", engine] + (["--only", "base"] if engine == "llamacpp" else [])
+    proc = infer(LONG_QUESTION, "--run", str(run_dir), "--max-new-tokens", "8", *args)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert re.search(r"the question is too long: 58,809 characters, [\d,]+ tokens with the prompt", proc.stderr)
+
+
+def test_a_too_long_question_does_not_end_an_interactive_session(run_dir):
+    proc = subprocess.run(
+        [sys.executable, str(INFER), "--interactive", "--run", str(run_dir), "--engine", "llamacpp"]
+        + ["--only", "base", "--max-new-tokens", "8", "--json"],
+        input=f"{LONG_QUESTION}\nTell me about Hiking Socks.\n",
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "error: the question is too long" in proc.stderr and "Traceback" not in proc.stderr
+    answers = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert [a["question"] for a in answers] == ["Tell me about Hiking Socks."] and answers[0]["base"]

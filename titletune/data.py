@@ -62,7 +62,7 @@ DROP_REASONS = (
     "over_max_samples",  # a valid product that the seeded sample left out
 )
 # Counted by iter_products but not drops: the row is still used, or there was no row at all.
-NOTES = ("bad_utf8", "blank_lines")
+NOTES = ("bad_utf8", "blank_lines", "chat_markers")
 
 _BLOCK_TAG = re.compile(r"<\s*(?:br|/?p|/?div|/?tr|/?h[1-6]|/?ul|/?ol|/?table)\b[^<>]*>", re.IGNORECASE)
 _LIST_ITEM = re.compile(r"<\s*li\b[^<>]*>", re.IGNORECASE)
@@ -447,6 +447,7 @@ class _SplitWriter:
         self.files = {s: open(p, "wb", buffering=1 << 20) for s, p in self.tmp.items()}  # noqa: SIM115
         self.counts = Counter({s: 0 for s in SPLITS})
         self.truncated = 0
+        self.markers = 0
         self.last_train: list[tuple[float, int]] = []  # the two train rows with the largest u: (u, line index)
 
     def add(self, pid: str, title: str, content: str, u: float, truncated: bool) -> None:
@@ -460,11 +461,20 @@ class _SplitWriter:
             self.last_train = sorted([*self.last_train, (u, self.counts["train"])], reverse=True)[:2]
         self.counts[split] += 1
         self.truncated += truncated
+        if b"\xe2\x80\x8b" in line and prompts_lib.DEFANGED.search(line):  # a marker made plain text (prompts.defang)
+            self.markers += 1
 
     def close(self) -> dict[str, int]:
         for f in self.files.values():
             f.close()
         self._top_up()
+        total = sum(self.counts[s] for s in SPLITS)
+        if total and not self.counts["train"]:
+            self.abort()
+            raise UserError(
+                f"none of the {total} kept product(s) fell in the train split (val {self.counts['val']}, test "
+                f"{self.counts['test']}): raise --max_samples, or pass --val_size 0 --test_size 0 to train on them all."
+            )
         for split in SPLITS:
             os.replace(self.tmp[split], self.folder / f"{split}.jsonl")
         return {s: self.counts[s] for s in SPLITS}
@@ -837,6 +847,7 @@ def prepare(args: DataArguments, seed: int, out_dir: str | Path, prompts: Prompt
         writer.abort()
         raise
     kept = sum(split_counts.values())
+    counts["chat_markers"] = writer.markers
     stats = _stats(
         args, seed, path, counts, split_counts, writer.truncated, (title_lengths, content_lengths), max_samples
     )
@@ -856,6 +867,12 @@ def prepare(args: DataArguments, seed: int, out_dir: str | Path, prompts: Prompt
         f"{stats['dropped_total']:,}",
         dropped or "none",
     )
+    if writer.markers:
+        log.warning(
+            "data: %s kept products had chat-control markers (e.g. <|im_end|>, [INST]) in their title or "
+            "description; they were made plain text, so they never act as special tokens",
+            f"{writer.markers:,}",
+        )
     return stats
 
 
@@ -1080,7 +1097,9 @@ def render_eda(stats: dict) -> str:
         "",
         (
             f"Notes: {stats['notes']['bad_utf8']:,} rows had invalid UTF-8 (repaired with U+FFFD and kept), "
-            f"{stats['notes']['blank_lines']:,} blank lines were skipped."
+            f"{stats['notes']['blank_lines']:,} blank lines were skipped, "
+            f"{stats['notes'].get('chat_markers', 0):,} kept products had chat-control markers (e.g. <|im_end|>) "
+            "made plain text."
         ),
         "",
         "## Lengths (characters, distinct valid products, cleaned, before cutting)",

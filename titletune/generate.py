@@ -57,12 +57,20 @@ class Sampling:
 
 
 def latest_run(outputs_dir: str | Path = ROOT / "outputs") -> Path:
-    """The newest run in outputs_dir: the folder whose run_config.yaml was written last."""
+    """The newest finished run in outputs_dir: of the folders holding a trained adapter, the one whose
+    run_config.yaml was written last. A run that failed or stopped before its adapter was saved is passed over."""
     outputs_dir = Path(outputs_dir)
     configs = sorted(outputs_dir.glob("*/run_config.yaml"), key=lambda p: p.stat().st_mtime)
-    if not configs:
-        raise UserError(f"no trained run in {outputs_dir} (no */run_config.yaml); train first: python train.py")
-    return configs[-1].parent
+    finished = [c.parent for c in configs if (c.parent / "adapter" / "adapter_config.json").is_file()]
+    if finished:
+        return finished[-1]
+    if configs:
+        raise UserError(
+            f"no finished run in {outputs_dir}: {len(configs)} run folder(s) have no trained adapter (training failed "
+            f"or was stopped), e.g. {configs[-1].parent}. Continue one with python train.py --output-dir "
+            f"{configs[-1].parent} --resume, or train anew: python train.py"
+        )
+    raise UserError(f"no trained run in {outputs_dir} (no */run_config.yaml); train first: python train.py")
 
 
 def prompt_set(run_dir: str | Path) -> prompts.PromptSet:
@@ -196,6 +204,15 @@ class TransformersEngine:
             pad = model.generation_config.pad_token_id
             self.tokenizer.pad_token = self.tokenizer.convert_ids_to_tokens(pad if pad is not None else eos[0])
         self.tokenizer.padding_side = "left"  # decoder-only generation continues from the right edge
+
+    @property
+    def context(self) -> int:
+        """Tokens the model reads at most: its position limit (the run's max_length only bounded training)."""
+        config = (self.tuned if self.tuned is not None else self.base).config
+        return int(getattr(config, "max_position_embeddings", None) or self.tokenizer.model_max_length)
+
+    def prompt_tokens(self, conversation: list[dict]) -> int:
+        return len(self._ids(conversation, add_generation_prompt=True))
 
     def _model(self, system: str):
         if system not in self.systems:
@@ -351,6 +368,17 @@ class LlamaCppEngine:
                 )
         self.llms = {system: self._load(path) for system, path in self.paths.items()}
 
+    @property
+    def context(self) -> int:
+        return self.n_ctx
+
+    def prompt_tokens(self, conversation: list[dict]) -> int:
+        """The messages' tokens in the GGUF's own vocabulary, plus a few per message for the chat template's
+        markers. Text is tokenized as text (special=False), as llama.cpp's chat path does with message content."""
+        llm = next(iter(self.llms.values()))
+        text = sum(len(llm.tokenize(m["content"].encode(), add_bos=False, special=False)) for m in conversation)
+        return text + 8 * len(conversation) + 8
+
     def _load(self, path: Path):
         import llama_cpp
 
@@ -438,7 +466,24 @@ def ask(
     """Answers per system for plain questions, each wrapped in the run's prompts (system prompt included)."""
     ps = prompt_set(engine.run_dir)
     conversations = [conversation(ps, q) for q in questions]
+    sampling = sampling or Sampling()
+    for conv in conversations:
+        check_length(engine, conv, sampling.max_new_tokens)
     return {s: engine.generate(conversations, s, sampling, progress=progress) for s in systems}
+
+
+def check_length(engine, conversation: list[dict], max_new_tokens: int) -> None:
+    """Refuse, before generating, a prompt that leaves no room for the answer in the model's context: llama.cpp
+    would raise mid-session, and transformers would spend minutes past its position limit producing garbage."""
+    room = engine.context - max_new_tokens
+    used = engine.prompt_tokens(conversation)
+    if used > room:
+        chars = len(conversation[-1]["content"])
+        raise UserError(
+            f"the question is too long: {chars:,} characters, {used:,} tokens with the prompt, and this model reads "
+            f"{engine.context:,} tokens including the {max_new_tokens} it may answer with (--max-new-tokens). "
+            "Shorten the question to a product title or a sentence about it."
+        )
 
 
 def perplexity(nll: float, tokens: int) -> tuple[float | None, float | None]:

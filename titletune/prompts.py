@@ -1,11 +1,13 @@
 """Prompt sets: plain-text files with str.format slots, copied into every run and read back at inference.
 
-The chat template (special tokens) belongs to the tokenizer; nothing here writes a special token.
+The chat template (special tokens) belongs to the tokenizer; nothing here writes a special token, and no text from
+the catalogue or a user can become one (defang).
 """
 
 from __future__ import annotations
 
 import hashlib
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +15,15 @@ from pathlib import Path
 from titletune.errors import UserError
 
 FILES = ("system.txt", "user.txt", "assistant.txt")
+
+# Chat-control markers of the common template families: ChatML and Llama 3 (<|im_start|>, <|im_end|>, <|eot_id|>,
+# <|start_header_id|>, <|endoftext|>, ...), SentencePiece's <s> </s> <unk> <pad>, and Mistral / Llama 2's [INST]
+# [/INST] <<SYS>>. In a title, a description or a question, a tokenizer turns them into control ids: an end of turn
+# mid-answer in training, or a spoofed assistant turn at inference. A zero-width space after the first character
+# leaves them readable and makes them plain text for every tokenizer.
+_MARKER = re.compile(r"<\|[^|<>\s]{1,40}\|>|</?s>|<unk>|<pad>|\[/?INST\]|<</?SYS>>")
+ZWSP = "\u200b"
+DEFANGED = re.compile(("(?:<|\\[)" + ZWSP + r"(?:\|[^|<>\s]{1,40}\|>|/?s>|unk>|pad>|/?INST\]|</?SYS>>)").encode())
 
 
 @dataclass(frozen=True)
@@ -48,10 +59,17 @@ def pick_question(prompts: PromptSet, key: str, seed: int) -> str:
     return prompts.questions[int.from_bytes(digest, "little") % len(prompts.questions)]
 
 
+def defang(text: str) -> str:
+    """Text with every chat-control marker made plain text (see _MARKER); other text is returned as it is."""
+    if "<" not in text and "[" not in text:
+        return text
+    return _MARKER.sub(lambda m: m.group(0)[0] + ZWSP + m.group(0)[1:], text)
+
+
 def messages(prompts: PromptSet, question: str) -> list[dict]:
     """The prompt side of a conversation: system message (when the set has one) and the user's question."""
     head = [{"role": "system", "content": prompts.system}] if prompts.system else []
-    return head + [{"role": "user", "content": question}]
+    return head + [{"role": "user", "content": defang(question)}]
 
 
 def question(prompts: PromptSet, title: str, key: str, seed: int) -> str:
@@ -64,7 +82,7 @@ def render(prompts: PromptSet, title: str, content: str, key: str, seed: int) ->
     # str.replace, not str.format: titles and descriptions contain braces.
     return {
         "prompt": messages(prompts, question(prompts, title, key, seed)),
-        "completion": [{"role": "assistant", "content": prompts.answer.replace("{content}", content)}],
+        "completion": [{"role": "assistant", "content": prompts.answer.replace("{content}", defang(content))}],
     }
 
 

@@ -66,6 +66,26 @@ class StopOnSigint(TrainerCallback):
             control.should_save = True
 
 
+def check_args(training_args) -> None:
+    """Raise once, before any work, with every training setting that cannot give a trained model."""
+    a = training_args
+    problems = []
+    if not a.learning_rate > 0:
+        problems.append(f"--learning_rate must be > 0, got {a.learning_rate} (LoRA: about 2e-4; the CPU preset 5e-4)")
+    if a.max_steps == 0 or a.max_steps < -1:
+        problems.append(
+            f"--max_steps must be a positive number of optimizer steps, or -1 to train --num_train_epochs epochs; "
+            f"got {a.max_steps}"
+        )
+    if a.max_steps == -1 and not a.num_train_epochs > 0:
+        problems.append(f"--num_train_epochs must be > 0 when --max_steps is -1, got {a.num_train_epochs}")
+    for name in ("per_device_train_batch_size", "gradient_accumulation_steps"):
+        if getattr(a, name) < 1:
+            problems.append(f"--{name} must be >= 1, got {getattr(a, name)}")
+    if problems:
+        raise UserError("; ".join(problems) + ".")
+
+
 def load_datasets(run_dir: Path) -> tuple:
     """data/train.jsonl and data/val.jsonl (None when empty) as Arrow datasets, prompt and completion columns only.
 
@@ -119,13 +139,18 @@ def build_trainer(model, tokenizer, train_ds, eval_ds, training_args, run_dir: P
 
 def last_checkpoint(run_dir: Path) -> str | None:
     """The newest complete checkpoint. A kill -9 during a save leaves a folder without trainer_state.json (written
-    last); resuming from that would fail, so it is passed over."""
-    done = [
-        p
-        for p in run_dir.glob("checkpoint-*")
-        if p.name.split("-")[-1].isdigit() and (p / "trainer_state.json").is_file()
-    ]
-    return str(max(done, key=lambda p: int(p.name.split("-")[-1]))) if done else None
+    last), and a full disk or a copy cut short leaves one whose trainer_state.json does not parse; resuming from
+    either fails inside the Trainer, so each is passed over, with a warning naming it."""
+    numbered = [p for p in run_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
+    for path in sorted(numbered, key=lambda p: int(p.name.split("-")[-1]), reverse=True):
+        try:
+            state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+            if isinstance(state, dict) and isinstance(state.get("global_step"), int):
+                return str(path)
+        except (OSError, ValueError):
+            pass
+        log.warning("%s is incomplete (no readable trainer_state.json): passing over it", path.name)
+    return None
 
 
 def train(trainer, run_dir: Path, resume: bool) -> Outcome:
