@@ -293,6 +293,7 @@ def serve(args: argparse.Namespace) -> None:
             )
         ],
     )
+    app = generate.PlainTextChat(app)  # chat-control markers in a question are text, not special tokens
     url = f"http://{args.host}:{args.port}"
     body = json.dumps(
         {

@@ -10,6 +10,7 @@ exactly as in training.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from dataclasses import dataclass
@@ -416,6 +417,46 @@ class LlamaCppEngine:
             )
             answers.append((out["choices"][0]["message"]["content"] or "").strip())
         return answers
+
+
+class PlainTextChat:
+    """ASGI middleware for the OpenAI-compatible server: the text of every chat message is made plain text
+    (prompts.defang) before llama.cpp renders the chat template, so a question holding "<|im_end|>" cannot close its
+    turn and open a spoofed one. Raw /v1/completions prompts are the caller's own template and pass untouched."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] != "POST" or not scope["path"].endswith("/chat/completions"):
+            return await self.app(scope, receive, send)
+        chunks, more = [], True
+        while more:
+            message = await receive()
+            chunks.append(message.get("body", b""))
+            more = message.get("more_body", False)
+        body = self.defang(b"".join(chunks))
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()  # the client's disconnect, later
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
+
+    @staticmethod
+    def defang(body: bytes) -> bytes:
+        try:
+            request = json.loads(body)
+        except ValueError:
+            return body  # the server answers malformed JSON itself
+        for message in request.get("messages") or [] if isinstance(request, dict) else []:
+            if isinstance(message, dict) and isinstance(message.get("content"), str):
+                message["content"] = prompts.defang(message["content"])
+        return json.dumps(request).encode()
 
 
 def check_gguf(path: str | Path) -> Path:
