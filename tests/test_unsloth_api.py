@@ -65,51 +65,51 @@ def our_keywords(method: str) -> set[str]:
     return found
 
 
+def assert_accepts(source: str, method: str, func: str, cls: str | None = None) -> None:
+    """Every keyword our backend passes to <x>.<method>(...) is a named parameter of `cls.func` in `source`."""
+    params = function_params(source, func, cls)
+    ours = our_keywords(method)
+    assert ours <= params, ours - params
+
+
 def test_from_pretrained_keywords_exist(unsloth_source):
-    params = function_params(unsloth_source["unsloth/models/loader.py"], "from_pretrained", "FastLanguageModel")
-    assert our_keywords("from_pretrained") <= params, our_keywords("from_pretrained") - params
+    assert_accepts(
+        unsloth_source["unsloth/models/loader.py"], "from_pretrained", "from_pretrained", "FastLanguageModel"
+    )
 
 
 def test_get_peft_model_keywords_exist(unsloth_source):
     # FastLanguageModel inherits get_peft_model from FastLlamaModel.
     source = unsloth_source["unsloth/models/llama.py"]
     assert "class FastLanguageModel(FastLlamaModel)" in unsloth_source["unsloth/models/loader.py"]
-    params = function_params(source, "get_peft_model", "FastLlamaModel")
-    assert our_keywords("get_peft_model") <= params, our_keywords("get_peft_model") - params
+    assert_accepts(source, "get_peft_model", "get_peft_model", "FastLlamaModel")
     assert 'use_gradient_checkpointing = "unsloth"' in source.replace("'", '"')
 
 
 def test_save_pretrained_merged_keywords_exist(unsloth_source):
     source = unsloth_source["unsloth/save.py"]
-    params = function_params(source, "unsloth_save_pretrained_merged")
-    ours = our_keywords("save_pretrained_merged")
-    assert ours <= params, ours - params
+    assert_accepts(source, "save_pretrained_merged", "unsloth_save_pretrained_merged")
     assert '"merged_16bit"' in source
 
 
-def test_cpu_init_makes_fastlanguagemodel_the_cpu_loader(unsloth_source):
+def test_cpu_init_makes_fastlanguagemodel_the_cpu_loader(unsloth_source, zoo_source):
     """Without a GPU, `from unsloth import FastLanguageModel` gives unsloth_zoo.cpu's FastCPUModel."""
     assert "from ._cpu_init import" in unsloth_source["unsloth/__init__.py"]
     cpu_init = unsloth_source["unsloth/_cpu_init.py"]
     assert "class FastLanguageModel(FastCPUModel)" in cpu_init and "from unsloth_zoo.cpu import" in cpu_init
+    assert "merged_16bit" in zoo_source["unsloth_zoo/cpu/loader.py"]
 
 
-def test_cpu_from_pretrained_keywords_exist(zoo_source):
-    params = function_params(zoo_source["unsloth_zoo/cpu/loader.py"], "from_pretrained", "FastCPUModel")
-    assert our_keywords("from_pretrained") <= params, our_keywords("from_pretrained") - params
-
-
-def test_cpu_get_peft_model_keywords_exist(zoo_source):
-    params = function_params(zoo_source["unsloth_zoo/cpu/loader.py"], "get_peft_model", "FastCPUModel")
-    assert our_keywords("get_peft_model") <= params, our_keywords("get_peft_model") - params
-
-
-def test_cpu_save_pretrained_merged_keywords_exist(zoo_source):
-    source = zoo_source["unsloth_zoo/cpu/loader.py"]
-    params = function_params(source, "save_pretrained_merged")
-    ours = our_keywords("save_pretrained_merged")
-    assert ours <= params, ours - params
-    assert "merged_16bit" in source
+@pytest.mark.parametrize(
+    "method, func, cls",
+    [
+        ("from_pretrained", "from_pretrained", "FastCPUModel"),
+        ("get_peft_model", "get_peft_model", "FastCPUModel"),
+        ("save_pretrained_merged", "save_pretrained_merged", None),  # module-level, bound onto the model
+    ],
+)
+def test_cpu_loader_accepts_our_keywords(zoo_source, method, func, cls):
+    assert_accepts(zoo_source["unsloth_zoo/cpu/loader.py"], method, func, cls)
 
 
 def test_unsloth_is_imported_only_by_its_backend():
