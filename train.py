@@ -74,10 +74,6 @@ def parse(argv: list[str]):
     script_args, model_args, data_args, export_args, training_args = parsed
     script_args.backend = backend
     given = {a.split("=", 1)[0].lstrip("-").replace("-", "_") for a in argv if a.startswith("--")}
-    if original:  # recorded in run_config.yaml by main(): what this resume changed, [old, new]
-        now = {k: v for args in parsed for k, v in runs.as_dict(args).items()}
-        changed = {k: [original.get(k), now[k]] for k in sorted(given) if k in now and k in original}
-        script_args.resume_changes = {k: v for k, v in changed.items() if runs.plain(v[0]) != runs.plain(v[1])}
     if "num_train_epochs" in given and "max_steps" not in given and training_args.max_steps > 0:
         # max_steps, when set (the presets set it), beats epochs in the Trainer: the flag given here must win.
         log.info(
@@ -86,6 +82,11 @@ def parse(argv: list[str]):
             training_args.max_steps,
         )
         training_args.max_steps = -1
+        given.add("max_steps")
+    if original:  # recorded in run_config.yaml by main(): what this resume changed, [old, new]
+        now = {k: v for args in parsed for k, v in runs.as_dict(args).items()}
+        changed = {k: [original.get(k), now[k]] for k in sorted(given) if k in now and k in original}
+        script_args.resume_changes = {k: v for k, v in changed.items() if runs.plain(v[0]) != runs.plain(v[1])}
     return script_args, model_args, data_args, export_args, training_args
 
 
