@@ -120,9 +120,10 @@ def load_config(run_dir: str | Path) -> dict:
 
 
 SECTIONS = ("script", "model", "data", "export", "training")  # the argument dataclasses, as save_config writes them
-# Not carried into a resumed run: where it is (given again), and every *_token field, which TrainingArguments.to_dict()
-# writes masked ("<EOS_TOKEN>"), so run_config.yaml does not hold its value (they keep their defaults).
-NOT_RESUMED = ("output_dir", "resume", "overwrite")
+# Not carried into a resumed run: where it is (given again), which stages to run this time (a --prepare-only run is
+# resumed to train), and every *_token field, which TrainingArguments.to_dict() writes masked ("<EOS_TOKEN>"), so
+# run_config.yaml does not hold its value (they keep their defaults).
+NOT_RESUMED = ("output_dir", "resume", "overwrite", "prepare_only", "export_only", "run")
 
 
 def resume_settings(run_dir: str | Path) -> dict | None:
