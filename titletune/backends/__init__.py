@@ -121,7 +121,7 @@ def launch(env: Mapping[str, str] = os.environ) -> tuple[int, str | None]:
 def check_distributed(backend: str, world_size: int, sharding: str | None) -> None:
     """Refuse the multi-process setups a backend cannot run to the end here.
 
-    unsloth 2026.10.7 supports DDP: its loader pins each rank to cuda:LOCAL_RANK (models/loader_utils.py
+    unsloth 2026.10.x supports DDP (read in 2026.10.7): its loader pins each rank to cuda:LOCAL_RANK (models/loader_utils.py
     prepare_device_map) and turns off DDP's find_unused_parameters under its checkpointing (models/_ddp_defaults.py).
     Sharded training is not wired: unsloth's own FSDP path wants FSDP2 (UNSLOTH_FSDP2=1; under FSDP1 it declines
     its fused LoRA kernels, models/fsdp2.py), and our unsloth merge reads the in-memory model, which FSDP and ZeRO-3
