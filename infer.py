@@ -9,7 +9,7 @@ prompts/ and the model's chat template, exactly as in training.
     python infer.py "What is ...?" --engine llamacpp                           # the run's GGUF (q4_k_m first)
     python infer.py "What is ...?" --engine llamacpp --gguf outputs/<run>/model.q8_0.gguf --base-gguf base.gguf
     python infer.py --evaluate --samples 20                                    # report.{json,md,png} in the run
-    python infer.py --evaluate --data ../shared/data/trn_real_head300.jsonl --samples 50
+    python infer.py --evaluate --data data/trn.json --samples 50                 # products of any trn file
     python infer.py --serve --gguf outputs/<run>/model.q4_k_m.gguf --port 8000   # OpenAI-compatible server
 
 On a CUDA machine the transformers engine uses the GPU by itself; nothing changes in the commands.
@@ -18,124 +18,48 @@ On a CUDA machine the transformers engine uses the GPU by itself; nothing change
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
-import os
 import shlex
 import shutil
 import socket
 import sys
 import textwrap
-from pathlib import Path
 
-from titletune.config import ROOT
 from titletune.errors import UserError, cli
 
 EXAMPLES = "examples:\n" + "\n".join(line for line in __doc__.splitlines() if line.startswith("    python "))
 SIDE_BY_SIDE_MIN = 80  # narrower terminals get stacked blocks: two 38-column answers are hard to read
 
 
+class _Help(argparse.RawDescriptionHelpFormatter):
+    """The examples as written, and each flag's default after its help unless the help already says it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default in (None, argparse.SUPPRESS) or "default" in text or action.option_strings == []:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES
+    """Every flag from the dataclasses (config.InferArguments, config.ModeArguments, generate.Sampling), with dashes or
+    underscores; one namespace, plus `sampling` (a generate.Sampling) and `given` (the flags given)."""
+    from transformers import HfArgumentParser
+
+    from titletune.config import InferArguments, ModeArguments, given
+    from titletune.generate import Sampling
+
+    groups = (InferArguments, Sampling, ModeArguments)
+    parser = HfArgumentParser(groups, description=__doc__.split("\n\n")[0], formatter_class=_Help, epilog=EXAMPLES)
+    parser.add_argument(
+        "question", nargs="?", help="The question to ask, e.g. \"What is 'Girls Ballet Tutu Neon Pink'?\"."
     )
-    p.add_argument("question", nargs="?", help="The question to ask, e.g. \"What is 'Girls Ballet Tutu Neon Pink'?\".")
-    where = p.add_argument_group("which run and model")
-    where.add_argument("--run", help="Run folder (default: the most recent run in --outputs).")
-    where.add_argument("--outputs", default=str(ROOT / "outputs"), help="Where runs live (default: %(default)s).")
-    where.add_argument(
-        "--engine",
-        default="transformers",
-        choices=["transformers", "llamacpp"],
-        help="transformers: base + LoRA adapter (or merged/); llamacpp: GGUF files. Default: %(default)s.",
-    )
-    where.add_argument(
-        "--gguf",
-        help="Tuned GGUF for --engine llamacpp (default: the run's model.q4_k_m.gguf, "
-        "then q8_0, f16); with --serve, the file to serve.",
-    )
-    where.add_argument(
-        "--base-gguf",
-        "--base_gguf",
-        dest="base_gguf",
-        help="Base-model GGUF for base answers with --engine llamacpp (default: the embedded "
-        "SmolLM2 GGUF when the run's base is the embedded model).",
-    )
-    where.add_argument(
-        "--use-merged",
-        "--use_merged",
-        dest="use_merged",
-        action="store_true",
-        help="Tuned answers from the run's merged/ model instead of base + adapter/.",
-    )
-    where.add_argument("--only", choices=["base", "tuned"], help="Ask only one model (loads only what it needs).")
-    where.add_argument("--threads", type=int, help="CPU threads for llama.cpp (default: half the logical cores).")
-    gen = p.add_argument_group("generation")
-    gen.add_argument(
-        "--max-new-tokens",
-        "--max_new_tokens",
-        dest="max_new_tokens",
-        type=int,
-        default=200,
-        help="Longest answer in tokens (default: %(default)s).",
-    )
-    gen.add_argument(
-        "--temperature", type=float, default=0.0, help="0 = greedy and repeatable (default: %(default)s)."
-    )
-    gen.add_argument(
-        "--top-p",
-        "--top_p",
-        dest="top_p",
-        type=float,
-        default=1.0,
-        help="Nucleus sampling when --temperature > 0 (default: %(default)s = off).",
-    )
-    gen.add_argument(
-        "--top-k",
-        "--top_k",
-        dest="top_k",
-        type=int,
-        default=0,
-        help="Top-k sampling when --temperature > 0 (default: %(default)s = off).",
-    )
-    gen.add_argument(
-        "--repetition-penalty",
-        "--repetition_penalty",
-        dest="repetition_penalty",
-        type=float,
-        default=1.0,
-        help="Above 1.0 discourages repeats (default: %(default)s = off).",
-    )
-    gen.add_argument(
-        "--num-beams",
-        "--num_beams",
-        dest="num_beams",
-        type=int,
-        default=1,
-        help="Beam search width, transformers engine only (default: %(default)s).",
-    )
-    mode = p.add_argument_group("modes")
-    mode.add_argument("--interactive", action="store_true", help="Ask questions in a loop; Ctrl-C or Ctrl-D quits.")
-    mode.add_argument("--json", action="store_true", help="Print one JSON object per question instead of columns.")
-    mode.add_argument(
-        "--evaluate",
-        action="store_true",
-        help="Score base, tuned and a BM25 retrieval baseline; writes report.json/.md/.png in the run.",
-    )
-    mode.add_argument("--data", help="With --evaluate: a trn-format file to sample from (default: the run's splits).")
-    mode.add_argument(
-        "--samples", type=int, default=20, help="With --evaluate: products per population (default: %(default)s)."
-    )
-    mode.add_argument("--seed", type=int, default=42, help="With --evaluate: sampling seed (default: %(default)s).")
-    mode.add_argument(
-        "--serve",
-        action="store_true",
-        help="Serve --gguf (default: the run's GGUF) through llama-cpp-python's OpenAI-compatible API.",
-    )
-    mode.add_argument(
-        "--host", default="127.0.0.1", help="With --serve: address to bind (default: %(default)s, this machine only)."
-    )
-    mode.add_argument("--port", type=int, default=8000, help="With --serve: port (default: %(default)s).")
-    return p.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = parser.parse_args(argv)  # argparse's own message and exit 2 for an unknown flag
+    args.sampling = Sampling(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Sampling)})
+    args.given = given(argv)
+    return args
 
 
 @cli
@@ -145,22 +69,16 @@ def main(args: argparse.Namespace) -> None:
     if args.serve:
         return serve(args)
     check(args)
-    run_dir = Path(args.run) if args.run else generate.latest_run(args.outputs)
-    runs.load_config(run_dir)
+    run = runs.load_or_latest(args.run, args.outputs)
     if args.evaluate:
-        return evaluate(args, run_dir)
-    sampling = generate.Sampling(
-        args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.repetition_penalty, args.num_beams
-    )
-    sampling.check()
+        return evaluate(args, run)
+    args.sampling.check()
     systems = (args.only,) if args.only else generate.SYSTEMS
-    engine = generate.load_engine(
-        run_dir, args.engine, systems, args.use_merged, args.gguf, args.base_gguf, args.threads
-    )
+    engine = generate.load_engine(run, args.engine, systems, args.use_merged, args.gguf, args.base_gguf, args.threads)
     if args.question:
-        answer(engine, args.question, systems, sampling, args)
+        answer(engine, args.question, systems, args.sampling, args)
     if args.interactive:
-        loop(engine, systems, sampling, args)
+        loop(engine, systems, args.sampling, args)
 
 
 def check(args: argparse.Namespace) -> None:
@@ -170,11 +88,11 @@ def check(args: argparse.Namespace) -> None:
         problems.append("give a question, or --interactive, --evaluate or --serve")
     if args.data and not args.evaluate:
         problems.append("--data needs --evaluate")
-    if args.evaluate and args.samples < 1:
+    if args.evaluate and args.samples is not None and args.samples < 1:
         problems.append(f"--samples must be >= 1, got {args.samples}")
     if args.evaluate and (args.question or args.interactive):
         problems.append("--evaluate takes no question and no --interactive")
-    if args.engine == "llamacpp" and args.num_beams != 1:
+    if args.engine == "llamacpp" and args.sampling.num_beams != 1:
         problems.append("--num-beams works only with --engine transformers (llama.cpp has no beam search)")
     if args.threads is not None and args.threads < 1:
         problems.append(f"--threads must be >= 1, got {args.threads}")
@@ -188,7 +106,7 @@ def answer(engine, question: str, systems: tuple[str, ...], sampling, args) -> N
     answers = generate.ask(engine, [question], systems, sampling)
     result = {s: (answers[s][0] if s in answers else None) for s in generate.SYSTEMS}
     if args.json:
-        out = {"question": question, **result, "run": str(engine.run_dir), "engine": engine.name}
+        out = {"question": question, **result, "run": str(engine.run.dir), "engine": engine.name}
         if engine.name == "llamacpp":
             out.update(gguf=_str(engine.paths.get("tuned")), base_gguf=_str(engine.paths.get("base")))
         out["sampling"] = vars(sampling)
@@ -236,39 +154,38 @@ def loop(engine, systems, sampling, args) -> None:
         print(file=sys.stderr)
 
 
-def evaluate(args: argparse.Namespace, run_dir: Path) -> None:
+def evaluate(args: argparse.Namespace, run) -> None:
     from titletune import evaluate as ev
     from titletune import generate
 
     if args.only:
         raise UserError("--evaluate compares base and tuned; leave out --only.")
-    engine = generate.load_engine(
-        run_dir, args.engine, generate.SYSTEMS, args.use_merged, args.gguf, args.base_gguf, args.threads
-    )
-    report = ev.evaluate_run(
-        run_dir,
-        samples=args.samples,
-        data_path=args.data,
-        max_new_tokens=args.max_new_tokens,
+    settings = ev.EvalSettings(
+        samples=args.samples or run.section("script").get("eval_samples") or ev.EvalSettings.samples,
         seed=args.seed,
-        engine=engine,
+        data=args.data,
+        **({"max_new_tokens": args.max_new_tokens} if "max_new_tokens" in args.given else {}),
     )
+    settings.check()
+    engine = generate.load_engine(
+        run, args.engine, generate.SYSTEMS, args.use_merged, args.gguf, args.base_gguf, args.threads
+    )
+    report = ev.evaluate_run(run, settings, engine=engine)
     print(ev.summary(report))
-    print(f"wrote {run_dir / 'report.md'}, report.json, report.png")
+    print(f"wrote {run.dir / 'report.md'}, report.json, report.png")
 
 
 def serve(args: argparse.Namespace) -> None:
     """llama-cpp-python's OpenAI-compatible server, in this process (so stopping us stops it)."""
 
-    from titletune import generate
+    from titletune import generate, machine, runs
 
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see generate.LlamaCppEngine
     if args.question or args.interactive or args.evaluate:
         raise UserError("--serve takes no question, --interactive or --evaluate.")
     if args.gguf:
         gguf = generate.check_gguf(args.gguf)
     else:
-        gguf = generate.find_gguf(Path(args.run) if args.run else generate.latest_run(args.outputs))
+        gguf = runs.load_or_latest(args.run, args.outputs).gguf()
     if not 0 < args.port < 65536:
         raise UserError(f"--port must be 1-65535, got {args.port}.")
     try:
@@ -279,7 +196,7 @@ def serve(args: argparse.Namespace) -> None:
         raise UserError(
             f"the server needs llama-cpp-python[server] ({e}); pip install 'llama-cpp-python[server]'"
         ) from None
-    threads = args.threads or generate.default_threads()
+    threads = args.threads or machine.llama_threads()
     app = create_app(
         server_settings=ServerSettings(host=args.host, port=args.port),
         model_settings=[

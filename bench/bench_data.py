@@ -1,4 +1,4 @@
-"""Data-prep throughput and peak memory: titletune.data.prepare against pandas.read_json + .apply, on a fake trn.json.
+"""Data-prep throughput and peak memory: titletune.prepare.prepare vs pandas.read_json + .apply, on a fake trn.json.
 
     python bench/bench_data.py --lines 2248619 --out /tmp/trn_synth.json              # full size (1.9 GB)
     python bench/bench_data.py --lines 224862 --out /tmp/trn_synth_10pct.json         # 10%, a few minutes
@@ -115,12 +115,12 @@ def title_of(title_words: list[str], idx: list[int], length: int) -> str:
 
 def measure_ours(path: Path, max_samples: str, workers: str = "auto") -> dict:
     """What train.py does before training: prepare() into a temp folder."""
-    from titletune import data, prompts
+    from titletune import prepare, prompts
     from titletune.config import DataArguments
 
     with tempfile.TemporaryDirectory() as out:
         started = time.perf_counter()
-        stats = data.prepare(
+        stats = prepare.prepare(
             DataArguments(data=str(path), max_samples=str(max_samples), data_workers=workers),
             seed=42,
             out_dir=out,
@@ -134,7 +134,7 @@ def measure_naive(path: Path, max_samples: str) -> dict:
     """The obvious way: load everything with pandas, clean with .apply, dedupe, sample, split."""
     import pandas as pd
 
-    from titletune.data import clean_text, title_key
+    from titletune.text import clean_text, title_key
 
     started = time.perf_counter()
     df = pd.read_json(path, lines=True, dtype=False)
@@ -287,7 +287,7 @@ def main() -> None:
     runs = []
     for target in dict.fromkeys([path, part]):
         for workers in args.workers.split(","):
-            runs.append((f"titletune.data.prepare, --data_workers {workers}", "ours", target, workers))
+            runs.append((f"titletune.prepare.prepare, --data_workers {workers}", "ours", target, workers))
     if not args.skip_naive:
         runs.append(("pandas.read_json + .apply", "naive", part, "1"))
     load_before = os.getloadavg()

@@ -6,7 +6,7 @@
     python bench/bench_gpu.py --smoke_cpu                                        # plumbing check without a GPU
 
 Each backend trains in its own subprocess, through the same code as train.py: titletune.backends.<name>.load and
-add_lora, then training.build_trainer (TRL's SFTTrainer on prompt/completion rows from data.prepare). The unsloth
+add_lora, then training.build_trainer (TRL's SFTTrainer on prompt/completion rows from prepare.prepare). The unsloth
 child imports unsloth before trl, transformers and peft (backends.load_backend does it first); the hf child never
 imports it, because unsloth patches transformers for the whole process. Both load the base in 4-bit (bnb nf4), LoRA
 r=16 on all 7 projections, batch 4, the GPU preset's max_length (configs/llama3_2_3b_qlora.yaml), adamw_8bit,
@@ -58,7 +58,7 @@ def measure(backend_name: str, data_dir: str, args: argparse.Namespace) -> dict:
     from transformers import TrainerCallback
     from trl import ModelConfig, SFTConfig
 
-    from titletune import data, models, training
+    from titletune import models, runs, training
 
     cuda = torch.cuda.is_available()
     if cuda:
@@ -104,7 +104,7 @@ def measure(backend_name: str, data_dir: str, args: argparse.Namespace) -> dict:
         training_args.gradient_checkpointing = False  # add_lora(use_gradient_checkpointing="unsloth") did it
     load_s = time.perf_counter() - started
     after_load = torch.cuda.memory_allocated() if cuda else 0
-    rows = data.load_split(data_dir, "train")
+    rows = runs.read_split(data_dir, "train")
     dataset = Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in rows])
     trainer = training.build_trainer(model, tokenizer, dataset, None, training_args, Path(out))
 
@@ -159,12 +159,12 @@ def versions() -> dict:
 
 
 def prepare_rows(args: argparse.Namespace) -> str:
-    from titletune import data, prompts
+    from titletune import prepare, prompts
     from titletune.config import DataArguments
 
     out = tempfile.mkdtemp(prefix="bench_gpu_data_")
     data_args = DataArguments(data=args.data, max_samples=args.max_samples, max_content_chars=args.max_content_chars)
-    data.prepare(data_args, seed=42, out_dir=out, prompts=prompts.load(ROOT / "prompts" / "qa"))
+    prepare.prepare(data_args, seed=42, out_dir=out, prompts=prompts.load(ROOT / "prompts" / "qa"))
     return out
 
 

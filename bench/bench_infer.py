@@ -15,7 +15,7 @@ work. One engine per subprocess (its own threads and OpenMP state); each does on
 Reported: tokens/s end to end (prompt included), the decode rate after the first token, the prompt time, and how
 many of the generated tokens agree with transformers fp32 (a quantized model drifts after its first differing token).
 llama.cpp gets n_threads = n_threads_batch = 1 or 2 and OMP_WAIT_POLICY=PASSIVE (as titletune.export runs it;
-FINDINGS: 1-10 tok/s without it on a loaded machine); transformers gets torch's 2 threads and GOMP_SPINCOUNT=10000
+measured at 1-10 tok/s without it on a loaded machine); transformers gets torch's 2 threads and GOMP_SPINCOUNT=10000
 (see bench_train.py). The load average is recorded before and after every run.
 """
 
@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 
 # How idle OpenMP threads wait, read once when libgomp loads (torch or llama_cpp), so set in each child's environment.
 # An optional 4th part of a config picks one; without it, llama.cpp runs as titletune.export runs it (PASSIVE:
-# FINDINGS saw 1-10 tok/s without it under load) and torch with the short spin bench_train.py found best.
+# it measured 1-10 tok/s without it under load) and torch with the short spin bench_train.py found best.
 POLICIES = {"passive": {"OMP_WAIT_POLICY": "PASSIVE"}, "spin": {}, "spin10k": {"GOMP_SPINCOUNT": "10000"}}
 DEFAULT_POLICY = {"gguf": "passive", "hf": "spin10k"}
 DEFAULT_CONFIGS = [

@@ -5,8 +5,8 @@
     .venv/bin/python bench/bench_train.py --configs default,padded_full --rounds 4 --json /tmp/train.json
 
 Every configuration trains the embedded SmolLM2-135M-Instruct (models.embedded_hf_dir()) with LoRA r=16 on all 7
-projections, batch 4, on rows rendered from data/sample_trn.json exactly as train.py renders them (data.prepare with
-the CPU preset's max_content_chars and max_length, read from configs/cpu_smollm2.yaml), through titletune.backends.hf
+projections, batch 4, on rows rendered from data/sample_trn.json exactly as train.py renders them (prepare.prepare with
+the CPU run's max_content_chars and max_length, read from titletune/config.py), through titletune.backends.hf
 and training.build_trainer. Each runs `--warmup` steps, then `--steps` timed steps, in a fresh interpreter, so its
 peak RSS, 4-bit patches, autocast and OpenMP state are its own. Rounds alternate the order (ABC..CBA), so a load that
 drifts during the run falls on every configuration alike; the load average is recorded before and after each run.
@@ -129,7 +129,7 @@ def peaks(threads: int) -> dict:
     tokens, hidden 576 -> 1536), which is as large as the matmuls of this model get. On a CPU without native bf16
     (AVX2 only) the bf16 peaks are left out: emulated, one 4096^3 bf16 matmul takes minutes and nothing trains in bf16.
     """
-    from titletune.backends import bf16_supported
+    from titletune.machine import bf16_supported
 
     found = {"float32": matmul_peak("float32", threads)}
     if bf16_supported():
@@ -194,7 +194,7 @@ def measure(name: str, data_dir: str, args: argparse.Namespace) -> dict:
     # As libgomp sees it when torch loads it, below; importing titletune later sets OMP_WAIT_POLICY if unset.
     omp_env = {k: os.environ[k] for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT") if k in os.environ}
     opts = CONFIGS[name][1]
-    from titletune import backends
+    from titletune import backends, machine
 
     backend = backends.load_backend(opts.get("backend", "hf"))  # unsloth, if chosen, before trl and transformers
     import torch
@@ -202,10 +202,10 @@ def measure(name: str, data_dir: str, args: argparse.Namespace) -> dict:
     from transformers import TrainerCallback
     from trl import ModelConfig, SFTConfig, SFTTrainer
 
-    from titletune import data, models, training
+    from titletune import models, runs, training
 
     torch.set_num_threads(opts.get("threads", args.threads))
-    rows = data.load_split(data_dir, "train")
+    rows = runs.read_split(data_dir, "train")
     model_args = ModelConfig(
         use_peft=True,
         lora_r=args.lora_r,
@@ -225,7 +225,7 @@ def measure(name: str, data_dir: str, args: argparse.Namespace) -> dict:
         per_device_train_batch_size=args.batch_size,
         learning_rate=5e-4,
         lr_scheduler_type="constant",
-        bf16=backends.bf16_supported() if opts.get("bf16") == "auto" else opts.get("bf16", True),
+        bf16=machine.bf16_supported() if opts.get("bf16") == "auto" else opts.get("bf16", True),
         use_cpu=True,
         gradient_checkpointing=opts.get("gradient_checkpointing", False),
         torch_compile=opts.get("torch_compile", False),
@@ -323,23 +323,23 @@ def measure(name: str, data_dir: str, args: argparse.Namespace) -> dict:
 
 
 def prepare_rows(args: argparse.Namespace) -> str:
-    """Render the train split as train.py does (data.prepare), into a temp folder; returns it."""
-    from titletune import data, prompts
+    """Render the train split as train.py does (prepare.prepare), into a temp folder; returns it."""
+    from titletune import prepare, prompts
     from titletune.config import DataArguments
 
     out = tempfile.mkdtemp(prefix="bench_train_data_")
     data_args = DataArguments(data=args.data, max_content_chars=args.max_content_chars)
-    data.prepare(data_args, seed=42, out_dir=out, prompts=prompts.load(ROOT / "prompts" / "qa"))
+    prepare.prepare(data_args, seed=42, out_dir=out, prompts=prompts.load(ROOT / "prompts" / "qa"))
     return out
 
 
 def longest_row(data_dir: str) -> int:
     from transformers import AutoTokenizer
 
-    from titletune import data, models
+    from titletune import models, runs
 
     tokenizer = AutoTokenizer.from_pretrained(models.embedded_hf_dir())
-    rows = data.load_split(data_dir, "train")
+    rows = runs.read_split(data_dir, "train")
     return max(len(tokenizer.apply_chat_template(r["prompt"] + r["completion"])["input_ids"]) for r in rows)
 
 
@@ -362,9 +362,12 @@ def run_child(name: str, data_dir: str, args: argparse.Namespace) -> dict:
 
 
 def cpu_preset() -> dict:
-    import yaml
+    """The CPU run's settings: DEFAULTS over TRL's, and our own dataclass defaults."""
+    import dataclasses
 
-    return yaml.safe_load((ROOT / "configs" / "cpu_smollm2.yaml").read_text())
+    from titletune.config import DEFAULTS, DataArguments
+
+    return {**{f.name: f.default for f in dataclasses.fields(DataArguments)}, **DEFAULTS}
 
 
 def summarise(runs: list[dict], measured: list[dict]) -> list[str]:

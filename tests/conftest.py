@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -55,6 +56,28 @@ def run_cli(*args: str, timeout: int = 900, check: bool = True, **kwargs) -> sub
     return result
 
 
+def assert_user_error(result: subprocess.CompletedProcess, pattern: str) -> str:
+    """Exit 2, no traceback, and exactly one `error: ...` line, the last one on stderr, matching `pattern`."""
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    text = [line for line in result.stderr.splitlines() if line.strip()]
+    errors = [line for line in text if line.startswith("error: ")]
+    assert len(errors) == 1 and text[-1] == errors[0], result.stderr[-3000:]
+    assert re.search(pattern, errors[0]), errors[0]
+    return errors[0]
+
+
+def jsonl(rows: list) -> bytes:
+    """Rows as JSON lines; a bytes row is written as it is (a broken line on purpose)."""
+    return b"".join((row if isinstance(row, bytes) else json.dumps(row).encode()) + b"\n" for row in rows)
+
+
+def prepare_cli(tmp_path: Path, data: Path | str, *extra: str) -> subprocess.CompletedProcess:
+    """train.py --prepare-only on `data` into tmp_path/run, as a user runs it; the caller checks the outcome."""
+    args = ("train.py", "--prepare-only", "--data", str(data), "--output-dir", str(tmp_path / "run"), *extra)
+    return run_cli(*args, timeout=300, check=False)
+
+
 def losses(run_dir: Path) -> dict[int, float]:
     """step -> training loss, from the run's train_log.jsonl."""
     records = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
@@ -87,3 +110,16 @@ def shared_data() -> Path:
     if not path.is_file():
         pytest.skip(f"{path} is not here (the shared folder sits beside the checkout)")
     return path
+
+
+@pytest.fixture(scope="module")
+def gguf_run(run_dir, tmp_path_factory) -> Path:
+    """The module's `run_dir` with a GGUF export; the embedded GGUF stands in for it (a link, not a 100 MB copy)."""
+    import shutil
+
+    from titletune import models
+
+    run = tmp_path_factory.mktemp("gguf") / "run"
+    shutil.copytree(run_dir, run, ignore=shutil.ignore_patterns("report.*"))
+    (run / "model.q4_k_m.gguf").symlink_to(models.embedded_gguf())
+    return run

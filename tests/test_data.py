@@ -1,4 +1,7 @@
-"""titletune.data on tiny inputs: cleaning, dedupe, seeded sampling, splits, rendering, stats, streaming memory."""
+"""Data prep on tiny inputs: cleaning, dedupe, seeded sampling, splits, rendering, stats, streaming memory.
+
+The modules: titletune.text, titletune.reading, titletune.selection, titletune.prepare.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +15,13 @@ from pathlib import Path
 import orjson
 import pytest
 
-from titletune import data, prompts
+from titletune import prompts, selection
+from titletune import prepare as stage
+from titletune.prepare import prepare
+from titletune.runs import read_split as load_split
+from titletune.reading import iter_products
+from titletune.selection import SPLITS, Selection, clean_product, data_workers
+from titletune.text import clean_text, clean_title, title_key, truncate
 from titletune.config import DataArguments
 from titletune.errors import UserError
 
@@ -48,12 +57,12 @@ def products(n: int, start: int = 0) -> list[dict]:
 
 def run(tmp_path: Path, qa: prompts.PromptSet, seed: int = 42, name: str = "run", **overrides) -> tuple[dict, Path]:
     out = tmp_path / name
-    stats = data.prepare(DataArguments(**overrides), seed=seed, out_dir=out, prompts=qa)
+    stats = prepare(DataArguments(**overrides), seed=seed, out_dir=out, prompts=qa)
     return stats, out
 
 
 def kept_rows(out: Path) -> dict[str, list[dict]]:
-    return {split: data.load_split(out, split) for split in data.SPLITS}
+    return {split: load_split(out, split) for split in SPLITS}
 
 
 # --- cleaning -------------------------------------------------------------------------------------------------
@@ -71,14 +80,14 @@ def kept_rows(out: Path) -> dict[str, list[dict]]:
     ],
 )
 def test_clean_text_decodes_entities(raw, clean):
-    assert data.clean_text(raw) == clean
+    assert clean_text(raw) == clean
 
 
 def test_clean_text_strips_tags_and_keeps_paragraphs():
     raw = "<p>Set of <b>four</b> mugs.</p><p>Holds 12 oz.<br/>Dishwasher safe.</p><ul><li>Blue</li><li>Red</li></ul>"
-    assert data.clean_text(raw) == "Set of four mugs.\nHolds 12 oz.\nDishwasher safe.\n- Blue\n- Red"
-    assert data.clean_text("size < 5 and a heart <3") == "size < 5 and a heart <3"
-    assert data.clean_text("&lt;i&gt;Escaped&lt;/i&gt; italics<!-- note -->") == "Escaped italics"
+    assert clean_text(raw) == "Set of four mugs.\nHolds 12 oz.\nDishwasher safe.\n- Blue\n- Red"
+    assert clean_text("size < 5 and a heart <3") == "size < 5 and a heart <3"
+    assert clean_text("&lt;i&gt;Escaped&lt;/i&gt; italics<!-- note -->") == "Escaped italics"
 
 
 @pytest.mark.parametrize(
@@ -90,33 +99,52 @@ def test_clean_text_strips_tags_and_keeps_paragraphs():
     ],
 )
 def test_clean_text_removes_edition_notes(raw):
-    assert data.clean_text(raw) == "A fine story."
+    assert clean_text(raw) == "A fine story."
 
 
 def test_clean_text_whitespace_control_and_unicode():
-    assert data.clean_text("  a \t b\r\n\r\n\n  c  ") == "a b\nc"
-    assert data.clean_text("zero\u200bwidth\x00 and\u00a0nbsp\x07") == "zerowidth and nbsp"
-    assert data.clean_text("\uff37\uff49\uff44\uff45 \ufb01sh") == "Wide fish"  # NFKC: fullwidth letters, ligature
-    assert data.clean_text("broken \ud800 surrogate") == "broken \ufffd surrogate"
-    assert data.clean_text("") == ""
-    assert data.clean_title("Two\nlines") == "Two lines"
+    assert clean_text("  a \t b\r\n\r\n\n  c  ") == "a b\nc"
+    assert clean_text("zero\u200bwidth\x00 and\u00a0nbsp\x07") == "zerowidth and nbsp"
+    assert clean_text("\uff37\uff49\uff44\uff45 \ufb01sh") == "Wide fish"  # NFKC: fullwidth letters, ligature
+    assert clean_text("broken \ud800 surrogate") == "broken \ufffd surrogate"
+    assert clean_text("") == ""
+    assert clean_title("Two\nlines") == "Two lines"
 
 
 def test_title_key():
-    assert data.title_key("Mog's Kittens (Hardcover)") == "mog s kittens hardcover"
-    assert data.title_key("  GIRLS   Ballet-Tutu, Neon_Pink! ") == "girls ballet tutu neon pink"
-    assert data.title_key("\uff27irls Ballet Tutu Neon Pink") == data.title_key("girls ballet tutu neon pink")
-    assert data.title_key("Stra\u00dfe") == data.title_key("STRASSE")  # casefold, not lower
-    assert data.title_key("!!!") == ""
+    assert title_key("Mog's Kittens (Hardcover)") == "mog s kittens hardcover"
+    assert title_key("  GIRLS   Ballet-Tutu, Neon_Pink! ") == "girls ballet tutu neon pink"
+    assert title_key("\uff27irls Ballet Tutu Neon Pink") == title_key("girls ballet tutu neon pink")
+    assert title_key("Stra\u00dfe") == title_key("STRASSE")  # casefold, not lower
+    assert title_key("!!!") == ""
 
 
 def test_truncate_at_sentence_end():
     text = "First sentence here. Second one is longer than that. Third."
-    assert data.truncate(text, 100) == text
-    assert data.truncate(text, 55) == "First sentence here. Second one is longer than that."
-    assert data.truncate(text, 52) == "First sentence here. Second one is longer than that."
-    cut = data.truncate("word " * 100, 50)  # no sentence end: cut at a space, marked
+    assert truncate(text, 100) == text
+    assert truncate(text, 55) == "First sentence here. Second one is longer than that."
+    assert truncate(text, 52) == "First sentence here. Second one is longer than that."
+    cut = truncate("word " * 100, 50)  # no sentence end: cut at a space, marked
     assert len(cut) <= 50 and cut.endswith("\u2026") and " \u2026" not in cut
+
+
+@pytest.mark.parametrize(
+    "title, content, expected",
+    [
+        (
+            "Lamp &amp; Shade",
+            "A lamp with a <b>linen</b> shade.",
+            ("Lamp & Shade", "lamp shade", "A lamp with a linen shade."),
+        ),
+        ("<b></b>", "", "empty_title"),  # the title is checked first
+        ("Lamp", "<p> </p>", "empty_content"),
+        ("Lamp", "Too short.", "short_content"),  # under min_chars, 20
+        ("!!!", "Too short.", "short_content"),  # the content before the title key
+        ("!!!", "A lamp with a linen shade.", "empty_title"),  # no letter or digit: no title key
+    ],
+)
+def test_clean_product_returns_the_product_or_the_drop_reason(title, content, expected):
+    assert clean_product({"id": "1", "title": title, "content": content}, 20) == expected
 
 
 # --- reading --------------------------------------------------------------------------------------------------
@@ -128,7 +156,7 @@ def test_iter_products_ids_from_uid_or_line_number(tmp_path):
         '{"uid": "A1", "title": "T1", "content": "C1"}\n\n{"title": "T2", "content": "C2"}\n', encoding="utf-8"
     )
     stats = Counter()
-    rows = list(data.iter_products(path, stats=stats))
+    rows = list(iter_products(path, stats=stats))
     assert rows == [{"id": "A1", "title": "T1", "content": "C1"}, {"id": "3", "title": "T2", "content": "C2"}]
     assert stats["rows_read"] == 2 and stats["blank_lines"] == 1
 
@@ -140,13 +168,13 @@ def test_iter_products_reads_gzip_by_magic_bytes_and_json_arrays(tmp_path):
     array_file = tmp_path / "array.json"
     array_file.write_text("\n  " + json.dumps(rows), encoding="utf-8")
     expected = [{"id": r["uid"], "title": r["title"], "content": r["content"]} for r in rows]
-    assert list(data.iter_products(gz)) == expected
-    assert list(data.iter_products(array_file)) == expected
+    assert list(iter_products(gz)) == expected
+    assert list(iter_products(array_file)) == expected
 
 
 def test_iter_products_other_field_names(tmp_path):
     path = write_jsonl(tmp_path / "p.jsonl", [{"name": "Lamp", "description": "A lamp with a linen shade."}])
-    assert list(data.iter_products(path, title_field="name", content_field="description")) == [
+    assert list(iter_products(path, title_field="name", content_field="description")) == [
         {"id": "1", "title": "Lamp", "content": "A lamp with a linen shade."}
     ]
 
@@ -163,7 +191,7 @@ def test_prepare_dedupes_by_title_key_keeping_the_first(tmp_path, qa):
     kept = [row for split in kept_rows(out).values() for row in split]
     assert stats["dropped"]["duplicate_title"] == 1
     assert "DUP" not in {row["id"] for row in kept}
-    assert len({data.title_key(row["title"]) for row in kept}) == len(kept) == 12
+    assert len({title_key(row["title"]) for row in kept}) == len(kept) == 12
 
 
 def test_sampling_is_seeded_uniform_and_not_the_head(tmp_path, qa):
@@ -196,19 +224,19 @@ def test_splits_are_disjoint_and_stable(tmp_path, qa):
     split_of = {}
     for split, rows in kept_rows(out_all).items():
         for row in rows:
-            key = data.title_key(row["title"])
+            key = title_key(row["title"])
             assert key not in split_of, f"{row['title']!r} is in {split_of[key]} and {split}"
             split_of[key] = split
     # A smaller sample moves no product to another split, except that the top-up for small sets may move at most
     # one train product into each held-out split the sample left empty.
     moved = [
-        (split_of[data.title_key(row["title"])], split)
+        (split_of[title_key(row["title"])], split)
         for split, rows in kept_rows(out_50).items()
         for row in rows
-        if split_of[data.title_key(row["title"])] != split
+        if split_of[title_key(row["title"])] != split
     ]
     assert len(moved) <= 2 and all(old == "train" for old, _ in moved), moved
-    assert all(stats_all["kept"][s] >= 1 for s in data.SPLITS)
+    assert all(stats_all["kept"][s] >= 1 for s in SPLITS)
 
 
 def test_small_sets_get_one_val_and_one_test_product(tmp_path, qa):
@@ -240,21 +268,34 @@ def test_rows_render_into_prompt_and_completion(tmp_path, qa):
 def test_stats_add_up(tmp_path, qa):
     stats, out = run(tmp_path, qa, max_samples="100")
     assert stats["rows_read"] == stats["kept"]["total"] + stats["dropped_total"]
-    assert stats["kept"]["total"] == sum(stats["kept"][s] for s in data.SPLITS) == 100
+    assert stats["kept"]["total"] == sum(stats["kept"][s] for s in SPLITS) == 100
     assert stats["dropped_total"] == sum(stats["dropped"].values())
     sample_lines = sum(1 for line in SAMPLE.read_text(encoding="utf-8").splitlines() if line.strip())
     assert stats["rows_read"] == sample_lines
-    assert stats["dropped"]["empty_content"] >= 10 and stats["dropped"]["empty_title"] >= 3
-    assert stats["dropped"]["duplicate_title"] >= 3 and stats["truncated"] >= 0
+    # Dropped from the sample: 4 empty titles, 10 empty and 2 short descriptions, 4 later copies of a title; of the
+    # distinct valid products left, the sample keeps 100.
+    assert stats["dropped"] == {
+        **dict.fromkeys(("malformed_json", "not_an_object", "missing_field", "bad_field_type"), 0),
+        "empty_title": 4,
+        "empty_content": 10,
+        "short_content": 2,
+        "duplicate_title": 4,
+        "over_max_samples": sample_lines - 20 - 100,
+    }
+    # Truncated: each kept product whose cleaned description is longer than the limit, and only those.
+    limit = stats["args"]["max_content_chars"]
+    raw = {row["id"]: row["content"] for row in iter_products(SAMPLE)}
+    long = [row for rows in kept_rows(out).values() for row in rows if len(clean_text(raw[row["id"]])) > limit]
+    assert stats["truncated"] == len(long) == 1 and len(long[0]["content"]) <= limit
     assert json.loads((out / "data" / "stats.json").read_text()) == stats
-    for split in data.SPLITS:
-        assert len(data.load_split(out, split)) == stats["kept"][split]
+    for split in SPLITS:
+        assert len(load_split(out, split)) == stats["kept"][split]
 
 
 def test_prepare_is_reproducible(tmp_path, qa):
     _, a = run(tmp_path, qa, name="a", max_samples="60")
     _, b = run(tmp_path, qa, name="b", max_samples="60")
-    for split in data.SPLITS:
+    for split in SPLITS:
         assert (a / "data" / f"{split}.jsonl").read_bytes() == (b / "data" / f"{split}.jsonl").read_bytes()
 
 
@@ -275,11 +316,26 @@ def test_prepare_on_real_head(tmp_path, qa):
             assert len(row["content"]) <= 2000
 
 
+def test_cache_key_covers_every_data_module(tmp_path, qa, monkeypatch):
+    """A fix to any of the data modules or prompts.py gives a new key, so a stale cached output is never reused."""
+    args = DataArguments(data=str(SAMPLE))
+    code = stage.CODE
+    assert {Path(m).name for m in code} == {"text.py", "reading.py", "selection.py", "prepare.py", "prompts.py"}
+    key = stage.cache_key(args, 42, qa)
+    for i, module in enumerate(code):
+        edited = tmp_path / Path(module).name
+        edited.write_bytes(Path(module).read_bytes() + b"\n# a fix\n")
+        monkeypatch.setattr(stage, "CODE", (*code[:i], str(edited), *code[i + 1 :]))
+        assert stage.cache_key(args, 42, qa) != key, module
+    monkeypatch.setattr(stage, "CODE", code)
+    assert stage.cache_key(args, 42, qa) == key
+
+
 def test_load_split_needs_a_prepared_run(tmp_path):
     with pytest.raises(UserError, match="prepare the data first"):
-        data.load_split(tmp_path, "train")
+        load_split(tmp_path, "train")
     with pytest.raises(UserError, match="one of train, val, test"):
-        data.load_split(tmp_path, "dev")
+        load_split(tmp_path, "dev")
 
 
 # --- memory ---------------------------------------------------------------------------------------------------
@@ -311,14 +367,14 @@ def test_streaming_memory_is_flat(tmp_path):
     small, big = write_synthetic(tmp_path / "small.json", 20_000), write_synthetic(tmp_path / "big.json", 200_000)
 
     def read(path: Path) -> None:
-        for _ in data.iter_products(path):
+        for _ in iter_products(path):
             pass
 
     assert traced_peak(lambda: read(big)) - traced_peak(lambda: read(small)) < 256 * 1024
 
     def select(path: Path, rows: int) -> None:
-        selection = data.Selection(seed=1, max_samples=1000, min_chars=20, max_chars=2000, counts=Counter())
-        for row in itertools.islice(data.iter_products(path), rows):
+        selection = Selection(seed=1, max_samples=1000, min_chars=20, max_chars=2000, counts=Counter())
+        for row in itertools.islice(iter_products(path), rows):
             selection.add(row)
         assert len(selection.heap) == 1000
 
@@ -350,8 +406,8 @@ def awkward_file(path: Path) -> Path:
 @pytest.mark.parametrize("max_samples", ["all", "120"])
 def test_parallel_reading_writes_what_one_process_writes(tmp_path, qa, monkeypatch, max_samples):
     path = awkward_file(tmp_path / "awkward.json")
-    monkeypatch.setattr(data, "CHUNK_BYTES", 4096)  # ~25 chunks: duplicates and ids cross chunk boundaries
-    assert len(data._chunks(path, path.stat().st_size, data.CHUNK_BYTES)) > 10
+    monkeypatch.setattr(selection, "CHUNK_BYTES", 4096)  # ~25 chunks: duplicates and ids cross chunk boundaries
+    assert len(selection._chunks(path, path.stat().st_size, selection.CHUNK_BYTES)) > 10
     one, out1 = run(tmp_path, qa, name="one", data=str(path), max_samples=max_samples, data_workers="1")
     two, out2 = run(tmp_path, qa, name="two", data=str(path), max_samples=max_samples, data_workers="2")
     one.pop("seconds"), two.pop("seconds")
@@ -371,11 +427,11 @@ def test_parallel_reading_writes_what_one_process_writes(tmp_path, qa, monkeypat
 
 def test_data_workers_auto_and_bad_values(tmp_path, qa):
     path = write_jsonl(tmp_path / "p.json", products(30))
-    assert data.data_workers("auto", path) == 1  # a small file: no pool
-    assert data.data_workers("3", path) == 3
+    assert data_workers("auto", path) == 1  # a small file: no pool
+    assert data_workers("3", path) == 3
     gz = tmp_path / "p.json.gz"
     gz.write_bytes(gzip.compress(path.read_bytes()))
-    assert data.data_workers("4", gz) == 1  # a gzip stream cannot be cut into chunks
+    assert data_workers("4", gz) == 1  # a gzip stream cannot be cut into chunks
     with pytest.raises(UserError, match="--data_workers must be 'auto' or a number"):
         run(tmp_path, qa, data=str(path), data_workers="0")
     with pytest.raises(UserError, match="--data_workers must be 'auto' or a number"):

@@ -10,9 +10,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_infer import INFER, ROOT, TEST, TRAIN, build_run, gguf_run  # noqa: F401 (fixture)
+from test_infer import INFER, ROOT, TEST, TRAIN, build_run
 
-from titletune import evaluate
+from titletune import evaluate, runs
+from titletune.evaluate import EvalSettings
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -24,7 +25,7 @@ def run_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def report(run_dir) -> dict:
-    return evaluate.evaluate_run(run_dir, samples=3, max_new_tokens=16, seed=7)
+    return evaluate.evaluate_run(runs.load(run_dir), EvalSettings(samples=3, max_new_tokens=16, seed=7))
 
 
 def test_report_files_and_schema(run_dir, report):
@@ -37,7 +38,8 @@ def test_report_files_and_schema(run_dir, report):
             assert all(0.0 <= metrics[k] <= 1.0 for k in ("rouge1", "rouge2", "rougeL"))
             assert 0.0 <= metrics["bleu"] <= 100.0
     assert report["counts"] == {"seen": 3, "heldout": 3}
-    assert (report["samples"], report["seed"], report["max_new_tokens"], report["greedy"]) == (3, 7, 16, True)
+    assert report["settings"] == {"samples": 3, "max_new_tokens": 16, "seed": 7, "data": None}
+    assert report["greedy"] is True
     assert len(report["examples"]) == 6
     assert all(e["base"] and e["tuned"] and e["reference"] for e in report["examples"])
     assert (run_dir / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -69,9 +71,9 @@ def test_loss_and_perplexity(report):
 
 
 def test_sampling_is_deterministic_and_questions_match_training(run_dir):
-    cfg = {"seed": 42}
-    first = evaluate.sample_populations(run_dir, cfg, evaluate.read_jsonl(run_dir / "data/train.jsonl"), 2, 5, None)
-    again = evaluate.sample_populations(run_dir, cfg, evaluate.read_jsonl(run_dir / "data/train.jsonl"), 2, 5, None)
+    run = runs.load(run_dir)
+    first = evaluate.sample_populations(run, run.split("train"), 2, 5, None)
+    again = evaluate.sample_populations(run, run.split("train"), 2, 5, None)
     assert [p["id"] for p in first["seen"]] == [p["id"] for p in again["seen"]]
     assert {p["id"] for p in first["seen"]} <= {pid for pid, _, _ in TRAIN}
     assert {p["id"] for p in first["heldout"]} <= {pid for pid, _, _ in TEST}
@@ -84,21 +86,29 @@ def test_data_file_split_by_title_into_seen_and_heldout(run_dir, tmp_path):
         {"uid": "x2", "title": "Garden Hose 50 ft &amp; Nozzle", "content": "A kink-free hose with a nozzle."},
         {"uid": "x3", "title": TRAIN[1][1], "content": TRAIN[1][2]},
         {"uid": "x4", "title": "", "content": "no title: dropped"},
+        {"uid": "x5", "title": "Tiny Note", "content": "Too short."},  # under min_content_chars' default, 20
+        {"uid": "x6", "title": "!!!", "content": "A title of punctuation only has no title key."},
     ]
     path = tmp_path / "trn.json"
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    train = evaluate.read_jsonl(run_dir / "data/train.jsonl")
-    pops = evaluate.sample_populations(run_dir, {}, train, 5, 1, path)
+    bare = runs.Run(run_dir, {})  # a config without data settings: DataArguments' defaults
+    train = bare.split("train")
+    pops = evaluate.sample_populations(bare, train, 5, 1, path)
     assert sorted(p["id"] for p in pops["seen"]) == ["x1", "x3"]
     assert [p["title"] for p in pops["heldout"]] == ["Garden Hose 50 ft & Nozzle"]
+    # The run's own data settings win over the defaults: the filter and the cut are training's.
+    cfg = {"data": {"min_content_chars": 5, "max_content_chars": 12}}
+    pops = evaluate.sample_populations(runs.Run(run_dir, cfg), train, 5, 1, path)
+    assert [(p["id"], p["content"]) for p in pops["heldout"]] == [("x2", "A kink-free\u2026"), ("x5", "Too short.")]
 
 
 @pytest.mark.skipif(not (SHARED_DATA / "trn_real_head300.jsonl").is_file(), reason="shared sample data absent")
 def test_real_sample_file_is_all_heldout_and_deterministic(run_dir):
-    train = evaluate.read_jsonl(run_dir / "data/train.jsonl")
+    bare = runs.Run(run_dir, {})
+    train = bare.split("train")
     path = SHARED_DATA / "trn_real_head300.jsonl"
-    pops = evaluate.sample_populations(run_dir, {}, train, 4, 3, path)
-    again = evaluate.sample_populations(run_dir, {}, train, 4, 3, path)
+    pops = evaluate.sample_populations(bare, train, 4, 3, path)
+    again = evaluate.sample_populations(bare, train, 4, 3, path)
     assert pops["seen"] == [] and len(pops["heldout"]) == 4
     assert pops == again
     assert all("&#" not in p["content"] for p in pops["heldout"])  # cleaned as training cleans
@@ -123,7 +133,7 @@ def test_infer_evaluate_cli(run_dir, tmp_path):
 
 
 def test_evaluate_with_llamacpp_engine(gguf_run):
-    report = evaluate.evaluate_run(gguf_run, samples=2, max_new_tokens=12, engine="llamacpp")
+    report = evaluate.evaluate_run(runs.load(gguf_run), EvalSettings(samples=2, max_new_tokens=12), engine="llamacpp")
     assert report["engine"] == "llamacpp"
     for pop in ("seen", "heldout"):
         assert report[pop]["base"]["loss"] is None  # llama.cpp gives no teacher-forced loss here

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from titletune import export as gguf_export
+from titletune import ollama
 from titletune.config import cache_dir
 from titletune.errors import UserError
 from titletune.models import embedded_hf_dir
@@ -156,7 +157,7 @@ def test_modelfile(run):
     assert f'SYSTEM """{SYSTEM}"""' in text
     assert 'PARAMETER stop "<|im_end|>"' in text
     assert "PARAMETER num_ctx 2048" in text
-    # Ollama's own ChatML template, written out because its auto-detection is a fuzzy match (see OLLAMA_TEMPLATES).
+    # Ollama's own ChatML template, written out because its auto-detection is a fuzzy match (see ollama.TEMPLATES).
     assert 'TEMPLATE """{{- range .Messages }}<|im_start|>{{ .Role }}' in text
     assert report["modelfile"] == {
         "name": "Modelfile",
@@ -167,12 +168,12 @@ def test_modelfile(run):
 
 
 def test_stop_tokens_and_templates(tokenizer):
-    assert gguf_export.stop_tokens(tokenizer)[0] == tokenizer.eos_token
-    assert "<|im_end|>" in gguf_export.stop_tokens(tokenizer)
-    assert gguf_export.ollama_template(tokenizer.chat_template)[0] == "chatml"
+    assert ollama.stop_tokens(tokenizer)[0] == tokenizer.eos_token
+    assert "<|im_end|>" in ollama.stop_tokens(tokenizer)
+    assert ollama.template_for(tokenizer.chat_template)[0] == "chatml"
     llama3 = "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] }}"
-    assert gguf_export.ollama_template(llama3)[0] == "llama3"
-    assert gguf_export.ollama_template("{{ message['content'] }}") is None
+    assert ollama.template_for(llama3)[0] == "llama3"
+    assert ollama.template_for("{{ message['content'] }}") is None
 
 
 def test_parse_gguf_types():

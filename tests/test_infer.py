@@ -123,17 +123,6 @@ def run_dir(tmp_path_factory) -> Path:
     return build_run(tmp_path_factory.mktemp("infer"))
 
 
-@pytest.fixture(scope="module")
-def gguf_run(run_dir, tmp_path_factory) -> Path:
-    """The same run with a GGUF export; the embedded GGUF stands in for it (a link, not a 100 MB copy)."""
-    from titletune import models
-
-    run = tmp_path_factory.mktemp("gguf") / "run"
-    shutil.copytree(run_dir, run, ignore=shutil.ignore_patterns("report.*"))
-    (run / "model.q4_k_m.gguf").symlink_to(models.embedded_gguf())
-    return run
-
-
 def infer(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     env = {**os.environ, "COLUMNS": "120", "TQDM_DISABLE": "1"}
     return subprocess.run(

@@ -1,23 +1,8 @@
-"""Bad input through the real command line: every case exits 0 with the skip counted, or exits 2 with one line
-`error: ...` on stderr that says what to do, and never a traceback.
+"""Bad input through the real command line: every case recovers (exit 0), or exits 2 with one line `error: ...` on
+stderr that says what to do, and never a traceback.
 
-Data, `train.py --prepare-only --data BAD` (function-level checks: test_data_bad_input.py). The skippable cases
-share one run over one file that holds them all (`mixed`); its log line reads
-"... kept 15 (..., 1 truncated); dropped 7 (1 malformed json, 2 missing field, 4 duplicate title)".
-    malformed JSON line mid-file     exit 0, stats.json dropped.malformed_json = 1
-    row without title / content      exit 0, stats.json dropped.missing_field = 2
-    non-UTF-8 bytes                  exit 0, row kept with U+FFFD, stats.json notes.bad_utf8 = 1, eda.md says so
-    200k-char description            exit 0, cut at a sentence end, stats.json truncated = 1
-    description full of HTML         exit 0, trained on as plain text
-    duplicated products              exit 0, stats.json dropped.duplicate_title = 4
-    empty file                       exit 2 "... is empty (0 bytes); re-download it or pass --data ..."
-    every row filtered out           exit 2 "all 9 rows ... were dropped: 6 empty content, 3 short content.
-                                     Fix: lower --min_content_chars (now 20)."
-    truncated gzip                   exit 2 "... truncated or corrupt gzip file ... Check it with `gzip -t ...`"
-    nonexistent path                 exit 2 "data file ... does not exist; pass --data /path/to/trn.json ..."
-    directory instead of file        exit 2 "--data ... is a directory, not a file. It holds trn.json. Pass ..."
-    --max-samples 0 / -3             exit 2 "--max_samples must be a positive number or 'all', got 0. ..."
-  A bad path, an empty file or a bad --max-samples fails before the run folder is made.
+Data files (malformed, empty, truncated gzip, a directory, a bad --max-samples, ...): test_data_bad_input.py, at
+the function level and through `train.py --prepare-only --data BAD` alike.
 
 CLI and model:
     unknown hub id, no network       exit 2 "could not load model 'some-org/does-not-exist-xyz' (OSError: ...).
@@ -35,16 +20,14 @@ then --resume, Ctrl-C (test_train.py); a crash during GGUF conversion or quantiz
 
 from __future__ import annotations
 
-import gzip
 import json
 import re
 import shutil
 from pathlib import Path
 
-import orjson
 import pytest
 import yaml
-from conftest import ROOT, SAMPLE, run_cli
+from conftest import ROOT, SAMPLE, assert_user_error, jsonl, prepare_cli, run_cli
 
 GOOD = [
     {
@@ -54,181 +37,6 @@ GOOD = [
     }
     for i in range(12)
 ]
-LONG = " ".join(f"Sentence number {i} describes one more feature of the workshop manual." for i in range(2900))
-HTML = (
-    "<div class='desc'><h2>Features</h2><ul><li><b>Waterproof</b> to 30&nbsp;m</li><li>Strap &amp; case</li>"
-    "</ul><p>Battery lasts 2 years.<br>Gift box.</p></div>"
-)
-
-
-def lines(rows: list) -> bytes:
-    return b"".join((row if isinstance(row, bytes) else json.dumps(row).encode()) + b"\n" for row in rows)
-
-
-def prepare(tmp_path: Path, data: Path | str, *extra: str):
-    return run_cli(
-        "train.py",
-        "--prepare-only",
-        "--data",
-        str(data),
-        "--output-dir",
-        str(tmp_path / "run"),
-        *extra,
-        timeout=300,
-        check=False,
-    )
-
-
-def assert_user_error(result, pattern: str) -> str:
-    """Exit 2, no traceback, and exactly one `error: ...` line, the last one on stderr, matching `pattern`."""
-    assert result.returncode == 2, result.stderr[-3000:]
-    assert "Traceback" not in result.stderr, result.stderr[-3000:]
-    text = [line for line in result.stderr.splitlines() if line.strip()]
-    errors = [line for line in text if line.startswith("error: ")]
-    assert len(errors) == 1 and text[-1] == errors[0], result.stderr[-3000:]
-    assert re.search(pattern, errors[0]), errors[0]
-    return errors[0]
-
-
-def assert_ok(result, tmp_path: Path) -> tuple[dict, str]:
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "Traceback" not in result.stderr
-    stats = orjson.loads((tmp_path / "run" / "data" / "stats.json").read_bytes())
-    summary = next(line for line in result.stderr.splitlines() if "data: read" in line)  # the one data log line
-    return stats, summary
-
-
-def split_rows(tmp_path: Path) -> list[dict]:
-    folder = tmp_path / "run" / "data"
-    return [
-        orjson.loads(line)
-        for s in ("train", "val", "test")
-        for line in (folder / f"{s}.jsonl").read_bytes().splitlines()
-        if line.strip()
-    ]
-
-
-# ------------------------------------------------------------------------------------- data: skipped and counted
-
-
-@pytest.fixture(scope="module")
-def mixed(tmp_path_factory):
-    """One --prepare-only run over a file that holds every skippable problem at once, as a real dump does."""
-    tmp_path = tmp_path_factory.mktemp("mixed")
-    bad_utf8 = b'{"uid": "B1", "title": "Caf\xe9 Espresso Cups", "content": "Four cups \xff\xfe in white porcelain."}'
-    rows = (
-        GOOD[:6]
-        + [
-            b'{"uid": "X", "title": "Broken',  # malformed JSON, mid-file
-            {"uid": "N1", "content": "No title field here at all."},
-            {"uid": "N2", "title": "No content field"},
-            bad_utf8,
-            {"uid": "L", "title": "Huge Workshop Manual", "content": LONG},
-            {"uid": "H", "title": "Dive Watch &amp; Strap", "content": HTML},
-        ]
-        + GOOD[6:]
-        + GOOD[:4]
-    )  # the last four are duplicates
-    path = tmp_path / "trn.json"
-    path.write_bytes(lines(rows))
-    result = prepare(tmp_path, path)
-    stats, summary = assert_ok(result, tmp_path)
-    return {
-        "stats": stats,
-        "summary": summary,
-        "rows": {row["id"]: row for row in split_rows(tmp_path)},
-        "eda": (tmp_path / "run" / "data" / "eda.md").read_text(encoding="utf-8"),
-    }
-
-
-def test_mixed_corpus_keeps_every_good_row(mixed):
-    assert mixed["stats"]["kept"]["total"] == 15 and set(mixed["rows"]) == {g["uid"] for g in GOOD} | {"B1", "L", "H"}
-    assert "dropped 7 (1 malformed json, 2 missing field, 4 duplicate title)" in mixed["summary"], mixed["summary"]
-
-
-def test_malformed_json_line_mid_file_is_skipped_and_counted(mixed):
-    assert mixed["stats"]["dropped"]["malformed_json"] == 1
-
-
-def test_row_without_title_or_content_is_skipped_and_counted(mixed):
-    assert mixed["stats"]["dropped"]["missing_field"] == 2
-
-
-def test_non_utf8_bytes_are_repaired_and_counted(mixed):
-    assert mixed["stats"]["notes"]["bad_utf8"] == 1 and "1 rows had invalid UTF-8" in mixed["eda"]
-    assert "Caf\ufffd Espresso Cups" in mixed["rows"]["B1"]["prompt"][-1]["content"]
-
-
-def test_200k_char_description_is_cut_and_counted(mixed):
-    assert mixed["stats"]["truncated"] == 1 and mixed["stats"]["lengths"]["content"]["max"] == len(LONG)
-    cut = mixed["rows"]["L"]["completion"][0]["content"]  # the answer template is "{content}"
-    limit = mixed["stats"]["args"]["max_content_chars"]  # the CPU preset's, here
-    assert limit // 2 <= len(cut) <= limit and cut.endswith("manual.")  # cut at a sentence end
-    assert re.search(r"kept 15 .*, 1 truncated\)", mixed["summary"])
-
-
-def test_html_description_is_trained_on_as_plain_text(mixed):
-    answer = mixed["rows"]["H"]["completion"][0]["content"]
-    assert "Waterproof to 30 m" in answer and "<" not in answer and "&amp;" not in answer
-
-
-def test_duplicated_products_are_skipped_and_counted(mixed):
-    assert mixed["stats"]["dropped"]["duplicate_title"] == 4
-
-
-# ---------------------------------------------------------------------------------------------- data: errors
-
-
-def test_empty_file(tmp_path):
-    path = tmp_path / "trn.json"
-    path.write_bytes(b"")
-    assert_user_error(prepare(tmp_path, path), r"is empty \(0 bytes\); re-download it or pass --data")
-    assert not (tmp_path / "run").exists(), "a failed start leaves no run folder for infer.py to pick up"
-
-
-def test_every_row_filtered_out_names_the_filters(tmp_path):
-    rows = [{"uid": f"E{i}", "title": f"Item {i}", "content": ""} for i in range(6)]
-    rows += [{"uid": f"S{i}", "title": f"Short {i}", "content": "tiny"} for i in range(3)]
-    path = tmp_path / "trn.json"
-    path.write_bytes(lines(rows))
-    assert_user_error(
-        prepare(tmp_path, path),
-        r"all 9 rows of .* were dropped: 6 empty content, 3 short content\. Fix: lower "
-        r"--min_content_chars \(now 20\)",
-    )
-    assert not (tmp_path / "run").exists(), "a run whose data failed is removed, so it never looks like a run"
-
-
-def test_truncated_gzip(tmp_path):
-    whole = gzip.compress(lines(GOOD * 400))
-    path = tmp_path / "trn.json.gz"
-    path.write_bytes(whole[: len(whole) // 2])
-    assert_user_error(prepare(tmp_path, path), r"truncated or corrupt gzip file: .*Check it with `gzip -t ")
-    assert not (tmp_path / "run").exists()
-
-
-def test_nonexistent_path(tmp_path):
-    assert_user_error(prepare(tmp_path, tmp_path / "nope.json"), r"does not exist; pass --data /path/to/trn\.json")
-    assert not (tmp_path / "run").exists()
-
-
-def test_directory_instead_of_file(tmp_path):
-    (tmp_path / "dataset").mkdir()
-    (tmp_path / "dataset" / "trn.json").write_bytes(lines(GOOD))
-    assert_user_error(
-        prepare(tmp_path, tmp_path / "dataset"),
-        r"is a directory, not a file\. It holds trn\.json\. Pass the file itself",
-    )
-    assert not (tmp_path / "run").exists()
-
-
-@pytest.mark.parametrize("value", ["0", "-3"])
-def test_max_samples_zero_or_negative(tmp_path, value):
-    assert_user_error(
-        prepare(tmp_path, SAMPLE, "--max-samples", value),
-        rf"--max_samples must be a positive number or 'all', got {value}\. Use --max_samples all",
-    )
-    assert not (tmp_path / "run").exists()
 
 
 # -------------------------------------------------------------------------------------------- CLI and model input
@@ -269,7 +77,7 @@ def test_local_folder_without_config_json(tmp_path):
     folder = tmp_path / "my-model"
     folder.mkdir()
     (folder / "notes.txt").write_text("not a model")
-    result = prepare(tmp_path, SAMPLE, "--model-name-or-path", str(folder))
+    result = prepare_cli(tmp_path, SAMPLE, "--model-name-or-path", str(folder))
     assert_user_error(
         result,
         r"has no config\.json, so it is not a transformers model folder\. Pass a folder written "
@@ -379,11 +187,11 @@ def test_corrupt_run_config(tmp_path):
 
 
 def test_merged_folder_is_complete_or_absent(tmp_path):
-    from titletune import runs
+    from titletune import files
 
     final = tmp_path / "merged"
     with pytest.raises(RuntimeError):
-        with runs.staged_dir(final) as staged:
+        with files.staged_dir(final) as staged:
             staged.mkdir()
             (staged / "model.safetensors").write_bytes(b"half")
             raise RuntimeError("killed mid-merge")
@@ -393,7 +201,7 @@ def test_merged_folder_is_complete_or_absent(tmp_path):
     (tmp_path / ".merged.partial" / "stale").write_text("x")
     final.mkdir()
     (final / "old.txt").write_text("previous merge")
-    with runs.staged_dir(final) as staged:
+    with files.staged_dir(final) as staged:
         staged.mkdir()
         (staged / "config.json").write_text("{}")
     assert sorted(p.name for p in final.iterdir()) == ["config.json"]
@@ -441,27 +249,17 @@ def test_bad_training_flags_fail_before_any_work(tmp_path, flags, pattern):
     assert not run_dir.exists()
 
 
-def test_num_train_epochs_beats_the_presets_max_steps(tmp_path):
+def test_num_train_epochs_beats_the_default_max_steps(tmp_path):
+    """Through the CLI, into run_config.yaml (tests/test_config.py covers the config-file and both-given cases)."""
     run_dir = tmp_path / "run"
     result = run_cli("train.py", "--output-dir", str(run_dir), "--num-train-epochs", "3", "--prepare-only")
-    assert "--num_train_epochs 3.0 given: training for epochs, not the preset's max_steps 160" in result.stderr
+    assert "num_train_epochs 3.0 given: training by epochs, not max_steps 160" in result.stderr
     training = yaml.safe_load((run_dir / "run_config.yaml").read_text())["training"]
     assert training["max_steps"] == -1 and training["num_train_epochs"] == 3
-    # Both given: the explicit max_steps wins, as in the Trainer.
-    both = tmp_path / "both"
-    run_cli("train.py", "--output-dir", str(both), "--num-train-epochs", "3", "--max-steps", "7", "--prepare-only")
-    assert yaml.safe_load((both / "run_config.yaml").read_text())["training"]["max_steps"] == 7
-
-
-def test_a_sample_with_no_train_product_is_refused_at_preparation(tmp_path):
-    run_dir = tmp_path / "run"
-    result = prepare(tmp_path, SAMPLE, "--max-samples", "2", "--val-size", "0.45", "--test-size", "0.5")
-    assert_user_error(result, r"none of the 2 kept product\(s\) fell in the train split \(val \d, test \d\): raise")
-    assert not run_dir.exists()
 
 
 def test_infer_passes_over_runs_that_never_saved_an_adapter(tmp_path, trained_run):
-    from titletune import generate
+    from titletune import runs
 
     outputs = tmp_path / "outputs"
     good = outputs / "good"
@@ -470,10 +268,10 @@ def test_infer_passes_over_runs_that_never_saved_an_adapter(tmp_path, trained_ru
     shutil.copy(trained_run / "run_config.yaml", good / "run_config.yaml")
     killed = fake_run(outputs)  # newer, but killed (kill -9 cannot clean up) before its adapter was saved
     assert killed.stat().st_mtime >= good.stat().st_mtime
-    assert generate.latest_run(outputs) == good
+    assert runs.latest(outputs).dir == good
     shutil.rmtree(good)
     with pytest.raises(Exception, match=r"no finished run in .*1 run folder\(s\) have no trained adapter"):
-        generate.latest_run(outputs)
+        runs.latest(outputs)
 
 
 MARKERS = [
@@ -501,8 +299,8 @@ def test_chat_markers_in_data_and_questions_never_become_special_tokens(tmp_path
         for i, m in enumerate(MARKERS)
     ] + GOOD
     path = tmp_path / "markers.jsonl"
-    path.write_bytes(lines(rows))
-    result = prepare(tmp_path, path, "--val-size", "0", "--test-size", "0")
+    path.write_bytes(jsonl(rows))
+    result = prepare_cli(tmp_path, path, "--val-size", "0", "--test-size", "0")
     assert result.returncode == 0, result.stderr[-2000:]
     # <s>, </s> and <<SYS>> look like HTML tags, which cleaning removes; the other 8 are kept as plain text.
     assert "8 kept products had chat-control markers" in result.stderr

@@ -18,7 +18,7 @@ import yaml
 from conftest import ROOT, SAMPLE, run_cli
 from safetensors.torch import load_file
 
-from titletune import backends, data, prompts, runs
+from titletune import backends, prepare, prompts, runs
 from titletune.config import DataArguments
 from titletune.errors import UserError
 
@@ -106,7 +106,7 @@ def test_two_processes_train_one_run(tmp_path):
     # Nothing done or written twice: one run folder, one data prep, one merge, one log record per step.
     for line in (
         "titletune: run folder ",
-        "titletune.data: data prep: ",
+        "titletune.prepare: data prep: ",
         "titletune: merged model in ",
         "titletune: done: ",
     ):
@@ -140,62 +140,62 @@ def test_auto_output_dir_is_rank_zeros_on_every_rank(tmp_path):
 
 
 def test_data_prep_is_cached_by_input_settings_and_prompts(tmp_path, caplog):
-    caplog.set_level(logging.INFO, logger="titletune.data")
+    caplog.set_level(logging.INFO, logger="titletune.prepare")
     cache = tmp_path / "cache"
     source = tmp_path / "trn.json"
     source.write_bytes(SAMPLE.read_bytes())
     qa = prompts.load(QA)
     args = DataArguments(data=str(source), max_samples="30")
 
-    first = data.prepare_cached(args, 7, tmp_path / "run1", qa, cache_root=cache)
+    first = prepare.prepare_cached(args, 7, tmp_path / "run1", qa, cache_root=cache)
     assert "data prep: cached as" in caplog.text
     caplog.clear()
-    second = data.prepare_cached(args, 7, tmp_path / "run2", qa, cache_root=cache)
+    second = prepare.prepare_cached(args, 7, tmp_path / "run2", qa, cache_root=cache)
     assert "data prep: reused cache" in caplog.text and "data: read" not in caplog.text
     assert first == second
     entries = list(cache.iterdir())
-    assert len(entries) == 1 and {p.name for p in entries[0].iterdir()} == set(data.CACHE_FILES)
-    for name in data.CACHE_FILES:  # the same bytes in both runs, as prepare() itself writes them
+    assert len(entries) == 1 and {p.name for p in entries[0].iterdir()} == set(prepare.CACHE_FILES)
+    for name in prepare.CACHE_FILES:  # the same bytes in both runs, as prepare() itself writes them
         assert (tmp_path / "run1" / "data" / name).read_bytes() == (tmp_path / "run2" / "data" / name).read_bytes()
-    data.prepare(args, 7, tmp_path / "plain", qa)
-    for split in data.SPLITS:
-        assert data.load_split(tmp_path / "run2", split) == data.load_split(tmp_path / "plain", split)
+    prepare.prepare(args, 7, tmp_path / "plain", qa)
+    for split in prepare.SPLITS:
+        assert runs.read_split(tmp_path / "run2", split) == runs.read_split(tmp_path / "plain", split)
 
     # Anything the output depends on gives a new key: seed, a data argument, the prompt text, the input file.
-    key = data.cache_key(args, 7, qa)
-    assert data.cache_key(args, 8, qa) != key
-    assert data.cache_key(DataArguments(data=str(source), max_samples="31"), 7, qa) != key
+    key = prepare.cache_key(args, 7, qa)
+    assert prepare.cache_key(args, 8, qa) != key
+    assert prepare.cache_key(DataArguments(data=str(source), max_samples="31"), 7, qa) != key
     other_prompts = tmp_path / "prompts"
     other_prompts.mkdir()
     for name in prompts.FILES:
         (other_prompts / name).write_text((QA / name).read_text())
-    assert data.cache_key(args, 7, prompts.load(other_prompts)) == key  # the texts count, not where they live
+    assert prepare.cache_key(args, 7, prompts.load(other_prompts)) == key  # the texts count, not where they live
     (other_prompts / "system.txt").write_text("You answer in one sentence.")
-    assert data.cache_key(args, 7, prompts.load(other_prompts)) != key
+    assert prepare.cache_key(args, 7, prompts.load(other_prompts)) != key
     with source.open("ab") as f:
         f.write(b'{"uid": "new", "title": "A New Product", "content": "A description long enough to keep."}\n')
-    assert data.cache_key(args, 7, qa) != key
+    assert prepare.cache_key(args, 7, qa) != key
 
 
 def test_data_cache_keeps_the_most_recent_entries_and_runs_keep_their_files(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "CACHE_KEEP", 2)
+    monkeypatch.setattr(prepare, "CACHE_KEEP", 2)
     cache, qa = tmp_path / "cache", prompts.load(QA)
     args = DataArguments(data=str(SAMPLE), max_samples="20")
     for seed in (1, 2, 3):
-        data.prepare_cached(args, seed, tmp_path / f"run{seed}", qa, cache_root=cache)
-    assert {p.name for p in cache.iterdir()} == {data.cache_key(args, s, qa) for s in (2, 3)}
-    assert len(data.load_split(tmp_path / "run1", "train")) > 0  # a hard link outlives the evicted entry
+        prepare.prepare_cached(args, seed, tmp_path / f"run{seed}", qa, cache_root=cache)
+    assert {p.name for p in cache.iterdir()} == {prepare.cache_key(args, s, qa) for s in (2, 3)}
+    assert len(runs.read_split(tmp_path / "run1", "train")) > 0  # a hard link outlives the evicted entry
 
 
 def test_datasets_are_memory_mapped_and_hold_the_chat_columns_only(tmp_path):
     from titletune import training
 
     run_dir = tmp_path / "run"
-    data.prepare(DataArguments(data=str(SAMPLE), max_samples="30"), 7, run_dir, prompts.load(QA))
+    prepare.prepare(DataArguments(data=str(SAMPLE), max_samples="30"), 7, run_dir, prompts.load(QA))
     train_ds, _val_ds = training.load_datasets(run_dir)
     assert train_ds.column_names == ["prompt", "completion"]
-    assert len(train_ds) == len(data.load_split(run_dir, "train"))
-    assert train_ds[0]["prompt"] == data.load_split(run_dir, "train")[0]["prompt"]
+    assert len(train_ds) == len(runs.read_split(run_dir, "train"))
+    assert train_ds[0]["prompt"] == runs.read_split(run_dir, "train")[0]["prompt"]
     assert train_ds.cache_files and all(
         f["filename"].startswith(str(run_dir / "data" / "cache")) for f in train_ds.cache_files
     )
@@ -269,5 +269,5 @@ def test_prepare_only_reuses_the_cache_across_run_folders(tmp_path):
     run_cli("train.py", *args, "--output-dir", str(tmp_path / "a"))
     second = run_cli("train.py", *args, "--output-dir", str(tmp_path / "b"))
     assert "data prep: reused cache" in second.stderr + second.stdout
-    for name in data.CACHE_FILES:
+    for name in prepare.CACHE_FILES:
         assert (tmp_path / "a" / "data" / name).read_bytes() == (tmp_path / "b" / "data" / name).read_bytes()

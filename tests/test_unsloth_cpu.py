@@ -178,26 +178,26 @@ def test_import_order_guard_still_catches_a_late_first_import():
 
 
 def test_auto_follows_the_measured_table(tmp_path):
-    from titletune import backends
+    from titletune import backends, config, machine
 
-    here = backends.device()
+    here = machine.device()
     assert here in ("cpu", "cpu_bf16")
     assert backends.choose("auto") == backends.AUTO[here]
     assert backends.choose("auto", load_in_4bit=True) == "hf"  # Unsloth cannot merge a 4-bit base on CPU
     # The setting is read from either spelling, or from the --config preset when no flag gives it.
     preset = tmp_path / "p.yaml"
     preset.write_text("backend: hf\nload_in_4bit: true\n")
-    assert backends.requested(["--load-in-4bit", "false", "--config", str(preset)], "load_in_4bit", "x") == "false"
-    assert backends.requested(["--load_in_4bit=false"], "load_in_4bit", "x") == "false"
-    assert backends.requested(["--config", str(preset)], "load_in_4bit", "x") == "True"
-    assert backends.requested_backend(["--config", str(preset)]) == "hf"
-    assert backends.requested_backend([]) == "auto"
+    assert config.requested(["--load-in-4bit", "false", "--config", str(preset)], "load_in_4bit", "x") == "false"
+    assert config.requested(["--load_in_4bit=false"], "load_in_4bit", "x") == "false"
+    assert config.requested(["--config", str(preset)], "load_in_4bit", "x") == "True"
+    assert config.requested(["--config", str(preset)], "backend", "auto") == "hf"
+    assert config.requested([], "backend", "auto") == "auto"
 
 
-def test_default_run_takes_the_auto_backend_from_the_cpu_preset(tmp_path):
-    from titletune import backends
+def test_default_run_takes_the_auto_backend_of_this_machine(tmp_path):
+    from titletune import backends, machine
 
     run_dir = tmp_path / "run"
     run_cli("train.py", "--output-dir", str(run_dir), "--prepare-only")
     config = yaml.safe_load((run_dir / "run_config.yaml").read_text())
-    assert config["backend"] == backends.AUTO[backends.device()]
+    assert config["backend"] == backends.AUTO[machine.device()]

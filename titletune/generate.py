@@ -12,29 +12,34 @@ from __future__ import annotations
 
 import json
 import math
-import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from titletune import models, prompts, runs
-from titletune.backends import bf16_supported, torch_dtype
-from titletune.config import EMBEDDED, ROOT, cache_dir
+from titletune import machine, models, prompts
 from titletune.errors import UserError
+from titletune.runs import Run
 
 SYSTEMS = ("base", "tuned")
-GGUF_PREFERENCE = ("q4_k_m", "q8_0", "f16", "bf16")  # the file a user would ship first, then the larger ones
 
 
 @dataclass
 class Sampling:
-    """Generation knobs, shared by both engines. temperature 0 means greedy (deterministic)."""
+    """Generation knobs, shared by both engines (and infer.py's "generation" flags). temperature 0 is greedy."""
 
-    max_new_tokens: int = 200
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0  # 0: off
-    repetition_penalty: float = 1.0  # llama.cpp's server defaults to 1.1; we keep 1.0 so engines agree
-    num_beams: int = 1
+    _argument_group_name = "generation"
+
+    max_new_tokens: int = field(
+        default=200, metadata={"help": "Longest answer in tokens. With --evaluate, 128 (EvalSettings) unless given."}
+    )
+    temperature: float = field(default=0.0, metadata={"help": "0 = greedy and repeatable."})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling when --temperature > 0 (1.0 = off)."})
+    top_k: int = field(default=0, metadata={"help": "Top-k sampling when --temperature > 0 (0 = off)."})
+    repetition_penalty: float = field(
+        default=1.0,
+        # llama.cpp's server defaults to 1.1; 1.0 keeps the two engines' answers the same.
+        metadata={"help": "Above 1.0 discourages repeats (1.0 = off, in both engines)."},
+    )
+    num_beams: int = field(default=1, metadata={"help": "Beam search width, transformers engine only."})
 
     def check(self) -> None:
         problems = []
@@ -54,73 +59,9 @@ class Sampling:
             raise UserError("; ".join(problems) + ".")
 
 
-# ---------------------------------------------------------------- run folders
-
-
-def latest_run(outputs_dir: str | Path = ROOT / "outputs") -> Path:
-    """The newest finished run in outputs_dir: of the folders holding a trained adapter, the one whose
-    run_config.yaml was written last. A run that failed or stopped before its adapter was saved is passed over."""
-    outputs_dir = Path(outputs_dir)
-    configs = sorted(outputs_dir.glob("*/run_config.yaml"), key=lambda p: p.stat().st_mtime)
-    finished = [c.parent for c in configs if (c.parent / "adapter" / "adapter_config.json").is_file()]
-    if finished:
-        return finished[-1]
-    if configs:
-        raise UserError(
-            f"no finished run in {outputs_dir}: {len(configs)} run folder(s) have no trained adapter (training failed "
-            f"or was stopped), e.g. {configs[-1].parent}. Continue one with python train.py --output-dir "
-            f"{configs[-1].parent} --resume, or train anew: python train.py"
-        )
-    raise UserError(f"no trained run in {outputs_dir} (no */run_config.yaml); train first: python train.py")
-
-
-def prompt_set(run_dir: str | Path) -> prompts.PromptSet:
-    """The prompt set the run was trained with."""
-    return prompts.load(Path(run_dir) / "prompts")
-
-
 def conversation(ps: prompts.PromptSet, question: str) -> list[dict]:
     """System + user messages for one question, as in training."""
     return prompts.messages(ps, question)
-
-
-def is_embedded(cfg: dict) -> bool:
-    """Whether the run's base model is the embedded SmolLM2-135M-Instruct (so its GGUF ships with the package)."""
-    base = str(cfg.get("base_model", ""))
-    named = (cfg.get("model") or {}).get("model_name_or_path")
-    if base == EMBEDDED or named == EMBEDDED:
-        return True
-    # The cached conversion's folder name carries a format version (SmolLM2-135M-Instruct-v2), so match by prefix.
-    path = Path(base).expanduser()
-    return path.parent == cache_dir() / "models" and path.name.startswith(models.EMBEDDED_NAME)
-
-
-def base_model(cfg: dict) -> str:
-    """What from_pretrained loads for the run's base. The embedded model is taken from today's cache, since a run
-    written before the cache format changed names a folder that may be gone."""
-    if is_embedded(cfg) and not Path(str(cfg["base_model"])).is_dir():
-        return models.resolve(EMBEDDED)
-    return models.resolve(str(cfg["base_model"]))
-
-
-def find_gguf(run_dir: str | Path) -> Path:
-    """The run's GGUF export: q4_k_m first, then q8_0, f16, bf16, then any other model.*.gguf."""
-    run_dir = Path(run_dir)
-    for kind in GGUF_PREFERENCE:
-        if (run_dir / f"model.{kind}.gguf").is_file():
-            return run_dir / f"model.{kind}.gguf"
-    others = sorted(run_dir.glob("*.gguf"))
-    if others:
-        return others[0]
-    raise UserError(
-        f"{run_dir} has no GGUF export; pass --gguf FILE, or export one: "
-        f"python train.py --export_only --run {run_dir} --gguf q4_k_m"
-    )
-
-
-def default_threads() -> int:
-    """Half the logical cores (about the physical ones): more threads than cores makes llama.cpp spin and stall."""
-    return max(1, (os.cpu_count() or 2) // 2)
 
 
 # ---------------------------------------------------------------- transformers
@@ -132,30 +73,26 @@ class TransformersEngine:
     name = "transformers"
     supports_loss = True
 
-    def __init__(self, run_dir: str | Path, systems: tuple[str, ...] = SYSTEMS, use_merged: bool = False):
+    def __init__(self, run: Run, systems: tuple[str, ...] = SYSTEMS, use_merged: bool = False):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        self.run_dir = Path(run_dir)
-        self.cfg = runs.load_config(self.run_dir)
+        self.run = run
         self.systems = tuple(systems)
-        self.max_length = int(self.cfg.get("max_length") or 2048)
+        self.max_length = run.max_length
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        trust = bool(self.cfg.get("trust_remote_code", False))  # only when the run itself opted in
-        base_name = base_model(self.cfg)
-        adapter_dir = self.run_dir / "adapter"
-        merged_dir = self.run_dir / "merged"
+        trust = run.trust_remote_code
+        base_name = run.base_model
+        adapter_dir, merged_dir = run.adapter, run.merged
 
-        name = (self.cfg.get("model") or {}).get("dtype") or "auto"  # what training used
+        name = run.section("model").get("dtype") or "auto"  # what training used
         try:
-            dtype = torch_dtype(name)
+            dtype = machine.torch_dtype(name)
         except UserError:
-            raise UserError(
-                f"{self.run_dir / 'run_config.yaml'}: model.dtype {name!r} is not a torch dtype."
-            ) from None
+            raise UserError(f"{run.dir / 'run_config.yaml'}: model.dtype {name!r} is not a torch dtype.") from None
         if dtype is None:  # auto: as saved, or on CPU as trained (bf16 autocast over a bf16 base)
-            trained_bf16 = bool((self.cfg.get("training") or {}).get("bf16"))
-            cpu_bf16 = self.device == "cpu" and trained_bf16 and bf16_supported()
+            trained_bf16 = bool(run.section("training").get("bf16"))
+            cpu_bf16 = self.device == "cpu" and trained_bf16 and machine.bf16_supported()
             # Measured on CPU (bench/README.md): 1.3x fp32's tok/s under PASSIVE, 1.8x with spinning threads.
             dtype = torch.bfloat16 if cpu_bf16 else "auto"
 
@@ -340,31 +277,28 @@ class LlamaCppEngine:
 
     def __init__(
         self,
-        run_dir: str | Path,
+        run: Run,
         systems: tuple[str, ...] = SYSTEMS,
         gguf: str | Path | None = None,
         base_gguf: str | Path | None = None,
         threads: int | None = None,
         n_ctx: int = 2048,
     ):
-        # Spin-waiting OpenMP threads collapse llama.cpp throughput on a busy machine (measured: 1-10 vs 57 tok/s).
-        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-        self.run_dir = Path(run_dir)
-        self.cfg = runs.load_config(self.run_dir)
+        self.run = run
         self.systems = tuple(systems)
-        self.threads = threads or default_threads()
+        self.threads = threads or machine.llama_threads()
         self.n_ctx = n_ctx
         self.paths: dict[str, Path] = {}
         if "tuned" in self.systems:
-            self.paths["tuned"] = check_gguf(gguf) if gguf else find_gguf(self.run_dir)
+            self.paths["tuned"] = check_gguf(gguf) if gguf else run.gguf()
         if "base" in self.systems:
             if base_gguf:
                 self.paths["base"] = check_gguf(base_gguf)
-            elif is_embedded(self.cfg):
+            elif run.is_embedded:
                 self.paths["base"] = models.embedded_gguf()
             else:
                 raise UserError(
-                    f"base answers with --engine llamacpp need a GGUF of the base model {self.cfg['base_model']}; "
+                    f"base answers with --engine llamacpp need a GGUF of the base model {run.config['base_model']}; "
                     "pass --base-gguf FILE, or --only tuned, or --engine transformers."
                 )
         self.llms = {system: self._load(path) for system, path in self.paths.items()}
@@ -474,7 +408,7 @@ def check_gguf(path: str | Path) -> Path:
 
 
 def load_engine(
-    run_dir: str | Path,
+    run: Run,
     engine: str = "transformers",
     systems: tuple[str, ...] = SYSTEMS,
     use_merged: bool = False,
@@ -489,11 +423,11 @@ def load_engine(
     if engine == "transformers":
         if gguf or base_gguf:
             raise UserError("--gguf/--base-gguf need --engine llamacpp.")
-        return TransformersEngine(run_dir, systems=systems, use_merged=use_merged)
+        return TransformersEngine(run, systems=systems, use_merged=use_merged)
     if engine == "llamacpp":
         if use_merged:
             raise UserError("--use-merged needs --engine transformers; with llamacpp pass --gguf FILE.")
-        return LlamaCppEngine(run_dir, systems=systems, gguf=gguf, base_gguf=base_gguf, threads=threads)
+        return LlamaCppEngine(run, systems=systems, gguf=gguf, base_gguf=base_gguf, threads=threads)
     raise UserError(f"--engine must be transformers or llamacpp, got {engine!r}.")
 
 
@@ -505,7 +439,7 @@ def ask(
     progress: bool = False,
 ) -> dict[str, list[str]]:
     """Answers per system for plain questions, each wrapped in the run's prompts (system prompt included)."""
-    ps = prompt_set(engine.run_dir)
+    ps = engine.run.prompts
     conversations = [conversation(ps, q) for q in questions]
     sampling = sampling or Sampling()
     for conv in conversations:

@@ -68,7 +68,12 @@ def defang(text: str) -> str:
 
 def messages(prompts: PromptSet, question: str) -> list[dict]:
     """The prompt side of a conversation: system message (when the set has one) and the user's question."""
-    head = [{"role": "system", "content": prompts.system}] if prompts.system else []
+    return chat(prompts.system, question)
+
+
+def chat(system: str, question: str) -> list[dict]:
+    """System message (when there is one) and the user's question, made plain text (defang)."""
+    head = [{"role": "system", "content": system}] if system else []
     return head + [{"role": "user", "content": defang(question)}]
 
 

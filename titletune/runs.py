@@ -1,22 +1,160 @@
-"""Run folders: one per training run, holding everything infer.py and export need."""
+"""Run folders: one per training run, holding everything infer.py, the evaluation and export need.
+
+A finished run is loaded once, as a `Run` (its config, prompt set, base model and the paths of its adapter, merged
+model and GGUF files), and that object is what generate, evaluate, export and infer.py are given. `_read` is the only
+code that opens run_config.yaml.
+
+    <run>/run_config.yaml  every resolved argument     <run>/prompts/   the prompt set it was trained with
+    <run>/data/            splits, stats, EDA           <run>/adapter/   LoRA adapter + tokenizer
+    <run>/merged/          base + adapter, 16-bit       <run>/model.<type>.gguf, Modelfile, export.json
+    <run>/report.{json,md,png}  the evaluation          <run>/train_log.jsonl, loss.png, checkpoint-*/
+"""
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import datetime as dt
+import functools
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import yaml
 
-from titletune.config import ROOT
+from titletune import files, models, prompts
+from titletune.config import EMBEDDED, ROOT, cache_dir
 from titletune.errors import UserError
 
 OUTPUTS = ROOT / "outputs"
 CONFIG = "run_config.yaml"
+GGUF_PREFERENCE = ("q4_k_m", "q8_0", "f16", "bf16")  # the file a user would ship first, then the larger ones
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """A run folder and its run_config.yaml, read once (`load`, `latest`)."""
+
+    dir: Path
+    config: dict
+
+    @property
+    def adapter(self) -> Path:
+        return self.dir / "adapter"
+
+    @property
+    def merged(self) -> Path:
+        return self.dir / "merged"
+
+    @property
+    def data(self) -> Path:
+        return self.dir / "data"
+
+    @property
+    def trained(self) -> bool:
+        return (self.adapter / "adapter_config.json").is_file()
+
+    @property
+    def seed(self) -> int:
+        return int(self.config.get("seed", 42))
+
+    @property
+    def max_length(self) -> int:
+        return int(self.config.get("max_length") or 2048)
+
+    @property
+    def trust_remote_code(self) -> bool:
+        return bool(self.config.get("trust_remote_code", False))  # only when the run itself opted in
+
+    def section(self, name: str) -> dict:
+        """One argument group of the config (script, model, data, export, training); {} when absent."""
+        return self.config.get(name) or {}
+
+    @functools.cached_property
+    def prompts(self) -> prompts.PromptSet:
+        """The prompt set the run was trained with."""
+        return prompts.load(self.dir / "prompts")
+
+    @property
+    def is_embedded(self) -> bool:
+        """Whether the base model is the embedded SmolLM2-135M-Instruct (so its GGUF ships with the package)."""
+        base = str(self.config.get("base_model", ""))
+        if base == EMBEDDED or self.section("model").get("model_name_or_path") == EMBEDDED:
+            return True
+        # Runs written before "embedded" was recorded name the cached conversion's folder (SmolLM2-135M-Instruct-v3).
+        path = Path(base).expanduser()
+        return path.parent == cache_dir() / "models" and path.name.startswith(models.EMBEDDED_NAME)
+
+    @property
+    def base_model(self) -> str:
+        """What from_pretrained loads for the base. The embedded model comes from today's cache, since a run written
+        before the cache format changed names a folder that may be gone."""
+        if self.is_embedded and not Path(str(self.config["base_model"])).is_dir():
+            return models.resolve(EMBEDDED)
+        return models.resolve(str(self.config["base_model"]))
+
+    def gguf(self) -> Path:
+        """The GGUF export: q4_k_m first, then q8_0, f16, bf16, then any other *.gguf."""
+        for kind in GGUF_PREFERENCE:
+            if (self.dir / f"model.{kind}.gguf").is_file():
+                return self.dir / f"model.{kind}.gguf"
+        others = sorted(self.dir.glob("*.gguf"))
+        if others:
+            return others[0]
+        raise UserError(
+            f"{self.dir} has no GGUF export; pass --gguf FILE, or export one: "
+            f"python train.py --export_only --run {self.dir} --gguf q4_k_m"
+        )
+
+    def split(self, name: str) -> list[dict]:
+        """The rows of data/<name>.jsonl ([] when the run has none)."""
+        return read_split(self.dir, name) if (self.data / f"{name}.jsonl").is_file() else []
+
+
+def read_split(run_dir: str | Path, split: str) -> list[dict]:
+    """The rows of <run_dir>/data/<split>.jsonl, as the prepare stage wrote them."""
+    import orjson
+
+    from titletune.selection import SPLITS
+
+    if split not in SPLITS:
+        raise UserError(f"split must be one of {', '.join(SPLITS)}, got {split!r}.")
+    path = Path(run_dir) / "data" / f"{split}.jsonl"
+    if not path.is_file():
+        raise UserError(
+            f"{path} does not exist; prepare the data first: python train.py --prepare_only --output_dir {run_dir}"
+        )
+    with open(path, "rb") as f:
+        return [orjson.loads(line) for line in f if line.strip()]
+
+
+def load(run_dir: str | Path) -> Run:
+    """The run in `run_dir`; every problem is a UserError with the fix."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise UserError(f"run folder {run_dir} does not exist; pass a run in outputs/, or train: python train.py")
+    return Run(run_dir, _read(run_dir))
+
+
+def latest(outputs_dir: str | Path = OUTPUTS) -> Run:
+    """The newest finished run in outputs_dir: of the folders holding a trained adapter, the one whose
+    run_config.yaml was written last. A run that failed or stopped before its adapter was saved is passed over."""
+    outputs_dir = Path(outputs_dir)
+    configs = sorted(outputs_dir.glob(f"*/{CONFIG}"), key=lambda p: p.stat().st_mtime)
+    finished = [c.parent for c in configs if (c.parent / "adapter" / "adapter_config.json").is_file()]
+    if finished:
+        return load(finished[-1])
+    if configs:
+        raise UserError(
+            f"no finished run in {outputs_dir}: {len(configs)} run folder(s) have no trained adapter (training failed "
+            f"or was stopped), e.g. {configs[-1].parent}. Continue one with python train.py --output-dir "
+            f"{configs[-1].parent} --resume, or train anew: python train.py"
+        )
+    raise UserError(f"no trained run in {outputs_dir} (no */{CONFIG}); train first: python train.py")
+
+
+def load_or_latest(run_dir: str | Path | None, outputs_dir: str | Path = OUTPUTS) -> Run:
+    return load(run_dir) if run_dir else latest(outputs_dir)
 
 
 def resolve_dir(output_dir: str | None) -> Path:
@@ -93,18 +231,24 @@ def as_dict(obj) -> dict:
     return dataclasses.asdict(obj)
 
 
-def save_config(run_dir: Path, **sections) -> Path:
+def save_config(run_dir: Path, base_model: str, script, model, data, export, training) -> Path:
     """run_config.yaml: every resolved argument, so that the run folder alone reproduces and serves the run."""
-    text = yaml.safe_dump(plain(sections), sort_keys=False, allow_unicode=True)
-    return write_text_atomic(run_dir / CONFIG, text)
+    named = model.model_name_or_path
+    config = {
+        # "embedded" rather than today's cache folder, so the run folder stays valid on any machine
+        "base_model": EMBEDDED if named in (None, "", EMBEDDED) else base_model,
+        "backend": script.backend,
+        "seed": training.seed,
+        "trust_remote_code": training.trust_remote_code,
+        "max_length": training.max_length,
+        **{name: as_dict(args) for name, args in zip(SECTIONS, (script, model, data, export, training), strict=True)},
+    }
+    return files.write_atomic(run_dir / CONFIG, yaml.safe_dump(plain(config), sort_keys=False, allow_unicode=True))
 
 
-def load_config(run_dir: str | Path) -> dict:
-    """run_config.yaml of a run folder, as a dict; every problem is a UserError with the fix."""
-    run_dir = Path(run_dir)
+def _read(run_dir: Path) -> dict:
+    """run_config.yaml of a run folder, as a dict: the one place that opens it."""
     path = run_dir / CONFIG
-    if not run_dir.is_dir():
-        raise UserError(f"run folder {run_dir} does not exist; pass a run in outputs/, or train: python train.py")
     if not path.is_file():
         raise UserError(f"{run_dir} has no {CONFIG}, so it is not a finished run; pass --run outputs/<run>.")
     try:
@@ -131,7 +275,7 @@ def resume_settings(run_dir: str | Path) -> dict | None:
     the folder holds no run_config.yaml (then --resume fails later, with its own message)."""
     if not (Path(run_dir) / CONFIG).is_file():
         return None
-    config = load_config(run_dir)
+    config = _read(Path(run_dir))
     flat = {"backend": config.get("backend")}
     for section in SECTIONS:
         values = (config.get(section) or {}).items()
@@ -139,42 +283,22 @@ def resume_settings(run_dir: str | Path) -> dict | None:
     return flat
 
 
-def record_resume(run_dir: Path, changed: dict) -> Path:
+def resume_changes(original: dict, parsed: tuple, given: set[str]) -> dict:
+    """The settings given now that differ from the run's own: {name: [old, new]}."""
+    now = {k: v for args in parsed for k, v in as_dict(args).items()}
+    changed = {k: [original.get(k), now[k]] for k in sorted(given) if k in now and k in original}
+    return {k: v for k, v in changed.items() if plain(v[0]) != plain(v[1])}
+
+
+def record_resume(run_dir: Path, changed: dict) -> Path | None:
     """Append one entry to run_config.yaml's `resumes`: the flags this resume gave with a new value, [old, new].
-    Nothing else in the file changes: a resumed run is the same run."""
-    config = load_config(run_dir)
+    Nothing else in the file changes: a resumed run is the same run. A folder without the file has nothing to
+    resume (training.train then says so)."""
+    if not (run_dir / CONFIG).is_file():
+        return None
+    config = _read(run_dir)
     config["resumes"] = [*(config.get("resumes") or []), {"changed": changed}]
-    return write_text_atomic(run_dir / CONFIG, yaml.safe_dump(plain(config), sort_keys=False, allow_unicode=True))
-
-
-def write_text_atomic(path: Path, text: str) -> Path:
-    """Write to a temp file beside `path`, then rename: a crash never leaves a half-written file under its name."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-@contextlib.contextmanager
-def staged_dir(final: Path):
-    """A temp folder beside `final` to write into; on success it replaces `final`, on any failure it is removed.
-    So a folder such as merged/ is either complete or absent, never half-written under its final name."""
-    final = Path(final)
-    tmp = final.with_name(f".{final.name}.partial")
-    shutil.rmtree(tmp, ignore_errors=True)  # left by a process that was killed
-    try:
-        yield tmp
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    return files.write_atomic(run_dir / CONFIG, yaml.safe_dump(plain(config), sort_keys=False, allow_unicode=True))
 
 
 def plain(value):

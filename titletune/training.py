@@ -29,6 +29,77 @@ class Outcome:
     train_runtime: float | None
 
 
+@dataclass
+class Fitted:
+    """What fit() leaves for the stages after it."""
+
+    model: object
+    tokenizer: object
+    trainer: SFTTrainer
+    outcome: Outcome
+    question: str | None  # the question one trained product was asked, exactly as in training
+
+
+def fit(backend, base_model: str, model_args, training_args, run_dir: Path, resume: bool) -> Fitted:
+    """Model -> LoRA -> SFTTrainer -> train (or resume), on the run's prepared splits. The backend decides how the
+    model is loaded and wrapped; everything after that is shared."""
+    train_rows, val_rows = load_datasets(run_dir)  # memory-mapped Arrow, not Python lists
+    model, tokenizer = backend.load(
+        base_model, model_args, training_args.trust_remote_code, training_args.max_length, bf16=training_args.bf16
+    )
+    model = backend.add_lora(model, model_args, training_args)
+    trainable, total = model.get_nb_trainable_parameters()
+    log.info(
+        "model %s: %.1fM trainable of %.1fM parameters (LoRA r=%d)",
+        model_args.model_name_or_path,
+        trainable / 1e6,
+        total / 1e6,
+        model_args.lora_r,
+    )
+    trainer = build_trainer(model, tokenizer, train_rows, val_rows, training_args, run_dir)
+    a = training_args
+    per_step = a.per_device_train_batch_size * a.gradient_accumulation_steps * a.world_size
+    log.info(
+        "training on %d products: batch %d per device x %d accumulation x %d processes = %d per step",
+        len(train_rows),
+        a.per_device_train_batch_size,
+        a.gradient_accumulation_steps,
+        a.world_size,
+        per_step,
+    )
+    outcome = train(trainer, run_dir, resume)
+    log.info(
+        "trained %d steps in %.0f s: loss %s -> %s",
+        outcome.steps,
+        outcome.train_runtime or 0,
+        _fmt(outcome.first_loss),
+        _fmt(outcome.last_loss),
+    )
+    question = train_rows[0]["prompt"][-1]["content"] if len(train_rows) else None
+    return Fitted(model, tokenizer, trainer, outcome, question)
+
+
+def save_adapter(fitted: Fitted, run_dir: Path) -> Path:
+    """adapter/ (LoRA weights + tokenizer) and loss.png. Under FSDP the adapter is sharded: every rank helps gather
+    it and rank 0 writes it; otherwise rank 0 saves its own copy."""
+    adapter_dir = run_dir / "adapter"
+    trainer = fitted.trainer
+    if trainer.is_fsdp_enabled:
+        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
+        trainer.save_model(str(adapter_dir))
+    if trainer.is_world_process_zero():
+        if not trainer.is_fsdp_enabled:
+            fitted.model.save_pretrained(adapter_dir, safe_serialization=True)
+        fitted.tokenizer.save_pretrained(adapter_dir)
+        plot_loss(trainer.state.log_history, run_dir / "loss.png")
+        log.info("adapter in %s", adapter_dir)
+    return adapter_dir
+
+
+def _fmt(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
+
+
 class JsonlLog(TrainerCallback):
     """Appends every Trainer log record (loss, lr, grad norm, eval loss) to train_log.jsonl as it happens."""
 
@@ -187,12 +258,14 @@ def plot_loss(log_history: list[dict], path: Path) -> Path | None:
     evals = [(r["step"], r["eval_loss"]) for r in log_history if "eval_loss" in r and "step" in r]
     if not train:
         return None
-    import matplotlib
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from titletune import files
 
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
+    fig = Figure(figsize=(6, 3.5), dpi=120, layout="tight")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
     ax.plot(*zip(*train), label="train loss")
     if evals:
         ax.plot(*zip(*evals), "o-", label="eval loss")
@@ -200,7 +273,6 @@ def plot_loss(log_history: list[dict], path: Path) -> Path | None:
     ax.set_ylabel("loss (answer tokens)")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    with files.atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
     return path

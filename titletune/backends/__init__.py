@@ -1,4 +1,4 @@
-"""Two backends with the same four functions (load, add_lora, merge, free) and no base class.
+"""Two backends with the same five functions (check, load, add_lora, merge, free) and no base class.
 
 `hf`: transformers + peft (+ bitsandbytes 4-bit), CPU or CUDA. `unsloth`: Unsloth's FastLanguageModel: its kernels
 on CUDA, its own CPU backend (unsloth_zoo.cpu) without a GPU. `choose` and `load_backend` run before trl,
@@ -12,61 +12,12 @@ import importlib.util
 import os
 import sys
 from collections.abc import Mapping
-from pathlib import Path
 from types import ModuleType
 
+from titletune import machine
 from titletune.errors import UserError
 
 NAMES = ("auto", "hf", "unsloth")
-
-
-def bf16_supported() -> bool:
-    """Whether bf16 pays here: a GPU with bf16, or a CPU with native bf16 (AVX512-BF16 / AMX); elsewhere on CPU it is
-    emulated and slower than fp32. Imports torch only, so it may run before unsloth is imported."""
-    import torch
-
-    if torch.cuda.is_available():
-        return torch.cuda.is_bf16_supported()
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
-def torch_dtype(name: str | None):
-    """--dtype as a torch dtype, or None for auto (the backend picks); a bad name is a UserError."""
-    import torch
-
-    if name in (None, "", "auto"):
-        return None
-    dtype = getattr(torch, str(name), None)
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise UserError(f"--dtype must be auto, bfloat16, float16 or float32, got {name!r}.")
-    return dtype
-
-
-def requested(argv: list[str], name: str, default: str) -> str:
-    """A setting from the CLI (--name or --name=, dashes or underscores), else from the --config YAML, else
-    `default`. Reads argv without argparse: the backend must be known before trl (and its parser) is imported."""
-    flags = {f"--{name}", f"--{name.replace('_', '-')}"}
-    for i, arg in enumerate(argv):
-        if arg in flags and i + 1 < len(argv):
-            return argv[i + 1]
-        if "=" in arg and arg.split("=", 1)[0] in flags:
-            return arg.split("=", 1)[1]
-    if "--config" in argv and argv.index("--config") + 1 < len(argv):
-        import yaml
-
-        path = Path(argv[argv.index("--config") + 1])
-        if path.is_file():
-            config = yaml.safe_load(path.read_text()) or {}
-            if isinstance(config, dict) and config.get(name) is not None:
-                return str(config[name])
-    return default
-
-
-def requested_backend(argv: list[str]) -> str:
-    return requested(argv, "backend", "auto")
 
 
 # --backend auto, per device, from bench/bench_train.py train_hf vs train_unsloth (bench/README.md). CUDA: Unsloth's
@@ -77,21 +28,12 @@ def requested_backend(argv: list[str]) -> str:
 AUTO = {"cuda": "unsloth", "cpu": "unsloth", "cpu_bf16": "hf"}
 
 
-def device() -> str:
-    """The AUTO key of this machine: cuda, cpu_bf16 (native bf16) or cpu."""
-    import torch
-
-    if torch.cuda.is_available():
-        return "cuda"
-    return "cpu_bf16" if bf16_supported() else "cpu"
-
-
 def choose(requested: str, load_in_4bit: bool = False) -> str:
     """Resolve 'auto' and check that the backend can run here; fails at once with the fix."""
     if requested not in NAMES:
         raise UserError(f"--backend must be one of {', '.join(NAMES)}, got {requested!r}.")
     world_size, sharding = launch()
-    here = device()
+    here = machine.device()
     has_unsloth = importlib.util.find_spec("unsloth") is not None
     if requested == "auto":
         # On CPU, Unsloth cannot merge a 4-bit base, and its CPU backend under several processes (gloo DDP) is

@@ -12,7 +12,8 @@ from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_t
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from titletune import models
-from titletune.backends import torch_dtype
+from titletune.backends import launch
+from titletune.machine import torch_dtype
 
 log = logging.getLogger(__name__)
 
@@ -27,8 +28,8 @@ def _dtype(load_in_4bit: bool, bf16: bool = False) -> torch.dtype:
 
 
 def _fsdp() -> bool:
-    """accelerate launch exports this for an FSDP config (configs/accelerate/fsdp_qlora.yaml)."""
-    return os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true", "yes")
+    """Under accelerate launch with an FSDP config (configs/accelerate/fsdp_qlora.yaml)."""
+    return launch()[1] == "FSDP"
 
 
 def _device_map(quantized: bool) -> dict | None:

@@ -15,7 +15,7 @@ import torch
 from unsloth import FastLanguageModel
 
 from titletune import models
-from titletune.backends import torch_dtype
+from titletune.machine import torch_dtype
 from titletune.errors import UserError
 
 CUDA = torch.cuda.is_available()

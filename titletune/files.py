@@ -1,0 +1,61 @@
+"""Writing files so that a crash, a kill or a full disk never leaves half a file under its final name.
+
+Every writer in titletune goes through these three: `write_atomic` for text and bytes, `atomic_path` for a tool
+that writes a file itself (savefig, llama.cpp's converter and quantizer), `staged_dir` for a whole folder (merged/).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+STALE = ".tmp-*"  # what a killed writer leaves behind: the glob for cleaning up after it
+
+
+def tmp_name(path: Path) -> Path:
+    """A hidden name beside `path` (os.replace must not cross file systems) that keeps its suffix, which tools such as
+    savefig and llama.cpp read, and the process id, so two processes never write one temp file."""
+    return path.with_name(f".tmp-{os.getpid()}-{path.name}")
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A temp path to write `path` through: renamed to `path` when the block succeeds, removed when it fails."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tmp_name(path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_atomic(path: str | Path, data: str | bytes) -> Path:
+    """Write text (UTF-8) or bytes to `path` through a temp file and a rename."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        if isinstance(data, str):
+            tmp.write_text(data, encoding="utf-8")
+        else:
+            tmp.write_bytes(data)
+    return path
+
+
+@contextlib.contextmanager
+def staged_dir(final: str | Path) -> Iterator[Path]:
+    """A temp folder beside `final` to write into; on success it replaces `final`, on any failure it is removed.
+    So a folder such as merged/ is either complete or absent, never half-written under its final name."""
+    final = Path(final)
+    tmp = final.with_name(f".{final.name}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)  # left by a process that was killed
+    try:
+        yield tmp
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

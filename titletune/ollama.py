@@ -1,0 +1,81 @@
+"""The Ollama Modelfile beside a run's GGUF: its chat template, system prompt, stop tokens and parameters."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from titletune import files
+from titletune.errors import UserError
+
+# End-of-turn tokens of the common chat formats (ChatML, Llama 3, Llama 2/Mistral, Phi-3, Gemma). Ollama stops on
+# the GGUF's EOS by itself; listing the end-of-turn tokens too keeps a model that never emits EOS from running on.
+END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "</s>", "<|end|>", "<end_of_turn>")
+
+# Near-greedy: answers are recalled descriptions, and 0.2 still lets a run that repeats itself get out.
+PARAMS = {"temperature": 0.2, "num_ctx": 2048}
+
+# Ollama does not run Jinja. `ollama create` picks a Go template by Levenshtein distance (< 100) between the GGUF's
+# tokenizer.chat_template and the Jinja templates it knows (ollama/ollama template/template.go, Named); with no match
+# it silently uses "{{ .Prompt }}", i.e. no chat format at all. Measured against its template/index.json: SmolLM2's
+# template matches chatml (distance 41) and Llama 3.1's matches exactly, but Llama 3.2's (3,827 chars, with tools and
+# dates) is >= 787 edits from every entry, and so are Mistral's. So the Modelfile always names the template: these are
+# Ollama's own chatml, llama3-instruct and mistral-instruct templates, chosen by each format's marker tokens.
+TEMPLATES = {
+    "chatml": (
+        "<|im_start|>",
+        "{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}<|im_start|>assistant\n",
+    ),
+    "llama3": (
+        "<|start_header_id|>",
+        (
+            "{{- range .Messages }}<|start_header_id|>{{ .Role }}<|end_header_id|>\n\n{{ .Content }}<|eot_id|>\n"
+            "{{- end }}<|start_header_id|>assistant<|end_header_id|>\n\n"
+        ),
+    ),
+    "mistral": (
+        "[INST]",
+        (
+            '[INST] {{ range $index, $_ := .Messages }}\n{{- if eq .Role "system" }}{{ .Content }}\n\n'
+            '{{ else if eq .Role "user" }}{{ .Content }}[/INST]\n'
+            '{{- else if eq .Role "assistant" }} {{ .Content }}</s>[INST] {{ end }}\n{{- end }}'
+        ),
+    ),
+}
+
+
+def stop_tokens(tokenizer) -> list[str]:
+    """The tokenizer's EOS plus every known end-of-turn token in its vocabulary, in that order."""
+    vocab = tokenizer.get_vocab()
+    found = [tokenizer.eos_token] if tokenizer.eos_token else []
+    return list(dict.fromkeys(found + [token for token in END_OF_TURN if token in vocab]))
+
+
+def template_for(chat_template: str | None) -> tuple[str, str] | None:
+    """(name, Go template) for the chat format the Jinja template writes, or None when it is none we know."""
+    for name, (marker, template) in TEMPLATES.items():
+        if chat_template and marker in chat_template:
+            return name, template
+    return None
+
+
+def write_modelfile(
+    run_dir: str | Path,
+    gguf_name: str,
+    system_prompt: str,
+    stop_tokens: list[str],
+    params: dict | None = None,
+    template: str | None = None,
+) -> Path:
+    """<run_dir>/Modelfile for `ollama create <name> -f Modelfile`; FROM is relative to the Modelfile's folder."""
+    if '"""' in system_prompt or (template and '"""' in template):
+        raise UserError('the system prompt contains """, which ends a Modelfile string early; remove it.')
+    lines = [f"FROM ./{gguf_name}", ""]
+    if template:
+        lines += [f'TEMPLATE """{template}"""', ""]
+    if system_prompt:
+        lines += [f'SYSTEM """{system_prompt}"""', ""]
+    lines += [f'PARAMETER stop "{token}"' for token in stop_tokens]
+    lines += [f"PARAMETER {key} {value}" for key, value in {**PARAMS, **(params or {})}.items()]
+    path = Path(run_dir) / "Modelfile"
+    files.write_atomic(path, "\n".join(lines) + "\n")
+    return path

@@ -1,0 +1,384 @@
+"""The prepare stage: products file -> cleaned, deduplicated, sampled, split chat rows, in one streaming pass.
+
+    trn.json(.gz) -> iter_products -> clean_text -> filter -> dedupe (title_key) -> sample (seeded) -> split -> render
+    -> <output_dir>/data/{train,val,test}.jsonl + stats.json + eda.md + lengths.png
+
+    reading.py: iter_products    text.py: clean_text, title_key, truncate
+    selection.py: filter, dedupe, sample, split, render (and the same with --data_workers processes)
+    prepare.py (here): the arguments, the stats, the EDA report, the cache
+
+Memory does not grow with the file: rows stream through, and what is kept per product is one 8-byte hash (dedupe)
+and two lengths (EDA). With --max_samples N, at most N products are held in a bounded heap; with 'all' every kept
+row goes straight to its split file.
+
+prepare_cached() keys that output by the input file, the settings, the prompts and the data code, and links a cached
+copy into the run folder when one exists: a rerun with the same settings, in any run folder, skips the pass.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from array import array
+from collections import Counter
+from pathlib import Path
+
+import orjson
+
+from titletune import files, reading, selection, text
+from titletune import prompts as prompts_lib
+from titletune.config import DataArguments, parse_max_samples
+from titletune.errors import UserError
+from titletune.prompts import PromptSet
+from titletune.reading import check_path, first_fields, is_gzip, iter_products
+from titletune.selection import SPLITS, Selection, SplitWriter, data_workers, select_parallel
+
+log = logging.getLogger(__name__)
+
+PERCENTILES = (25, 50, 75, 95)
+
+# Reasons a row can be dropped, in pipeline order; stats.json and the "all rows dropped" error use these names.
+# reading.py counts the first four, selection.py the rest.
+DROP_REASONS = (
+    "malformed_json",  # the line is not JSON
+    "not_an_object",  # JSON, but not {...}
+    "missing_field",  # the title or content field is absent (see --title_field / --content_field)
+    "bad_field_type",  # the field holds a list or an object, not text
+    "empty_title",  # no letter or digit left after cleaning (5.6% of the real rows)
+    "empty_content",  # 33.4% of the real rows
+    "short_content",  # cleaned content shorter than --min_content_chars
+    "duplicate_title",  # same title_key as an earlier kept product; the first one wins
+    "over_max_samples",  # a valid product that the seeded sample left out
+)
+# Counted while reading (bad_utf8, blank_lines) and writing (chat_markers) but not drops: the row is still used, or
+# there was no row at all.
+NOTES = ("bad_utf8", "blank_lines", "chat_markers")
+
+
+def check_args(args: DataArguments) -> int | None:
+    """Raise once with every problem in the data arguments; return max_samples parsed."""
+    max_samples = parse_max_samples(args.max_samples)
+    problems = []
+    for name in ("val_size", "test_size"):
+        value = getattr(args, name)
+        if not 0 <= value < 1:
+            problems.append(f"--{name} must be a fraction in [0, 1), got {value}")
+    if args.val_size + args.test_size >= 1:
+        problems.append(
+            f"--val_size + --test_size must leave some products for training, got {args.val_size + args.test_size}"
+        )
+    if args.min_content_chars < 0:
+        problems.append(f"--min_content_chars must be >= 0, got {args.min_content_chars}")
+    if args.max_content_chars < max(1, args.min_content_chars):
+        problems.append(
+            f"--max_content_chars ({args.max_content_chars}) must be >= 1 and >= --min_content_chars "
+            f"({args.min_content_chars})"
+        )
+    if not args.title_field or not args.content_field:
+        problems.append("--title_field and --content_field must name fields of the rows, e.g. title and content")
+    if problems:
+        raise UserError("; ".join(problems) + ".")
+    return max_samples
+
+
+def prepare(args: DataArguments, seed: int, out_dir: str | Path, prompts: PromptSet) -> dict:
+    """Read, clean, filter, dedupe, sample, split and render in one pass; write out_dir/data/*. Returns the stats.
+
+    Which products are kept depends only on the file, the filters and the seed: the sample is the max_samples
+    smallest seeded title hashes among the distinct valid products, so a larger max_samples keeps a superset, and a
+    product's split depends on its title alone. Rows are written in file order.
+    """
+    max_samples = check_args(args)
+    started = time.perf_counter()
+    path = check_path(args.data)
+    folder = Path(out_dir) / "data"
+    folder.mkdir(parents=True, exist_ok=True)
+    counts: Counter = Counter({key: 0 for key in (*DROP_REASONS, *NOTES, "rows_read")})
+    workers = data_workers(args.data_workers, path)
+    writer = SplitWriter(folder, prompts, seed, args.val_size, args.test_size)
+    try:
+        if workers > 1:
+            title_lengths, content_lengths = select_parallel(
+                path, args, seed, max_samples, prompts, counts, writer, workers
+            )
+        else:
+            selection = Selection(seed, max_samples, args.min_content_chars, args.max_content_chars, counts)
+            for row in iter_products(path, args.title_field, args.content_field, stats=counts, progress=True):
+                product = selection.add(row)
+                if product is not None:
+                    writer.add(*product)
+            for product in selection.chosen():
+                writer.add(*product)
+            title_lengths, content_lengths = selection.title_lengths, selection.content_lengths
+        if not sum(writer.counts.values()):
+            raise UserError(_all_dropped_message(counts, args))
+        split_counts = writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    kept = sum(split_counts.values())
+    counts["chat_markers"] = writer.markers
+    stats = _stats(
+        args, seed, path, counts, split_counts, writer.truncated, (title_lengths, content_lengths), max_samples
+    )
+    stats["seconds"] = round(time.perf_counter() - started, 2)
+    files.write_atomic(folder / "stats.json", orjson.dumps(stats, option=orjson.OPT_INDENT_2) + b"\n")
+    files.write_atomic(folder / "eda.md", render_eda(stats).encode())
+    plot_lengths(title_lengths, content_lengths, folder / "lengths.png")
+    dropped = ", ".join(f"{n:,} {reason.replace('_', ' ')}" for reason, n in stats["dropped"].items() if n)
+    log.info(
+        "data: read %s rows (%s) in %.1f s; kept %s (train %s, val %s, test %s, %s truncated); dropped %s (%s)",
+        f"{stats['rows_read']:,}",
+        _size(stats["input"]["bytes"]),
+        stats["seconds"],
+        f"{kept:,}",
+        *(f"{split_counts[s]:,}" for s in SPLITS),
+        f"{writer.truncated:,}",
+        f"{stats['dropped_total']:,}",
+        dropped or "none",
+    )
+    if writer.markers:
+        log.warning(
+            "data: %s kept products had chat-control markers (e.g. <|im_end|>, [INST]) in their title or "
+            "description; they were made plain text, so they never act as special tokens",
+            f"{writer.markers:,}",
+        )
+    return stats
+
+
+CACHE_FILES = (*(f"{s}.jsonl" for s in SPLITS), "stats.json", "eda.md", "lengths.png")
+CACHE_KEEP = 8  # most recently used entries kept; runs hold hard links, so evicting an entry never breaks a run
+_EDGE = 1 << 20  # bytes hashed at each end of the input: a quick content check on top of size and mtime
+# The code that prepare()'s output depends on: a change to any of these files gives new cache keys.
+CODE = (text.__file__, reading.__file__, selection.__file__, __file__, prompts_lib.__file__)
+
+
+def cache_key(args: DataArguments, seed: int, prompts: PromptSet) -> str:
+    """What prepare()'s output depends on, hashed: the input file (path, size, mtime, first and last MB), every data
+    argument, the seed, the prompt texts, and the code of the data modules (text, reading, selection, prepare) and
+    prompts.py (a fix invalidates the cache).
+    """
+    path = check_path(args.data).resolve()
+    stat = path.stat()
+    edges = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        edges.update(f.read(_EDGE))
+        if stat.st_size > _EDGE:
+            f.seek(max(_EDGE, stat.st_size - _EDGE))
+            edges.update(f.read(_EDGE))
+    # data_workers is left out: one process or eight, the output is the same.
+    settings = {k: v for k, v in vars(args).items() if k not in ("data", "prompts", "data_workers")}
+    key = {
+        "input": [str(path), stat.st_size, stat.st_mtime_ns, edges.hexdigest()],
+        "args": settings,
+        "seed": seed,
+        "prompts": [prompts.system, list(prompts.questions), prompts.answer],
+        "code": [hashlib.blake2b(Path(m).read_bytes(), digest_size=16).hexdigest() for m in CODE],
+    }
+    return hashlib.blake2b(json.dumps(key, sort_keys=True, default=str).encode(), digest_size=8).hexdigest()
+
+
+def prepare_cached(
+    args: DataArguments, seed: int, out_dir: str | Path, prompts: PromptSet, cache_root: str | Path | None = None
+) -> dict:
+    """prepare(), keyed by cache_key() under <cache>/data/<key>/: a rerun, or another process, links the same files
+    into out_dir/data instead of reading the input again. Returns the stats, as prepare() does."""
+    from titletune.config import cache_dir
+
+    key = cache_key(args, seed, prompts)
+    entry = Path(cache_root or cache_dir() / "data") / key
+    if all((entry / name).is_file() for name in CACHE_FILES):
+        os.utime(entry)  # recently used: the last to be evicted
+        log.info("data prep: reused cache %s (%s)", key, entry)
+    else:
+        shutil.rmtree(entry, ignore_errors=True)  # a file removed from an entry by hand: build it again
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        # Built beside the entry and renamed into place whole: a crash or a second writer never leaves half an entry.
+        build = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=entry.parent))
+        try:
+            prepare(args, seed, build, prompts)
+            try:
+                os.replace(build / "data", entry)
+            except OSError:  # another process finished the same entry first; its files are the same
+                if not all((entry / name).is_file() for name in CACHE_FILES):
+                    raise
+        finally:
+            shutil.rmtree(build, ignore_errors=True)
+        log.info("data prep: cached as %s (%s)", key, entry)
+        _evict(entry.parent, keep=CACHE_KEEP)
+    folder = Path(out_dir) / "data"
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in CACHE_FILES:
+        target = folder / name
+        target.unlink(missing_ok=True)
+        try:
+            os.link(entry / name, target)  # no copy of a GB of rows; nothing rewrites these files in place
+        except OSError:  # another file system, or links not allowed
+            shutil.copyfile(entry / name, target)
+    return orjson.loads((folder / "stats.json").read_bytes())
+
+
+def _evict(root: Path, keep: int) -> None:
+    """Remove all but the `keep` most recently used cache entries, and builds a crash left behind over a day ago."""
+    entries = sorted((p for p in root.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime, reverse=True)
+    done = [p for p in entries if not p.name.startswith(".")]
+    stale = [p for p in entries if p.name.startswith(".") and time.time() - p.stat().st_mtime > 86400]
+    for path in done[keep:] + stale:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _all_dropped_message(counts: Counter, args: DataArguments) -> str:
+    reasons = ", ".join(f"{counts[r]:,} {r.replace('_', ' ')}" for r in DROP_REASONS if counts[r])
+    message = f"all {counts['rows_read']:,} rows of {args.data} were dropped: {reasons or 'no rows'}."
+    hints = []
+    if counts["missing_field"] or counts["bad_field_type"]:
+        fields = first_fields(Path(args.data))
+        hints.append(
+            f"the rows need the fields --title_field {args.title_field!r} and --content_field {args.content_field!r}"
+            + (f"; the first row has {', '.join(fields)}" if fields else "")
+        )
+    if counts["short_content"]:
+        hints.append(f"lower --min_content_chars (now {args.min_content_chars})")
+    if counts["malformed_json"] == counts["rows_read"]:
+        hints.append("the file should hold one JSON object per line, like data/sample_trn.json")
+    return message + (" Fix: " + "; ".join(hints) + "." if hints else " Pass a file with titled, described products.")
+
+
+def percentiles(values: array) -> dict[str, int | float]:
+    """p25/p50/p75/p95/max and mean of a list of lengths; zeros when empty."""
+    if not values:
+        return {**{f"p{p}": 0 for p in PERCENTILES}, "max": 0, "mean": 0.0}
+    import numpy as np
+
+    data = np.frombuffer(values, dtype=np.uint32)
+    points = np.percentile(data, PERCENTILES)
+    return {
+        **{f"p{p}": round(float(v), 1) for p, v in zip(PERCENTILES, points, strict=True)},
+        "max": int(data.max()),
+        "mean": round(float(data.mean()), 1),
+    }
+
+
+def _stats(
+    args: DataArguments,
+    seed: int,
+    path: Path,
+    counts: Counter,
+    split_counts: dict[str, int],
+    truncated: int,
+    lengths: tuple[array, array],
+    max_samples: int | None,
+) -> dict:
+    dropped = {reason: counts[reason] for reason in DROP_REASONS}
+    kept = sum(split_counts.values())
+    return {
+        "input": {"path": str(path.resolve()), "bytes": path.stat().st_size, "gzip": is_gzip(path)},
+        "seed": seed,
+        "rows_read": counts["rows_read"],
+        "kept": {**split_counts, "total": kept},
+        "dropped": dropped,
+        "dropped_total": sum(dropped.values()),
+        "truncated": truncated,
+        "notes": {note: counts[note] for note in NOTES},
+        # Over the distinct valid products (before sampling), cleaned, before --max_content_chars cuts them.
+        "lengths": {"title": percentiles(lengths[0]), "content": percentiles(lengths[1])},
+        "args": {
+            "title_field": args.title_field,
+            "content_field": args.content_field,
+            "max_samples": max_samples if max_samples is not None else "all",
+            "val_size": args.val_size,
+            "test_size": args.test_size,
+            "min_content_chars": args.min_content_chars,
+            "max_content_chars": args.max_content_chars,
+        },
+        "files": {s: f"data/{s}.jsonl" for s in SPLITS},
+    }
+
+
+def _size(n: float) -> str:
+    if n < 1024:
+        return f"{n:.0f} B"
+    for unit in ("KB", "MB", "GB"):
+        n /= 1024
+        if n < 1024 or unit == "GB":
+            break
+    return f"{n:.1f} {unit}"
+
+
+def render_eda(stats: dict) -> str:
+    """The EDA report as markdown: counts, drop reasons, length percentiles, the histogram."""
+    kept, source = stats["kept"], stats["input"]
+    size = _size(source["bytes"]) + (", gzip" if source["gzip"] else "")
+    lines = [
+        "# Data report",
+        "",
+        f"Input: `{source['path']}` ({size}), seed {stats['seed']}, max_samples {stats['args']['max_samples']}.",
+        "",
+        "## Counts",
+        "",
+        "| | rows | share of rows read |",
+        "|---|---:|---:|",
+    ]
+    total = max(stats["rows_read"], 1)
+    for name, n in [
+        ("read", stats["rows_read"]),
+        *((f"kept: {s}", kept[s]) for s in SPLITS),
+        ("kept: total", kept["total"]),
+        ("dropped", stats["dropped_total"]),
+    ]:
+        lines.append(f"| {name} | {n:,} | {100 * n / total:.1f}% |")
+    lines += [
+        "",
+        (
+            f"{stats['truncated']:,} kept descriptions were cut to {stats['args']['max_content_chars']:,} chars "
+            "(at a sentence end where one was near)."
+        ),
+        "",
+        "## Drop reasons",
+        "",
+        "| reason | rows |",
+        "|---|---:|",
+        *(f"| {reason.replace('_', ' ')} | {n:,} |" for reason, n in stats["dropped"].items()),
+        "",
+        (
+            f"Notes: {stats['notes']['bad_utf8']:,} rows had invalid UTF-8 (repaired with U+FFFD and kept), "
+            f"{stats['notes']['blank_lines']:,} blank lines were skipped, "
+            f"{stats['notes'].get('chat_markers', 0):,} kept products had chat-control markers (e.g. <|im_end|>) "
+            "made plain text."
+        ),
+        "",
+        "## Lengths (characters, distinct valid products, cleaned, before cutting)",
+        "",
+        "| field | p25 | p50 | p75 | p95 | max | mean |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for field_name, p in stats["lengths"].items():
+        cells = " | ".join(f"{p[k]:,}" for k in ("p25", "p50", "p75", "p95", "max", "mean"))
+        lines.append(f"| {field_name} | {cells} |")
+    lines += ["", "![title and content lengths](lengths.png)", ""]
+    return "\n".join(lines)
+
+
+def plot_lengths(title_lengths: array, content_lengths: array, target: Path) -> None:
+    """Histograms of title and content lengths, log-x; Figure without pyplot, so no global backend is touched."""
+    import numpy as np
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(10, 3.6), layout="constrained")
+    panels = zip(fig.subplots(1, 2), (title_lengths, content_lengths), ("title", "content"), strict=True)
+    for ax, values, name in panels:
+        data = np.frombuffer(values, dtype=np.uint32) if values else np.zeros(0, dtype=np.uint32)
+        if data.size:
+            bins = np.logspace(0, np.log10(max(int(data.max()), 10)), 50)
+            ax.hist(np.maximum(data, 1), bins=bins, color="#4472c4")
+        ax.set_xscale("log")
+        ax.set_xlabel(f"{name} length (chars)")
+        ax.set_ylabel("products")
+        ax.set_title(f"{name}: n={data.size:,}, median={int(np.median(data)) if data.size else 0}")
+    with files.atomic_path(target) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
