@@ -6,6 +6,8 @@ prompts/ and the model's chat template, exactly as in training.
     python infer.py "What is 'Girls Ballet Tutu Neon Pink'?"                    # base | tuned, latest run
     python infer.py "Tell me about Hiking Socks." --run outputs/<run> --json   # one JSON object
     python infer.py --interactive --only tuned                                 # a prompt loop; Ctrl-D quits
+    python infer.py --rag "What is 'Girls Ballet Tutu Neon Pink'?"             # + tuned with catalogue entries
+    python infer.py --rag --rag-index data/trn.json "Tell me about ..."        # search the whole catalogue
     python infer.py "What is ...?" --engine llamacpp                           # the run's GGUF (q4_k_m first)
     python infer.py "What is ...?" --engine llamacpp --gguf outputs/<run>/model.q8_0.gguf --base-gguf base.gguf
     python infer.py --evaluate --samples 20                                    # report.{json,md,png} in the run
@@ -26,6 +28,7 @@ import socket
 import sys
 import textwrap
 
+from titletune.config import RAG_K
 from titletune.errors import UserError, cli
 
 EXAMPLES = "examples:\n" + "\n".join(line for line in __doc__.splitlines() if line.startswith("    python "))
@@ -44,10 +47,10 @@ class _Help(argparse.RawDescriptionHelpFormatter):
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Every flag from the dataclasses (config.InferArguments, config.ModeArguments, generate.Sampling), with dashes or
-    underscores; one namespace, plus `sampling` (a generate.Sampling) and `given` (the flags given)."""
+    underscores; one namespace, plus `sampling` (a generate.Sampling)."""
     from transformers import HfArgumentParser
 
-    from titletune.config import InferArguments, ModeArguments, given
+    from titletune.config import InferArguments, ModeArguments
     from titletune.generate import Sampling
 
     groups = (InferArguments, Sampling, ModeArguments)
@@ -58,7 +61,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)  # argparse's own message and exit 2 for an unknown flag
     args.sampling = Sampling(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Sampling)})
-    args.given = given(argv)
     return args
 
 
@@ -75,6 +77,11 @@ def main(args: argparse.Namespace) -> None:
     args.sampling.check()
     systems = (args.only,) if args.only else generate.SYSTEMS
     engine = generate.load_engine(run, args.engine, systems, args.use_merged, args.gguf, args.base_gguf, args.threads)
+    if args.rag:
+        from titletune import retrieval
+
+        args.index = retrieval.open_index(run, args.rag_index or run.section("script").get("rag_index"))
+        args.rag_k = args.rag_k or run.section("script").get("rag_k") or RAG_K
     if args.question:
         answer(engine, args.question, systems, args.sampling, args)
     if args.interactive:
@@ -92,6 +99,12 @@ def check(args: argparse.Namespace) -> None:
         problems.append(f"--samples must be >= 1, got {args.samples}")
     if args.evaluate and (args.question or args.interactive):
         problems.append("--evaluate takes no question and no --interactive")
+    if args.rag and args.evaluate:
+        problems.append("--rag is for questions; --evaluate always scores base + RAG and tuned + RAG")
+    if args.rag_k is not None and args.rag_k < 1:
+        problems.append(f"--rag-k must be >= 1, got {args.rag_k}")
+    if (args.rag_k is not None or args.rag_index) and not (args.rag or args.evaluate):
+        problems.append("--rag-k and --rag-index need --rag or --evaluate")
     if args.engine == "llamacpp" and args.sampling.num_beams != 1:
         problems.append("--num-beams works only with --engine transformers (llama.cpp has no beam search)")
     if args.threads is not None and args.threads < 1:
@@ -103,28 +116,44 @@ def check(args: argparse.Namespace) -> None:
 def answer(engine, question: str, systems: tuple[str, ...], sampling, args) -> None:
     from titletune import generate
 
-    answers = generate.ask(engine, [question], systems, sampling)
-    result = {s: (answers[s][0] if s in answers else None) for s in generate.SYSTEMS}
+    index = getattr(args, "index", None) if args.rag else None
+    answers = generate.ask(engine, [question], systems, sampling, index=index, k=args.rag_k or RAG_K)
+    names = [*generate.SYSTEMS, *(f"{m}+rag" for m in generate.SYSTEMS)]
+    result = {s: (answers[s][0] if s in answers else None) for s in names}
+    retrieved = answers["retrieved"][0] if "retrieved" in answers else None
     if args.json:
-        out = {"question": question, **result, "run": str(engine.run.dir), "engine": engine.name}
+        out = {"question": question, **{s: a for s, a in result.items() if a is not None or s in generate.SYSTEMS}}
+        if retrieved is not None:
+            out["retrieved"] = retrieved
+        out.update(run=str(engine.run.dir), engine=engine.name)
         if engine.name == "llamacpp":
             out.update(gguf=_str(engine.paths.get("tuned")), base_gguf=_str(engine.paths.get("base")))
-        out["sampling"] = vars(sampling)
+        out["sampling"] = dataclasses.asdict(sampling.for_run(engine.run))
         print(json.dumps(out, ensure_ascii=False), flush=True)
     else:
-        print(render(question, {s.upper(): a for s, a in result.items() if a is not None}), flush=True)
+        shown = {s.upper(): a for s, a in result.items() if a is not None}
+        print(render(question, shown, retrieved=retrieved), flush=True)
 
 
-def render(question: str, answers: dict[str, str], width: int | None = None) -> str:
-    """The question, then the answers in columns sized to the terminal, or stacked when it is narrow."""
+def render(
+    question: str, answers: dict[str, str], width: int | None = None, retrieved: list[str] | None = None
+) -> str:
+    """The question (and the titles RAG retrieved), then the answers in columns sized to the terminal, or stacked
+    when it is too narrow for columns of SIDE_BY_SIDE_MIN / 2 characters."""
     width = width or shutil.get_terminal_size((100, 24)).columns
-    lines = textwrap.wrap(f"Q: {question}", width) + [""]
-    if len(answers) == 2 and width >= SIDE_BY_SIDE_MIN:
-        col = (width - 3) // 2
+    lines = textwrap.wrap(f"Q: {question}", width)
+    for rank, title in enumerate(retrieved or [], 1):
+        lines += textwrap.wrap(f"retrieved {rank}: {title}", width, subsequent_indent="    ")
+    if retrieved is not None and not retrieved:
+        lines.append("retrieved: nothing (no word of the question is in the catalogue)")
+    lines.append("")
+    n = len(answers)
+    if n >= 2 and width >= SIDE_BY_SIDE_MIN * n / 2:
+        col = (width - 3 * (n - 1)) // n
         cols = [[name, "-" * min(col, len(name))] + _wrap(text, col) for name, text in answers.items()]
         depth = max(len(c) for c in cols)
-        for left, right in zip(*(c + [""] * (depth - len(c)) for c in cols)):
-            lines.append(f"{left:<{col}} | {right}".rstrip())
+        for row in zip(*(c + [""] * (depth - len(c)) for c in cols)):
+            lines.append(" | ".join(f"{cell:<{col}}" for cell in row).rstrip())
     else:
         for name, text in answers.items():
             lines += [name, "-" * len(name)] + _wrap(text, width) + [""]
@@ -160,11 +189,14 @@ def evaluate(args: argparse.Namespace, run) -> None:
 
     if args.only:
         raise UserError("--evaluate compares base and tuned; leave out --only.")
+    script = run.section("script")
     settings = ev.EvalSettings(
-        samples=args.samples or run.section("script").get("eval_samples") or ev.EvalSettings.samples,
+        samples=args.samples or script.get("eval_samples") or ev.EvalSettings.samples,
         seed=args.seed,
         data=args.data,
-        **({"max_new_tokens": args.max_new_tokens} if "max_new_tokens" in args.given else {}),
+        rag_k=args.rag_k or script.get("rag_k") or RAG_K,
+        rag_index=args.rag_index or script.get("rag_index"),
+        sampling=args.sampling,
     )
     settings.check()
     engine = generate.load_engine(

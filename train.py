@@ -156,7 +156,10 @@ def main(script_args, model_args, data_args, export_args, training_args):
     if script_args.eval_samples > 0:
         from titletune import evaluate
 
-        evaluate.evaluate_run(run, evaluate.EvalSettings(samples=script_args.eval_samples))
+        settings = evaluate.EvalSettings(
+            script_args.eval_samples, rag_k=script_args.rag_k, rag_index=script_args.rag_index
+        )
+        evaluate.evaluate_run(run, settings)
     log.info("done: %s  (try: python infer.py --run %s %s)", run_dir, shlex.quote(str(run_dir)), shlex.quote(question))
     return run_dir
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -14,6 +15,7 @@ from test_infer import INFER, ROOT, TEST, TRAIN, build_run
 
 from titletune import evaluate, runs
 from titletune.evaluate import EvalSettings
+from titletune.generate import Sampling
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -25,37 +27,53 @@ def run_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def report(run_dir) -> dict:
-    return evaluate.evaluate_run(runs.load(run_dir), EvalSettings(samples=3, max_new_tokens=16, seed=7))
+    settings = EvalSettings(samples=3, seed=7, rag_k=2, sampling=Sampling(max_new_tokens=16))
+    return evaluate.evaluate_run(runs.load(run_dir), settings)
 
 
 def test_report_files_and_schema(run_dir, report):
     on_disk = json.loads((run_dir / "report.json").read_text())
     assert on_disk == json.loads(json.dumps(report))
     for pop in ("seen", "heldout"):
-        assert set(report[pop]) == {"base", "tuned", "retrieval"}
-        for metrics in report[pop].values():
-            assert {"rouge1", "rouge2", "rougeL", "bleu"} <= set(metrics)
-            assert all(0.0 <= metrics[k] <= 1.0 for k in ("rouge1", "rouge2", "rougeL"))
-            assert 0.0 <= metrics["bleu"] <= 100.0
+        assert list(report[pop]) == ["base", "tuned", "retrieval", "base+rag", "tuned+rag"]
+        for system in report[pop].values():
+            for name in ("rouge1", "rouge2", "rougeL", "rougeL_p", "rougeL_r"):
+                m = system[name]
+                assert m["n"] == 3 and 0.0 <= m["ci"][0] <= m["mean"] <= m["ci"][1] <= 1.0
+            assert 0.0 <= system["bleu"]["mean"] <= 100.0
+        for pair in ("tuned - base", "tuned+rag - tuned"):
+            d = report["differences"][pop][pair]["rougeL"]
+            assert d["n"] == 3 and d["ci"][0] <= d["mean"] <= d["ci"][1] and isinstance(d["significant"], bool)
     assert report["counts"] == {"seen": 3, "heldout": 3}
-    assert report["settings"] == {"samples": 3, "max_new_tokens": 16, "seed": 7, "data": None}
-    assert report["greedy"] is True
+    assert report["settings"]["samples"] == 3 and report["settings"]["seed"] == 7 and report["settings"]["rag_k"] == 2
+    # One decoding for every system, recorded: infer.py's defaults but for the answer length given here.
+    assert report["settings"]["sampling"] == {**dataclasses.asdict(Sampling()), "max_new_tokens": 16}
+    assert report["index"] == f"{len(TRAIN)} train products of the run"
     assert len(report["examples"]) == 6
-    assert all(e["base"] and e["tuned"] and e["reference"] for e in report["examples"])
+    for e in report["examples"]:
+        assert e["base"] and e["tuned"] and e["reference"] and e["base+rag"] and e["tuned+rag"]
+        assert len(e["retrieved"]) <= 2  # a held-out product may share no word with the 4 training products
+        if e["population"] == "seen":
+            assert e["retrieved"][0] == e["title"]
     assert (run_dir / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_report_md_has_tables_and_the_seen_retrieval_warning(run_dir, report):
     md = (run_dir / "report.md").read_text()
-    assert md.count("| system | ROUGE-1 | ROUGE-2 | ROUGE-L | BLEU | loss | ppl |") == 2
+    header = (
+        "| system | ROUGE-1 | ROUGE-2 | ROUGE-L F1 | ROUGE-L P | ROUGE-L R | numbers supported | BLEU | loss | ppl |"
+    )
+    assert md.count(header) == 2
     assert "## Seen products" in md and "## Held-out products" in md
-    assert "not a real baseline" in md
-    assert md.count("| reference | base | tuned | retrieval |") == 3
+    assert "it is the ceiling, not a baseline" in md
+    assert md.count("| reference | base | tuned | retrieval | base+rag | tuned+rag |") == 3
+    assert md.count("**tuned vs base**: ROUGE-L F1") == 2 and md.count("**tuned+rag vs tuned**: ROUGE-L F1") == 2
+    assert "greedy, at most 16 new tokens, repetition penalty 1.0" in md
 
 
 def test_retrieval_finds_seen_products_themselves(report):
-    assert report["seen"]["retrieval"]["rougeL"] > 0.9
-    assert report["heldout"]["retrieval"]["rougeL"] < 0.9  # held-out products are not in the catalogue
+    assert report["seen"]["retrieval"]["rougeL"]["mean"] > 0.9
+    assert report["heldout"]["retrieval"]["rougeL"]["mean"] < 0.9  # held-out products are not in the index
     for e in report["examples"]:
         if e["population"] == "seen":
             assert e["retrieval"] == e["reference"]
@@ -133,9 +151,11 @@ def test_infer_evaluate_cli(run_dir, tmp_path):
 
 
 def test_evaluate_with_llamacpp_engine(gguf_run):
-    report = evaluate.evaluate_run(runs.load(gguf_run), EvalSettings(samples=2, max_new_tokens=12), engine="llamacpp")
+    settings = EvalSettings(samples=2, sampling=Sampling(max_new_tokens=12))
+    report = evaluate.evaluate_run(runs.load(gguf_run), settings, engine="llamacpp")
     assert report["engine"] == "llamacpp"
     for pop in ("seen", "heldout"):
         assert report[pop]["base"]["loss"] is None  # llama.cpp gives no teacher-forced loss here
         assert report[pop]["base"]["rougeL"] == report[pop]["tuned"]["rougeL"]  # same GGUF under both names
+        assert report[pop]["base+rag"]["rougeL"] == report[pop]["tuned+rag"]["rougeL"]
     assert "| base |" in (gguf_run / "report.md").read_text()

@@ -50,7 +50,7 @@ def _check(run_dir):
     assert (run_dir / "merged" / "config.json").is_file()
     assert (run_dir / "model.q4_k_m.gguf").read_bytes()[:4] == b"GGUF"
     report = json.loads((run_dir / "report.json").read_text())
-    assert report["seen"]["tuned"]["rougeL"] > report["seen"]["base"]["rougeL"]
+    assert report["seen"]["tuned"]["rougeL"]["mean"] > report["seen"]["base"]["rougeL"]["mean"]
 
 
 @pytest.mark.skipif(importlib.util.find_spec("unsloth") is None, reason="unsloth is not installed")

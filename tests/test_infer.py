@@ -147,6 +147,29 @@ def test_json_base_differs_from_tuned(run_dir):
     assert out["base"] and out["tuned"] and out["base"] != out["tuned"]
 
 
+def test_rag_prints_the_retrieved_titles_and_the_grounded_answer(run_dir):
+    question = "What is 'Girls Ballet Tutu Neon Pink'?"
+    proc = infer(question, "--run", str(run_dir), "--rag", "--rag-k", "2", "--max-new-tokens", "12")
+    assert proc.returncode == 0, proc.stderr
+    assert "retrieved 1: Girls Ballet Tutu Zebra Stripes" in proc.stdout  # the nearest training product
+    assert "retrieved 3: " not in proc.stdout  # at most --rag-k; the other products share no word with it
+    assert "BASE" in proc.stdout and "TUNED" in proc.stdout and "TUNED+RAG" in proc.stdout
+    out = json.loads(infer(question, "--run", str(run_dir), "--rag", "--max-new-tokens", "12", "--json").stdout)
+    assert out["retrieved"] == ["Girls Ballet Tutu Zebra Stripes"]
+    assert out["base"] and out["tuned"] and out["tuned+rag"]
+    assert out["sampling"]["max_new_tokens"] == 12 and out["sampling"]["repetition_penalty"] == 1.0
+    proc = infer(question, "--run", str(run_dir), "--rag-k", "2")
+    assert proc.returncode == 2 and "--rag-k and --rag-index need --rag or --evaluate" in proc.stderr
+
+
+def test_default_answer_length_comes_from_the_run(run_dir):
+    out = json.loads(
+        infer("What is 'Bamboo Cutting Board Large'?", "--run", str(run_dir), "--only", "tuned", "--json").stdout
+    )
+    # build_run records no max_content_chars: DataArguments' default, 400 characters -> 400 // 4 + 28 tokens
+    assert out["sampling"]["max_new_tokens"] == 128
+
+
 def test_only_tuned(run_dir):
     proc = infer(
         "What is 'Bamboo Cutting Board Large'?",
@@ -240,6 +263,11 @@ def test_render_columns_or_stacked():
     narrow = infer_module.render("Q?", answers, width=60)
     assert " | " not in narrow and narrow.index("BASE") < narrow.index("TUNED")
     assert all(len(line) <= 60 for line in narrow.splitlines())
+    three = infer_module.render("Q?", {**answers, "TUNED+RAG": "grounded " * 20}, width=150, retrieved=["A", "B"])
+    assert "retrieved 1: A" in three and "retrieved 2: B" in three
+    assert max(line.count(" | ") for line in three.splitlines()) == 2
+    assert all(len(line) <= 150 for line in three.splitlines())
+    assert " | " not in infer_module.render("Q?", {**answers, "TUNED+RAG": "x"}, width=100)  # stacked below 120
 
 
 def test_help_documents_every_flag():
@@ -263,6 +291,9 @@ def test_help_documents_every_flag():
         "--evaluate",
         "--data",
         "--samples",
+        "--rag",
+        "--rag-k",
+        "--rag-index",
         "--serve",
         "--host",
         "--port",

@@ -35,6 +35,7 @@ def test_run_folder_has_exactly_the_promised_files(trained_run):
         "report.json",
         "report.md",
         "report.png",
+        "rag",  # the evaluation's search index over the training products
     }
     checkpoints = {name for name in top if name.startswith("checkpoint-")}
     assert checkpoints == {"checkpoint-6", "checkpoint-12"}
@@ -45,7 +46,13 @@ def test_run_folder_has_exactly_the_promised_files(trained_run):
         "tokenizer.json",
         "tokenizer_config.json",
     }
-    assert {p.name for p in (trained_run / "prompts").iterdir()} == {"system.txt", "user.txt", "assistant.txt"}
+    assert {p.name for p in (trained_run / "prompts").iterdir()} == {
+        "system.txt",
+        "user.txt",
+        "assistant.txt",
+        "rag.txt",
+        "rag_entry.txt",
+    }
     assert (trained_run / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

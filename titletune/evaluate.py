@@ -1,10 +1,15 @@
-"""Before/after evaluation of a run: base vs tuned vs a BM25 retrieval baseline, on two populations kept apart.
+"""Before/after evaluation of a run: five systems on two populations kept apart, every mean with its 95% interval.
 
 - seen: products the model was trained on (train.jsonl). Did it learn the catalogue?
-- heldout: products it never saw (test.jsonl, else val.jsonl). Does the style carry over to new products?
-With `data_path`, products of any trn-format file are split the same way: a title in train.jsonl makes it seen.
-Metrics: ROUGE-1/2/L F1 (mean over products), corpus BLEU (sacrebleu, 0-100), and the teacher-forced loss and
-perplexity of base and tuned on the reference answers (completion tokens only, as in training).
+- heldout: products it never saw (test.jsonl, else val.jsonl). Does it carry over to new products?
+With `data`, products of any trn-format file are split the same way: a title in train.jsonl makes it seen.
+
+Systems: base, tuned, retrieval (the best catalogue match's description, word for word), base + RAG and tuned + RAG
+(the top k catalogue entries in the prompt, through the run's prompt set). Retrieval and RAG search one index
+(titletune/retrieval.py): the run's training products, or any catalogue file (`rag_index`). Every system decodes with
+the same settings, recorded in the report. Metrics (titletune/metrics.py): ROUGE-1/2/L F1, ROUGE-L precision and
+recall, numbers supported, corpus BLEU, each with a 95% bootstrap interval; paired bootstrap differences for tuned vs
+base and tuned + RAG vs tuned; and the teacher-forced loss and perplexity of base and tuned on the reference answers.
 Writes <run>/report.json, report.md and report.png.
 """
 
@@ -15,19 +20,36 @@ import json
 import logging
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from titletune import files, generate, prompts
+from titletune import files, generate, metrics, prompts, retrieval
+from titletune.config import RAG_K
 from titletune.errors import UserError
+from titletune.generate import Sampling
 from titletune.runs import Run
 
 log = logging.getLogger(__name__)
 
 POPULATIONS = ("seen", "heldout")
+SYSTEMS = ("base", "tuned", "retrieval", "base+rag", "tuned+rag")
+GENERATED = {
+    "base": ("base", False),
+    "tuned": ("tuned", False),
+    "base+rag": ("base", True),
+    "tuned+rag": ("tuned", True),
+}
+PAIRS = (("tuned", "base"), ("tuned+rag", "tuned"))  # the paired differences the report tests
 EXAMPLE_CHARS = 300  # report.md cuts long texts here; report.json keeps them whole
-# Used only with rag=True: the base model answers with the retrieved description in front of the question.
-RAG_TEMPLATE = "Catalogue entry of the most similar product we know:\n{context}\n\n{question}"
+LABELS = {
+    "rouge1": "ROUGE-1",
+    "rouge2": "ROUGE-2",
+    "rougeL": "ROUGE-L F1",
+    "rougeL_p": "ROUGE-L P",
+    "rougeL_r": "ROUGE-L R",
+    "numbers": "numbers supported",
+    "bleu": "BLEU",
+}
 
 
 @dataclass(frozen=True)
@@ -35,30 +57,31 @@ class EvalSettings:
     """How a run is scored: the one record that train.py's evaluation after training and infer.py --evaluate both
     build, saved in report.json as `settings`, so two reports of one run differ only where their settings do."""
 
-    samples: int = 20  # products per population; train.py passes --eval_samples (10 in the CPU run)
-    # Greedy answers of at most this many tokens: the CPU run's answers are cut at 400 characters, ~100 tokens.
-    max_new_tokens: int = 128
+    samples: int = 20  # products per population; train.py passes --eval_samples
     seed: int | None = None  # which products are sampled; None: the run's own seed
     data: str | None = None  # a trn-format file to sample from; None: the run's own splits
+    rag_k: int = RAG_K  # catalogue entries in a RAG prompt
+    rag_index: str | None = None  # a trn-format file to search; None: the run's training products
+    sampling: Sampling = field(default_factory=Sampling)  # the decoding of every system: infer.py's defaults
 
     def check(self) -> None:
         problems = []
         if self.samples < 1:
             problems.append(f"samples must be >= 1, got {self.samples}")
-        if self.max_new_tokens < 1:
-            problems.append(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.rag_k < 1:
+            problems.append(f"--rag-k must be >= 1, got {self.rag_k}")
         if problems:
             raise UserError("; ".join(problems) + ".")
+        self.sampling.check()
 
     def for_run(self, run: Run) -> EvalSettings:
-        """These settings with the run's own seed filled in."""
-        return dataclasses.replace(self, seed=run.seed if self.seed is None else self.seed)
+        """These settings with the run's own seed and answer length filled in."""
+        seed = run.seed if self.seed is None else self.seed
+        return dataclasses.replace(self, seed=seed, sampling=self.sampling.for_run(run))
 
 
-def evaluate_run(
-    run: Run, settings: EvalSettings | None = None, engine=None, rag: bool = False, batch_size: int = 8
-) -> dict:
-    """Score base, tuned and retrieval on `settings.samples` seen and as many held-out products; write the reports.
+def evaluate_run(run: Run, settings: EvalSettings | None = None, engine=None, batch_size: int = 8) -> dict:
+    """Score the five systems on `settings.samples` seen and as many held-out products; write the reports.
 
     engine: a loaded generate.TransformersEngine/LlamaCppEngine (reused, not reloaded), "transformers",
     "llamacpp", or None (transformers). Loss and perplexity need transformers; with llamacpp they are null.
@@ -73,90 +96,74 @@ def evaluate_run(
     pops = sample_populations(run, train, settings.samples, settings.seed, settings.data)
     if not any(pops.values()):
         raise UserError(f"no products to evaluate in {settings.data or run.data}.")
+    index = retrieval.open_index(run, settings.rag_index)
     if engine is None or isinstance(engine, str):
         engine = generate.load_engine(run, engine or "transformers")
     missing = [s for s in generate.SYSTEMS if s not in engine.systems]
     if missing:
         raise UserError(f"evaluation compares base and tuned; the engine was loaded without {missing}.")
 
-    run_seed = run.seed  # the question phrasing training picked for each product
     items = []
     for pop, products in pops.items():
         for p in products:
-            row = prompts.render(ps, p["title"], p["content"], key=str(p["id"]), seed=run_seed)
+            # The question phrasing training picked for each product (the run's seed), and the answer it learned.
+            row = prompts.render(ps, p["title"], p["content"], key=str(p["id"]), seed=run.seed)
+            question = row["prompt"][-1]["content"]
+            hits = index.search(question, settings.rag_k)
             items.append(
                 {
                     "population": pop,
                     "id": str(p["id"]),
                     "title": p["title"],
                     "row": row,
-                    "question": row["prompt"][-1]["content"],
+                    "question": question,
                     "reference": row["completion"][0]["content"],
+                    "retrieved": [h["title"] for h in hits],
+                    "retrieval": ps.answer.replace("{content}", hits[0]["content"]) if hits else "",
+                    "rag_prompt": prompts.rag_messages(ps, question, hits),
                 }
             )
-
-    retriever = Retriever(train)
     for item in items:
-        best = retriever.best(item["title"])
-        item["retrieval"] = ps.answer.replace("{content}", best["content"])
-        item["retrieved_title"] = best["title"]
+        generate.check_length(engine, item["rag_prompt"], settings.sampling.max_new_tokens)
 
-    sampling = generate.Sampling(max_new_tokens=settings.max_new_tokens)  # greedy: the report is repeatable
-    conversations = [item["row"]["prompt"] for item in items]
     timing = {}
-    systems = ["base", "tuned"] + (["rag"] if rag else [])
-    for system in systems:
+    for system, (model, grounded) in GENERATED.items():
         t0 = time.perf_counter()
-        convs = conversations
-        if system == "rag":
-            convs = [
-                prompts.messages(ps, RAG_TEMPLATE.format(context=i["retrieval"], question=i["question"]))
-                for i in items
-            ]
-        answers = engine.generate(
-            convs, "base" if system == "rag" else system, sampling, batch_size=batch_size, progress=True
-        )
+        convs = [i["rag_prompt"] if grounded else i["row"]["prompt"] for i in items]
+        answers = engine.generate(convs, model, settings.sampling, batch_size=batch_size, progress=True)
         timing[system] = round(time.perf_counter() - t0, 2)
-        for item, answer in zip(items, answers):
+        for item, answer in zip(items, answers, strict=True):
             item[system] = answer
 
-    report: dict = {}
+    report: dict = {"differences": {}}
     for pop in POPULATIONS:
         group = [i for i in items if i["population"] == pop]
         if not group:
             continue
-        refs = [i["reference"] for i in group]
-        report[pop] = {}
-        for system in systems + ["retrieval"]:
-            report[pop][system] = text_metrics([i[system] for i in group], refs)
+        refs, titles = [i["reference"] for i in group], [i["title"] for i in group]
+        report[pop], values = {}, {}
+        for system in SYSTEMS:
+            report[pop][system], values[system] = metrics.score([i[system] for i in group], refs, titles)
         for system in ("base", "tuned"):
             loss, ppl = None, None
             if engine.supports_loss:
                 loss, ppl = generate.perplexity(*engine.loss([i["row"] for i in group], system, batch_size))
             report[pop][system].update(loss=_round(loss), ppl=_round(ppl))
+        report["differences"][pop] = {
+            f"{a} - {b}": {m: metrics.paired(values[a][m], values[b][m]) for m in values[a]} for a, b in PAIRS
+        }
     report.update(
         settings=dataclasses.asdict(settings),
-        greedy=True,
+        systems=list(SYSTEMS),
         counts={pop: sum(i["population"] == pop for i in items) for pop in POPULATIONS},
         run=str(run.dir),
         engine=engine.name,
         data=settings.data or "run splits",
-        bleu_scale="sacrebleu corpus BLEU, 0-100; ROUGE F1 0-1",
+        index=index.source,
+        scales="ROUGE and numbers supported 0-1; BLEU is sacrebleu corpus BLEU, 0-100",
         seconds=timing,
         examples=[
-            {
-                k: i[k]
-                for k in (
-                    "population",
-                    "id",
-                    "title",
-                    "question",
-                    "reference",
-                    *systems,
-                    "retrieval",
-                    "retrieved_title",
-                )
-            }
+            {k: i[k] for k in ("population", "id", "title", "question", "reference", "retrieved", *SYSTEMS)}
             for i in items
         ],
     )
@@ -164,7 +171,7 @@ def evaluate_run(
     write_reports(run.dir, report)
     log.info(
         "evaluate: %s",
-        " ".join(f"{p}: tuned rougeL {report[p]['tuned']['rougeL']}" for p in POPULATIONS if p in report),
+        " ".join(f"{p}: tuned rougeL {report[p]['tuned']['rougeL']['mean']}" for p in POPULATIONS if p in report),
     )
     return report
 
@@ -179,7 +186,7 @@ def sample_populations(
     if data_path is None:
         pools = {"seen": train, "heldout": run.split("test") or run.split("val")}
         return {pop: _sample(rows, samples, seed) for pop, rows in pools.items()}
-    return _sample_file(Path(data_path), run.config, train, samples, seed)
+    return _sample_file(Path(data_path), run, train, samples, seed)
 
 
 def _sample(rows: list[dict], n: int, seed: int) -> list[dict]:
@@ -187,19 +194,15 @@ def _sample(rows: list[dict], n: int, seed: int) -> list[dict]:
     return [rows[i] for i in picked]
 
 
-def _sample_file(path: Path, cfg: dict, train: list[dict], n: int, seed: int) -> dict[str, list[dict]]:
+def _sample_file(path: Path, run: Run, train: list[dict], n: int, seed: int) -> dict[str, list[dict]]:
     """Stream any trn-format file once, cleaned and filtered as training did it, reservoir-sampling each population.
 
     The data settings are the run's (run_config.yaml), else DataArguments' defaults, as train.py would use them."""
-    import dataclasses
-
-    from titletune.config import DataArguments
     from titletune.reading import iter_products
     from titletune.selection import clean_product
     from titletune.text import title_key, truncate
 
-    data_cfg = {f.name: f.default for f in dataclasses.fields(DataArguments)}
-    data_cfg.update({k: v for k, v in (cfg.get("data") or {}).items() if v is not None})
+    data_cfg = run.data_settings
     min_chars, max_chars = int(data_cfg["min_content_chars"]), int(data_cfg["max_content_chars"])
     train_keys = {title_key(r["title"]) for r in train}
     rngs = {pop: random.Random(f"{seed}:{pop}") for pop in POPULATIONS}
@@ -226,44 +229,6 @@ def _sample_file(path: Path, cfg: dict, train: list[dict], n: int, seed: int) ->
     return pools
 
 
-class Retriever:
-    """BM25 over the training titles; returns the best-matching training product."""
-
-    def __init__(self, train: list[dict]):
-        from rank_bm25 import BM25Okapi
-
-        self.train = train
-        self.bm25 = BM25Okapi([tokens(r["title"]) or ["_"] for r in train])
-
-    def best(self, title: str) -> dict:
-        scores = self.bm25.get_scores(tokens(title))
-        return self.train[max(range(len(scores)), key=scores.__getitem__)]
-
-
-def tokens(text: str) -> list[str]:
-    from titletune.text import title_key
-
-    return title_key(text).split()
-
-
-# ---------------------------------------------------------------- metrics
-
-
-def text_metrics(hypotheses: list[str], references: list[str]) -> dict:
-    """Mean ROUGE-1/2/L F1 over products (stemmed) and corpus BLEU (0-100)."""
-    import sacrebleu
-    from rouge_score import rouge_scorer
-
-    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
-    sums = {"rouge1": 0.0, "rouge2": 0.0, "rougeL": 0.0}
-    for hyp, ref in zip(hypotheses, references):
-        for name, score in scorer.score(ref, hyp).items():
-            sums[name] += score.fmeasure
-    out = {name: _round(total / len(references)) for name, total in sums.items()}
-    out["bleu"] = _round(sacrebleu.corpus_bleu(hypotheses, [references]).score)
-    return out
-
-
 def _round(x: float | None) -> float | None:
     return None if x is None else round(float(x), 4)
 
@@ -272,68 +237,102 @@ def _round(x: float | None) -> float | None:
 
 
 def table(report: dict, pop: str) -> str:
-    """A markdown table of one population: one row per system."""
-    head = "| system | ROUGE-1 | ROUGE-2 | ROUGE-L | BLEU | loss | ppl |\n|---|---|---|---|---|---|---|"
+    """A markdown table of one population: one row per system, each mean with its 95% interval."""
+    names = [*metrics.METRICS, "loss", "ppl"]
+    head = "| system | " + " | ".join(LABELS.get(n, n) for n in names) + " |\n|---" + "|---" * len(names) + "|"
     rows = []
     for system, m in report[pop].items():
-        cells = [m.get(k) for k in ("rouge1", "rouge2", "rougeL", "bleu", "loss", "ppl")]
-        rows.append(
-            f"| {system} | "
-            + " | ".join("-" if c is None else f"{c:.3f}" if i < 3 else f"{c:.2f}" for i, c in enumerate(cells))
-            + " |"
-        )
+        cells = [_with_ci(m[n], 2 if n == "bleu" else 3) for n in metrics.METRICS]
+        cells += ["-" if m.get(n) is None else f"{m[n]:.2f}" for n in ("loss", "ppl")]
+        rows.append(f"| {system} | " + " | ".join(cells) + " |")
     return "\n".join([head, *rows])
 
 
+def _with_ci(m: dict, digits: int) -> str:
+    if m["mean"] is None:
+        return "-"
+    low, high = m["ci"]
+    return f"{m['mean']:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
+
+
+def verdicts(report: dict, pop: str) -> list[str]:
+    """One sentence per tested pair: the ROUGE-L F1 difference, its interval, and whether it is significant."""
+    out = []
+    for pair, by_metric in (report.get("differences") or {}).get(pop, {}).items():
+        d = by_metric["rougeL"]
+        if d["mean"] is None:
+            continue
+        low, high = d["ci"]
+        verdict = "significant at the 5% level" if d["significant"] else "not significant: the interval includes 0"
+        out.append(
+            f"- **{pair.replace(' - ', ' vs ')}**: ROUGE-L F1 {d['mean']:+.3f} (95% CI {low:+.3f} to {high:+.3f}, "
+            f"paired bootstrap over {d['n']} products): {verdict}."
+        )
+    return out
+
+
 def summary(report: dict) -> str:
-    """The tables, for the terminal."""
+    """The tables and the verdicts, for the terminal."""
     parts = []
     for pop in POPULATIONS:
         if pop in report:
-            parts.append(f"{pop} ({report['counts'][pop]} products)\n{table(report, pop)}")
+            parts.append(
+                f"{pop} ({report['counts'][pop]} products)\n{table(report, pop)}\n" + "\n".join(verdicts(report, pop))
+            )
     return "\n\n".join(parts)
 
 
 def render_md(report: dict) -> str:
+    s = report["settings"]
+    d = s["sampling"]
+    decoding = "greedy" if d["temperature"] == 0 else f"temperature {d['temperature']}, top-p {d['top_p']}"
     lines = [
         "# Evaluation report",
         "",
-        f"Run `{report['run']}`, engine {report['engine']}, data: {report['data']}. "
-        f"Up to {report['settings']['samples']} products per population (seed {report['settings']['seed']}), greedy "
-        f"answers of at most {report['settings']['max_new_tokens']} new tokens. ROUGE is F1 (0-1, mean over products, stemmed); BLEU is sacrebleu "
-        "corpus BLEU (0-100); loss and perplexity are teacher-forced on the reference answer tokens only.",
+        f"Run `{report['run']}`, engine {report['engine']}, data: {report['data']}. Up to {s['samples']} products per "
+        f"population (seed {s['seed']}). Every system decodes the same way: {decoding}, at most {d['max_new_tokens']} "
+        f"new tokens, repetition penalty {d['repetition_penalty']}. RAG puts the top {s['rag_k']} entries of the "
+        f"index ({report['index']}) into the prompt; retrieval answers with the best entry's description.",
+        "",
+        "Each cell is the mean with its 95% bootstrap interval. ROUGE is stemmed, 0-1, the mean over products; "
+        "numbers supported is the share of the numbers in an answer found in the reference or the title (answers "
+        "without numbers do not count); BLEU is sacrebleu corpus BLEU (0-100); loss and perplexity are teacher-forced "
+        "on the reference answer tokens only.",
         "",
     ]
     for pop, title, note in (
         (
             "seen",
             "Seen products (from the training set)",
-            "Did the model learn the catalogue? **Retrieval here is not a real baseline:** it searches the training "
-            "catalogue, so it finds the very product asked about and scores ROUGE near 1 by construction.",
+            "Did the model learn the catalogue? When the index holds the training products, retrieval finds the very "
+            "product asked about and scores near 1 by construction: it is the ceiling, not a baseline.",
         ),
         (
             "heldout",
             "Held-out products (never trained on)",
-            "Does the tuned model carry the style over to new products? Retrieval answers with the description of the "
-            "most similar training title (BM25): the number to beat.",
+            "Does the tuned model carry over to new products? Retrieval and RAG find them only in an index that holds "
+            "them (--rag-index with the full catalogue); over the training products they find the most similar ones.",
         ),
     ):
         lines += [f"## {title}", "", note, ""]
-        lines += [table(report, pop) if pop in report else "_No products in this population._", ""]
-    systems = [s for s in ("base", "tuned", "rag", "retrieval") if report["examples"] and s in report["examples"][0]]
+        if pop in report:
+            lines += [table(report, pop), "", *verdicts(report, pop), ""]
+        else:
+            lines += ["_No products in this population._", ""]
+    systems = list(report.get("systems") or SYSTEMS)
     lines += ["## Examples", ""]
     picked = [e for e in report["examples"] if e["population"] == "heldout"][:3]
     picked += [e for e in report["examples"] if e["population"] == "seen"][: 3 - len(picked)]
     for e in picked:
         lines += [
-            f"**{e['population']}**: {_cell(e['question'])}",
+            f"**{e['population']}**: {_cell(e['question'])} (retrieved: {_cell('; '.join(e['retrieved']))})",
             "",
             "| reference | " + " | ".join(systems) + " |",
             "|---" * (len(systems) + 1) + "|",
             "| " + " | ".join(_cell(e[k]) for k in ["reference", *systems]) + " |",
             "",
         ]
-    lines.append("![ROUGE-L and BLEU per system](report.png)")
+    lines.append("![ROUGE-L F1 and numbers supported per system, with 95% intervals](report.png)")
     return "\n".join(lines) + "\n"
 
 
@@ -345,24 +344,29 @@ def _cell(text: str) -> str:
 
 
 def plot(report: dict, path: Path) -> None:
-    """Grouped bars: ROUGE-L and BLEU per system, one group per population."""
+    """Grouped bars with 95% intervals: ROUGE-L F1 and numbers supported per system, one group per population."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     pops = [p for p in POPULATIONS if p in report]
     systems = list(report[pops[0]])
-    fig = Figure(figsize=(10, 4), layout="constrained")
+    fig = Figure(figsize=(11, 4), layout="constrained")
     FigureCanvasAgg(fig)
     width = 0.8 / len(systems)
-    for ax, metric, label in zip(fig.subplots(1, 2), ("rougeL", "bleu"), ("ROUGE-L F1", "BLEU (0-100)")):
+    for ax, metric in zip(fig.subplots(1, 2), ("rougeL", "numbers"), strict=True):
         for k, system in enumerate(systems):
-            values = [report[p][system][metric] or 0.0 for p in pops]
-            ax.bar([i + (k - (len(systems) - 1) / 2) * width for i in range(len(pops))], values, width, label=system)
+            cells = [report[p][system][metric] for p in pops]
+            means = [c["mean"] or 0.0 for c in cells]
+            errors = [
+                [m - (c["ci"][0] if c["ci"][0] is not None else m) for m, c in zip(means, cells, strict=True)],
+                [(c["ci"][1] if c["ci"][1] is not None else m) - m for m, c in zip(means, cells, strict=True)],
+            ]
+            xs = [i + (k - (len(systems) - 1) / 2) * width for i in range(len(pops))]
+            ax.bar(xs, means, width, yerr=errors, capsize=3, label=system)
         ax.set_xticks(range(len(pops)), pops)
-        ax.set_title(label)
-    fig.axes[0].legend()
-    if "seen" in pops:
-        fig.suptitle("retrieval on seen products finds the product itself (ROUGE near 1 by construction)")
+        ax.set_ylim(0, 1.05)
+        ax.set_title(f"{LABELS[metric]} (95% CI)")
+    fig.axes[0].legend(fontsize=8)
     with files.atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
 

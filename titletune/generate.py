@@ -12,14 +12,17 @@ from __future__ import annotations
 
 import json
 import math
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from titletune import machine, models, prompts
+from titletune.config import RAG_K
 from titletune.errors import UserError
 from titletune.runs import Run
 
 SYSTEMS = ("base", "tuned")
+ANSWER_TEMPLATE_TOKENS = 28  # tokens an answer may need beyond its description (assistant.txt, end of turn)
 
 
 @dataclass
@@ -28,8 +31,12 @@ class Sampling:
 
     _argument_group_name = "generation"
 
-    max_new_tokens: int = field(
-        default=200, metadata={"help": "Longest answer in tokens. With --evaluate, 128 (EvalSettings) unless given."}
+    max_new_tokens: int | None = field(
+        default=None,
+        metadata={
+            "help": "Longest answer in tokens (default: the run's answer length, --max_content_chars / 4 + 28 "
+            "tokens: 128 for the CPU default, 528 for the GPU presets)."
+        },
     )
     temperature: float = field(default=0.0, metadata={"help": "0 = greedy and repeatable."})
     top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling when --temperature > 0 (1.0 = off)."})
@@ -41,9 +48,17 @@ class Sampling:
     )
     num_beams: int = field(default=1, metadata={"help": "Beam search width, transformers engine only."})
 
+    def for_run(self, run: Run) -> Sampling:
+        """These settings with max_new_tokens filled in from the run: about 4 characters a token in the catalogue's
+        English, for the longest answer training kept, plus room for the answer template around it."""
+        if self.max_new_tokens is not None:
+            return self
+        chars = int(run.data_settings["max_content_chars"])
+        return dataclasses.replace(self, max_new_tokens=chars // 4 + ANSWER_TEMPLATE_TOKENS)
+
     def check(self) -> None:
         problems = []
-        if self.max_new_tokens < 1:
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
             problems.append(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
         if self.temperature < 0:
             problems.append(f"--temperature must be >= 0 (0 = greedy), got {self.temperature}")
@@ -142,6 +157,9 @@ class TransformersEngine:
             pad = model.generation_config.pad_token_id
             self.tokenizer.pad_token = self.tokenizer.convert_ids_to_tokens(pad if pad is not None else eos[0])
         self.tokenizer.padding_side = "left"  # decoder-only generation continues from the right edge
+        positions = getattr(model.config, "max_position_embeddings", None)
+        if positions:  # the run's max_length bounded training only; a RAG prompt may be longer
+            self.tokenizer.model_max_length = int(positions)
 
     @property
     def context(self) -> int:
@@ -181,7 +199,7 @@ class TransformersEngine:
         import torch
         from transformers import GenerationConfig
 
-        sampling = sampling or Sampling()
+        sampling = (sampling or Sampling()).for_run(self.run)
         sampling.check()
         model = self._model(system)
         sample = sampling.temperature > 0
@@ -330,7 +348,7 @@ class LlamaCppEngine:
         progress: bool = False,
     ) -> list[str]:
         """One answer per conversation (llama-cpp-python answers one at a time)."""
-        sampling = sampling or Sampling()
+        sampling = (sampling or Sampling()).for_run(self.run)
         sampling.check()
         if sampling.num_beams != 1:
             raise UserError("--num-beams works only with --engine transformers; llama.cpp has no beam search.")
@@ -437,14 +455,25 @@ def ask(
     systems: tuple[str, ...] = SYSTEMS,
     sampling: Sampling | None = None,
     progress: bool = False,
-) -> dict[str, list[str]]:
-    """Answers per system for plain questions, each wrapped in the run's prompts (system prompt included)."""
+    index=None,
+    k: int = RAG_K,
+) -> dict[str, list]:
+    """Answers per system for plain questions, each wrapped in the run's prompts (system prompt included). With a
+    search index (retrieval.Index), also "<model>+rag" (the tuned model, or the only one asked, answering with the top
+    k catalogue entries in its prompt) and "retrieved" (their titles, per question)."""
     ps = engine.run.prompts
     conversations = [conversation(ps, q) for q in questions]
-    sampling = sampling or Sampling()
-    for conv in conversations:
+    sampling = (sampling or Sampling()).for_run(engine.run)
+    hits = [index.search(q, k) for q in questions] if index is not None else None
+    grounded = [prompts.rag_messages(ps, q, h) for q, h in zip(questions, hits, strict=True)] if hits else []
+    for conv in conversations + grounded:
         check_length(engine, conv, sampling.max_new_tokens)
-    return {s: engine.generate(conversations, s, sampling, progress=progress) for s in systems}
+    out: dict[str, list] = {s: engine.generate(conversations, s, sampling, progress=progress) for s in systems}
+    if index is not None:
+        model = "tuned" if "tuned" in systems else systems[0]
+        out[f"{model}+rag"] = engine.generate(grounded, model, sampling, progress=progress)
+        out["retrieved"] = [[h["title"] for h in found] for found in hits]
+    return out
 
 
 def check_length(engine, conversation: list[dict], max_new_tokens: int) -> None:

@@ -15,6 +15,11 @@ from pathlib import Path
 from titletune.errors import UserError
 
 FILES = ("system.txt", "user.txt", "assistant.txt")
+# RAG: the user message around the retrieved entries, and one entry. A set without them (a run trained before RAG, or
+# a set of your own) uses the default set's.
+RAG_FILES = ("rag.txt", "rag_entry.txt")
+RAG_SLOTS = {"rag.txt": ("{context}", "{question}"), "rag_entry.txt": ("{title}", "{content}")}
+DEFAULT_SET = Path(__file__).resolve().parent.parent / "prompts" / "qa"
 
 # Chat-control markers of the common template families: ChatML and Llama 3 (<|im_start|>, <|im_end|>, <|eot_id|>,
 # <|start_header_id|>, <|endoftext|>, ...), SentencePiece's <s> </s> <unk> <pad>, and Mistral / Llama 2's [INST]
@@ -32,6 +37,8 @@ class PromptSet:
     questions: tuple[str, ...]  # each holds {title}
     answer: str  # holds {content}
     folder: Path
+    rag: str = "{context}\n\n{question}"  # holds {context} and {question}
+    rag_entry: str = "{title}: {content}"  # holds {title} and {content}
 
 
 def load(folder: str | Path) -> PromptSet:
@@ -50,7 +57,15 @@ def load(folder: str | Path) -> PromptSet:
         )
     if "{content}" not in answer:
         raise UserError(f"{folder / 'assistant.txt'} must contain {{content}}.")
-    return PromptSet(system=system, questions=questions, answer=answer, folder=folder)
+    rag = {}
+    for name in RAG_FILES:
+        path = folder / name if (folder / name).is_file() else DEFAULT_SET / name
+        text = path.read_text(encoding="utf-8").strip()
+        missing = [slot for slot in RAG_SLOTS[name] if slot not in text]
+        if missing:
+            raise UserError(f"{path} must contain {' and '.join(missing)}; see prompts/README.md.")
+        rag[name] = text
+    return PromptSet(system, questions, answer, folder, rag["rag.txt"], rag["rag_entry.txt"])
 
 
 def pick_question(prompts: PromptSet, key: str, seed: int) -> str:
@@ -91,10 +106,24 @@ def render(prompts: PromptSet, title: str, content: str, key: str, seed: int) ->
     }
 
 
+def rag_messages(prompts: PromptSet, question: str, entries: list[dict]) -> list[dict]:
+    """The prompt of a grounded answer: the retrieved catalogue entries ({"title", "content"}) and the question, through
+    rag.txt and rag_entry.txt, every slot filled once (a title holding "{question}" stays text)."""
+    context = "\n\n".join(_fill(prompts.rag_entry, title=e["title"], content=e["content"]) for e in entries)
+    return chat(prompts.system, _fill(prompts.rag, context=context or "(no entry found)", question=question))
+
+
+def _fill(template: str, **slots: str) -> str:
+    return re.sub(r"\{(" + "|".join(slots) + r")\}", lambda m: slots[m.group(1)], template)
+
+
 def save(prompts: PromptSet, run_dir: str | Path) -> Path:
-    """Copy the set into <run_dir>/prompts, so the run carries the exact prompts it was trained with."""
+    """Copy the set into <run_dir>/prompts, so the run carries the exact prompts it was trained with (and the RAG
+    files it will be asked with)."""
     target = Path(run_dir) / "prompts"
     target.mkdir(parents=True, exist_ok=True)
     for name in FILES:
         shutil.copyfile(prompts.folder / name, target / name)
+    (target / "rag.txt").write_text(prompts.rag + "\n", encoding="utf-8")
+    (target / "rag_entry.txt").write_text(prompts.rag_entry + "\n", encoding="utf-8")
     return target

@@ -66,6 +66,15 @@ class Run:
     def trust_remote_code(self) -> bool:
         return bool(self.config.get("trust_remote_code", False))  # only when the run itself opted in
 
+    @property
+    def data_settings(self) -> dict:
+        """The run's data arguments, over DataArguments' defaults for any it does not record: how training read,
+        cleaned and cut its products, for the evaluation and the search index to do the same."""
+        from titletune.config import DataArguments
+
+        defaults = {f.name: f.default for f in dataclasses.fields(DataArguments)}
+        return {**defaults, **{k: v for k, v in self.section("data").items() if v is not None}}
+
     def section(self, name: str) -> dict:
         """One argument group of the config (script, model, data, export, training); {} when absent."""
         return self.config.get(name) or {}

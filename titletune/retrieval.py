@@ -1,0 +1,150 @@
+"""Catalogue search: an SQLite FTS5 index over product titles and descriptions, ranked by bm25().
+
+One path for both of its uses: the retrieval baseline answers with the best match's description word for word, and
+RAG puts the top k entries into the prompt. FTS5 ships with Python's sqlite3; its index lives on disk and a query
+reads only the posting lists of its terms, so it serves the full 1.4M-product catalogue in bounded memory
+(bench/README.md). An index is built once, streamed in batches, written under a temporary name and renamed, and reused:
+- over a run's training products (the default): <run>/rag/train.sqlite;
+- over any trn-format file (--rag-index FILE): <cache>/rag/<key>.sqlite, keyed by the file and the data settings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import sqlite3
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from titletune import files
+from titletune.errors import UserError
+from titletune.text import title_key
+
+log = logging.getLogger(__name__)
+
+# bm25() weights of the title and description columns: the question names the title, so a title match counts most.
+WEIGHTS = (4.0, 1.0)
+BATCH = 10_000  # rows per INSERT batch: memory stays flat whatever the file size
+MAX_TERMS = 32  # a question longer than this is cut: FTS5 cost grows with the OR-ed terms
+FORMAT = 1  # bump when the schema or the cleaning changes, so old indexes are rebuilt
+
+
+class Index:
+    """A built index, opened read-only."""
+
+    def __init__(self, path: Path, source: str):
+        self.path, self.source = Path(path), source
+        self.db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, check_same_thread=False)
+
+    def __len__(self) -> int:
+        return self.db.execute("SELECT count(*) FROM products").fetchone()[0]
+
+    def search(self, text: str, k: int = 1) -> list[dict]:
+        """The k best entries for a question or a title: {"id", "title", "content"}, best first; [] when no word of
+        the text is in the catalogue."""
+        query = match_query(text)
+        if not query:
+            return []
+        rows = self.db.execute(
+            "SELECT pid, title, content FROM products WHERE products MATCH ? ORDER BY bm25(products, 0, ?, ?) LIMIT ?",
+            (query, *WEIGHTS, k),
+        ).fetchall()
+        return [{"id": pid, "title": title, "content": content} for pid, title, content in rows]
+
+    def close(self) -> None:
+        self.db.close()
+
+
+def open_index(run, rag_index: str | Path | None = None) -> Index:
+    """The index a run's retrieval and RAG search: over `rag_index` (any trn-format file, e.g. the full catalogue),
+    else over the run's training products."""
+    from titletune.config import cache_dir
+
+    if rag_index:
+        return for_file(rag_index, run.data_settings, cache_dir() / "rag")
+    return for_rows(run.dir / "rag", "train", run.split("train"))
+
+
+def match_query(text: str) -> str:
+    """An FTS5 query that matches any of the text's words: each word quoted, so no input is FTS5 syntax."""
+    terms = list(dict.fromkeys(title_key(text).split()))[:MAX_TERMS]
+    return " OR ".join(f'"{term}"' for term in terms)
+
+
+def build(target: Path, products: Iterable[tuple[str, str, str]]) -> int:
+    """Write an index of (id, title, content) rows to `target`, atomically; returns how many rows it holds."""
+    count = 0
+    with files.atomic_path(target) as tmp:
+        db = sqlite3.connect(tmp)
+        try:
+            db.execute("PRAGMA journal_mode=OFF")  # a crash leaves a temp file, which atomic_path removes
+            db.execute("PRAGMA synchronous=OFF")
+            db.execute(
+                "CREATE VIRTUAL TABLE products USING fts5(pid UNINDEXED, title, content, "
+                "tokenize='unicode61 remove_diacritics 2')"
+            )
+            batch = []
+            for row in products:
+                batch.append(row)
+                if len(batch) == BATCH:
+                    db.executemany("INSERT INTO products VALUES (?, ?, ?)", batch)
+                    count += len(batch)
+                    batch = []
+            db.executemany("INSERT INTO products VALUES (?, ?, ?)", batch)
+            count += len(batch)
+            db.execute("INSERT INTO products(products) VALUES ('optimize')")  # one b-tree per term: faster queries
+            db.commit()
+        finally:
+            db.close()
+    return count
+
+
+def for_rows(folder: Path, name: str, rows: list[dict]) -> Index:
+    """The index of a run's split rows ({"id", "title", "content"}), built beside them on first use."""
+    target = Path(folder) / f"{name}.sqlite"
+    stamp = target.with_suffix(".json")
+    ids = hashlib.blake2b("\n".join(str(r["id"]) for r in rows).encode(), digest_size=8).hexdigest()
+    want = {"format": FORMAT, "rows": len(rows), "ids": ids}
+    if not (target.is_file() and stamp.is_file() and json.loads(stamp.read_text()) == want):
+        build(target, ((str(r["id"]), r["title"], r["content"]) for r in rows))
+        files.write_atomic(stamp, json.dumps(want))
+    return Index(target, f"{len(rows):,} {name} products of the run")
+
+
+def for_file(path: str | Path, data: dict, cache: Path) -> Index:
+    """The index of a trn-format file, cleaned, filtered and deduplicated as training does it (data: the run's data
+    settings), cut to max_content_chars; built once into `cache`, keyed by the file and those settings."""
+    from titletune.reading import check_path
+
+    path = check_path(path).resolve()
+    stat = path.stat()
+    key = {"format": FORMAT, "file": [str(path), stat.st_size, stat.st_mtime_ns], "data": data}
+    name = hashlib.blake2b(json.dumps(key, sort_keys=True).encode(), digest_size=8).hexdigest()
+    target = Path(cache) / f"{name}.sqlite"
+    if not target.is_file():
+        log.info("rag: indexing %s (once; cached as %s)", path, target)
+        try:
+            count = build(target, _products(path, data))
+        except sqlite3.OperationalError as e:  # a full disk, most often
+            raise UserError(f"could not build the search index {target}: {e}. Free disk space there.") from None
+        log.info("rag: %s products indexed", f"{count:,}")
+    return Index(target, f"{path.name}")
+
+
+def _products(path: Path, data: dict) -> Iterator[tuple[str, str, str]]:
+    from titletune.reading import iter_products
+    from titletune.selection import clean_product
+    from titletune.text import truncate
+
+    seen: set[int] = set()
+    for row in iter_products(path, data["title_field"], data["content_field"], progress=True):
+        got = clean_product(row, int(data["min_content_chars"]))
+        if isinstance(got, str):
+            continue
+        title, key, content = got
+        digest = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little")
+        if digest in seen:
+            continue
+        seen.add(digest)
+        yield str(row["id"]), title, truncate(content, int(data["max_content_chars"]))
