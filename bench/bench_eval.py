@@ -97,7 +97,9 @@ def main() -> None:
                         f"numbers {numbers}  loops {m['loops']}/{len(examples)}"
                     )
                 for pair, d in out[pop]["differences"].items():
-                    print(f"    {pair}: {d['mean']:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}] significant={d['significant']}")
+                    print(
+                        f"    {pair}: {d['mean']:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}] significant={d['significant']}"
+                    )
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
 
