@@ -8,6 +8,7 @@ bootstrap interval over the products; `paired` bootstraps the difference of two 
 
 from __future__ import annotations
 
+import logging
 import re
 
 import numpy as np
@@ -37,6 +38,7 @@ def per_answer(answers: list[str], references: list[str], titles: list[str]) -> 
     """One value per answer for every metric but BLEU (which is a corpus statistic)."""
     from rouge_score import rouge_scorer
 
+    logging.getLogger("absl").setLevel(logging.WARNING)  # rouge_score logs "Using default tokenizer." per scorer
     scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
     out: dict[str, list[float | None]] = {name: [] for name in (*ROUGE, "numbers")}
     for answer, reference, title in zip(answers, references, titles, strict=True):
