@@ -62,14 +62,19 @@ def _indices(n: int, resamples: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, n, size=(resamples, n))
 
 
+def _percentiles(resampled) -> tuple[float, float]:
+    """The 95% percentile interval of bootstrap statistics, unrounded."""
+    low, high = np.quantile(resampled, [(1 - LEVEL) / 2, (1 + LEVEL) / 2])
+    return float(low), float(high)
+
+
 def interval(values: list[float | None], resamples: int = RESAMPLES, seed: int = SEED) -> dict:
     """Mean and 95% percentile bootstrap interval of the values that are not None; n is how many there were."""
     kept = np.array([v for v in values if v is not None], dtype=float)
     if kept.size == 0:
         return {"mean": None, "ci": [None, None], "n": 0}
     means = kept[_indices(kept.size, resamples, seed)].mean(axis=1)
-    low, high = np.quantile(means, [(1 - LEVEL) / 2, (1 + LEVEL) / 2])
-    return {"mean": _r(kept.mean()), "ci": [_r(low), _r(high)], "n": int(kept.size)}
+    return {"mean": _r(kept.mean()), "ci": [_r(x) for x in _percentiles(means)], "n": int(kept.size)}
 
 
 def bleu_interval(answers: list[str], references: list[str], resamples: int = RESAMPLES, seed: int = SEED) -> dict:
@@ -80,8 +85,7 @@ def bleu_interval(answers: list[str], references: list[str], resamples: int = RE
         bleu([answers[i] for i in rows], [references[i] for i in rows])
         for rows in _indices(len(answers), resamples, seed)
     ]
-    low, high = np.quantile(scores, [(1 - LEVEL) / 2, (1 + LEVEL) / 2])
-    return {"mean": _r(bleu(answers, references)), "ci": [_r(low), _r(high)], "n": len(answers)}
+    return {"mean": _r(bleu(answers, references)), "ci": [_r(x) for x in _percentiles(scores)], "n": len(answers)}
 
 
 def paired(a: list[float | None], b: list[float | None], resamples: int = RESAMPLES, seed: int = SEED) -> dict:
@@ -90,11 +94,10 @@ def paired(a: list[float | None], b: list[float | None], resamples: int = RESAMP
     diffs = np.array([x - y for x, y in zip(a, b, strict=True) if x is not None and y is not None], dtype=float)
     if diffs.size == 0:
         return {"mean": None, "ci": [None, None], "n": 0, "significant": False}
-    means = diffs[_indices(diffs.size, resamples, seed)].mean(axis=1)
-    low, high = np.quantile(means, [(1 - LEVEL) / 2, (1 + LEVEL) / 2])
+    low, high = _percentiles(diffs[_indices(diffs.size, resamples, seed)].mean(axis=1))
     return {
         "mean": _r(diffs.mean()),
-        "ci": [_r(low), _r(high)],
+        "ci": [low, high],
         "n": int(diffs.size),
         "significant": bool(low > 0 or high < 0),
     }

@@ -134,7 +134,7 @@ def for_file(path: str | Path, data: dict, cache: Path) -> Index:
 
 def _products(path: Path, data: dict) -> Iterator[tuple[str, str, str]]:
     from titletune.reading import iter_products
-    from titletune.selection import clean_product
+    from titletune.selection import clean_product, hashes
     from titletune.text import truncate
 
     seen: set[int] = set()
@@ -143,8 +143,8 @@ def _products(path: Path, data: dict) -> Iterator[tuple[str, str, str]]:
         if isinstance(got, str):
             continue
         title, key, content = got
-        digest = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little")
-        if digest in seen:
+        rank = hashes(key, 0)[0]  # dedupe as training does: one 64-bit hash per distinct title_key
+        if rank in seen:
             continue
-        seen.add(digest)
+        seen.add(rank)
         yield str(row["id"]), title, truncate(content, int(data["max_content_chars"]))
