@@ -62,7 +62,7 @@ def main() -> None:
     parser.add_argument("--lines", type=int, default=2_248_619, help="rows of the synthetic file, if it is written")
     parser.add_argument("--data", default="/tmp/trn_synth.json", help="the synthetic trn.json (written if missing)")
     parser.add_argument("--queries", type=int, default=1000, help="questions timed")
-    parser.add_argument("--k", type=int, default=3, help="entries per query, as RAG asks")
+    parser.add_argument("--k", type=int, default=1, help="entries per query (RAG_K, the default --rag-k)")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:

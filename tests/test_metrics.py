@@ -83,6 +83,26 @@ def test_index_finds_the_product_a_question_names(tmp_path):
     index.close()
 
 
+def test_words_in_most_products_are_left_out_of_a_query(tmp_path):
+    """At catalogue size a word in most products ("book") would walk a posting list as long as the catalogue."""
+    rows = [
+        {"id": str(i), "title": f"The Book of Item {i} Edition", "content": f"A book about topic {i} for readers."}
+        for i in range(1500)
+    ]
+    rows.append({"id": "z", "title": "The Book of Zanzibar Lighthouses", "content": "A book about lighthouses."})
+    index = retrieval.for_rows(tmp_path, "train", rows)
+    assert {"the", "book", "of", "edition"} <= set(index.frequent) and "zanzibar" not in index.frequent
+    query = retrieval.match_query("What is 'The Book of Zanzibar Lighthouses'?", index._leave_out)
+    assert query == '"what" OR "is" OR "zanzibar" OR "lighthouses"'
+    assert index.search("What is 'The Book of Zanzibar Lighthouses'?", 1)[0]["id"] == "z"
+    # A question of frequent words only keeps its rarest one, so it still finds something.
+    assert retrieval.match_query("the book edition", index._leave_out) == '"edition"'
+    assert index.search("the book edition", 1)
+    # A few hundred products lose no word: the floor keeps small indexes whole.
+    small = retrieval.for_rows(tmp_path / "small", "train", rows[:300])
+    assert small.frequent == {}
+
+
 def test_run_index_is_built_once_and_rebuilt_when_the_rows_change(tmp_path):
     first = retrieval.for_rows(tmp_path, "train", ROWS)
     built = os.stat(first.path).st_mtime_ns

@@ -27,7 +27,12 @@ log = logging.getLogger(__name__)
 WEIGHTS = (4.0, 1.0)
 BATCH = 10_000  # rows per INSERT batch: memory stays flat whatever the file size
 MAX_TERMS = 32  # a question longer than this is cut: FTS5 cost grows with the OR-ed terms
-FORMAT = 1  # bump when the schema or the cleaning changes, so old indexes are rebuilt
+# A query leaves out words found in more than this share of the products ("the", "is", "book" in a catalogue of
+# books): each costs a walk of a posting list as long as the catalogue's share of it, and bm25 gives it almost no
+# weight. Measured at full catalogue size in bench/README.md. The floor keeps small indexes (a run's own products,
+# fast at any query) from losing words that merely repeat among a few hundred titles.
+FREQUENT_SHARE, FREQUENT_FLOOR = 0.1, 1000
+FORMAT = 2  # bump when the schema or the cleaning changes, so old indexes are rebuilt
 
 
 class Index:
@@ -36,6 +41,15 @@ class Index:
     def __init__(self, path: Path, source: str):
         self.path, self.source = Path(path), source
         self.db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, check_same_thread=False)
+        limit = FREQUENT_SHARE * len(self)
+        self.frequent = {t: n for t, n in self.db.execute("SELECT term, doc FROM frequent") if n > limit}
+
+    def _leave_out(self, terms: list[str]) -> set[str]:
+        """The terms to leave out of a query: the frequent ones, keeping the rarest of them when none is rare."""
+        common = [t for t in terms if t in self.frequent]
+        if len(common) == len(terms) and common:
+            common.remove(min(common, key=self.frequent.__getitem__))
+        return set(common)
 
     def __len__(self) -> int:
         return self.db.execute("SELECT count(*) FROM products").fetchone()[0]
@@ -43,7 +57,7 @@ class Index:
     def search(self, text: str, k: int = 1) -> list[dict]:
         """The k best entries for a question or a title: {"id", "title", "content"}, best first; [] when no word of
         the text is in the catalogue."""
-        query = match_query(text)
+        query = match_query(text, self._leave_out)
         if not query:
             return []
         rows = self.db.execute(
@@ -66,10 +80,13 @@ def open_index(run, rag_index: str | Path | None = None) -> Index:
     return for_rows(run.dir / "rag", "train", run.split("train"))
 
 
-def match_query(text: str) -> str:
-    """An FTS5 query that matches any of the text's words: each word quoted, so no input is FTS5 syntax."""
-    terms = list(dict.fromkeys(title_key(text).split()))[:MAX_TERMS]
-    return " OR ".join(f'"{term}"' for term in terms)
+def match_query(text: str, leave_out=None) -> str:
+    """An FTS5 query that matches any of the text's words, each quoted so that no input is FTS5 syntax; without the
+    words that leave_out(words) names."""
+    terms = list(dict.fromkeys(title_key(text).split()))
+    dropped = leave_out(terms) if leave_out else set()
+    kept = [term for term in terms if term not in dropped][:MAX_TERMS]
+    return " OR ".join(f'"{term}"' for term in kept)
 
 
 def build(target: Path, products: Iterable[tuple[str, str, str]]) -> int:
@@ -94,6 +111,11 @@ def build(target: Path, products: Iterable[tuple[str, str, str]]) -> int:
             db.executemany("INSERT INTO products VALUES (?, ?, ?)", batch)
             count += len(batch)
             db.execute("INSERT INTO products(products) VALUES ('optimize')")  # one b-tree per term: faster queries
+            db.execute("CREATE VIRTUAL TABLE temp.vocab USING fts5vocab(main, products, 'row')")
+            db.execute("CREATE TABLE frequent(term TEXT PRIMARY KEY, doc INTEGER) WITHOUT ROWID")
+            db.execute(
+                "INSERT INTO frequent SELECT term, doc FROM temp.vocab WHERE doc > ?", (FREQUENT_FLOOR,)
+            )
             db.commit()
         finally:
             db.close()
