@@ -59,9 +59,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "question", nargs="?", help="The question to ask, e.g. \"What is 'Girls Ballet Tutu Neon Pink'?\"."
     )
     argv = sys.argv[1:] if argv is None else argv
-    args = parser.parse_args(argv)  # argparse's own message and exit 2 for an unknown flag
+    args = parser.parse_args(_switches(parser, argv))  # argparse's own message and exit 2 for an unknown flag
     args.sampling = Sampling(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Sampling)})
     return args
+
+
+def _switches(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """HfArgumentParser lets a boolean flag take a value (--rag false), so `--rag "What is X?"` would read the
+    question as that value and fail. A boolean flag not followed by a true/false word is a switch: it means true."""
+    words = {"yes", "no", "true", "false", "t", "f", "y", "n", "1", "0"}
+    flags = {o for a in parser._actions if a.nargs == "?" and a.const is True for o in a.option_strings}
+    out = []
+    for i, token in enumerate(argv):
+        out.append(token)
+        if token in flags and (i + 1 == len(argv) or argv[i + 1].lower() not in words):
+            out.append("true")
+    return out
 
 
 @cli

@@ -469,3 +469,17 @@ def test_server_makes_chat_markers_in_messages_plain_text():
     chunks[:] = [{"type": "http.request", "body": body, "more_body": False}]
     asyncio.run(generate.PlainTextChat(downstream)({**scope, "path": "/v1/completions"}, receive, None))
     assert seen["body"] == body
+
+
+def test_a_boolean_flag_before_the_question_is_a_switch():
+    """`infer.py --rag "What is X?"` (the README's form): the question is not read as --rag's true/false value."""
+    import infer
+
+    question = "What is 'Girls Ballet Tutu Neon Pink'?"
+    args = infer.parse_args(["--rag", question])
+    assert args.rag is True and args.question == question
+    args = infer.parse_args(["--json", "--rag", "--rag-k", "2", question])
+    assert (args.json, args.rag, args.rag_k, args.question) == (True, True, 2, question)
+    args = infer.parse_args(["--rag", "false", question])  # an explicit value still works
+    assert args.rag is False and args.question == question
+    assert infer.parse_args([question, "--rag"]).rag is True
