@@ -69,7 +69,9 @@ def score(run_dir: str, samples: int, base_cache: dict) -> dict:
     engine = generate.load_engine(run, "transformers")
     out = {}
     for pop, products in pops.items():
-        rows = [prompts.render(run.prompts, p["title"], p["content"], key=str(p["id"]), seed=run.seed) for p in products]
+        rows = [
+            prompts.render(run.prompts, p["title"], p["content"], key=str(p["id"]), seed=run.seed) for p in products
+        ]
         questions = [r["prompt"] for r in rows]
         refs = [r["completion"][0]["content"] for r in rows]
         titles = [p["title"] for p in products]
@@ -85,7 +87,7 @@ def score(run_dir: str, samples: int, base_cache: dict) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", required=True, help="trn-format file of real records")
+    parser.add_argument("--data", help="trn-format file of real records (required unless --list)")
     parser.add_argument("--variants", default="default", help=f"comma list of: {', '.join(VARIANTS)}")
     parser.add_argument("--samples", type=int, default=50, help="seen products scored (held-out: the test split)")
     parser.add_argument("--results", default=str(ROOT / "bench" / "learn_results.jsonl"), help="rows appended here")
@@ -96,6 +98,8 @@ def main() -> None:
         for name, flags in VARIANTS.items():
             print(f"{name:12} {' '.join(flags) or '(the CPU default)'}")
         return
+    if not args.data:
+        parser.error("--data is required: a trn-format file of real records")
     from bench_rag import cpu_name
 
     unknown = [v for v in args.variants.split(",") if v not in VARIANTS]

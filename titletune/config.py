@@ -5,9 +5,9 @@ One story, lowest first: the dataclass fields < DEFAULTS < one --config YAML < c
 - TRL's `ModelConfig` (model and LoRA) and `SFTConfig` (training) are used as they are, under their own names;
   DEFAULTS below is where we change their defaults.
 Together they are the CPU run, `python train.py` on a machine without a GPU: the embedded SmolLM2-135M-Instruct on
-the embedded sample; on 2 AVX2 cores about 11 minutes of training (~4 s a step), then merge, GGUF and about 7 minutes
-of evaluation. A GPU preset in configs/ changes only what a GPU and a bigger model need, and with CUDA
-`python train.py` lays GPU_CONFIG over these.
+the embedded sample; on 2 AVX2 cores 18 minutes in all: 12 minutes of training (~4.4 s a step), then merge, GGUF
+and about 5 minutes of evaluation (README.md). A GPU preset in configs/ changes only what a GPU and a bigger model
+need, and with CUDA `python train.py` lays GPU_CONFIG over these.
 This module imports nothing heavy, so the backend can be chosen (and unsloth imported) before trl or transformers.
 """
 
@@ -93,7 +93,7 @@ class ScriptArguments:
         default=10,
         metadata={
             "help": "Products per population (seen, held-out) for the evaluation after training; 0 skips it. "
-            "10 keeps the CPU run's evaluation (five systems, 20 products) to about 7 minutes on 2 AVX2 cores; the GPU "
+            "10 keeps the CPU run's evaluation (five systems, 17 products) to about 5 minutes on 2 AVX2 cores; the GPU "
             "presets score 50."
         },
     )
