@@ -32,7 +32,7 @@ MAX_TERMS = 32  # a question longer than this is cut: FTS5 cost grows with the O
 # weight. Measured at full catalogue size in bench/README.md. The floor keeps small indexes (a run's own products,
 # fast at any query) from losing words that merely repeat among a few hundred titles.
 FREQUENT_SHARE, FREQUENT_FLOOR = 0.1, 1000
-FORMAT = 2  # bump when the schema or the cleaning changes, so old indexes are rebuilt
+FORMAT = 3  # bump when the schema, the cleaning or FREQUENT_* change, so old indexes are rebuilt
 
 
 class Index:
@@ -41,15 +41,7 @@ class Index:
     def __init__(self, path: Path, source: str):
         self.path, self.source = Path(path), source
         self.db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, check_same_thread=False)
-        limit = FREQUENT_SHARE * len(self)
-        self.frequent = {t: n for t, n in self.db.execute("SELECT term, doc FROM frequent") if n > limit}
-
-    def _leave_out(self, terms: list[str]) -> set[str]:
-        """The terms to leave out of a query: the frequent ones, keeping the rarest of them when none is rare."""
-        common = [t for t in terms if t in self.frequent]
-        if len(common) == len(terms) and common:
-            common.remove(min(common, key=self.frequent.__getitem__))
-        return set(common)
+        self.frequent = dict(self.db.execute("SELECT term, doc FROM frequent"))  # a few dozen words at full size
 
     def __len__(self) -> int:
         return self.db.execute("SELECT count(*) FROM products").fetchone()[0]
@@ -57,7 +49,7 @@ class Index:
     def search(self, text: str, k: int = 1) -> list[dict]:
         """The k best entries for a question or a title: {"id", "title", "content"}, best first; [] when no word of
         the text is in the catalogue."""
-        query = match_query(text, self._leave_out)
+        query = match_query(text, self.frequent)
         if not query:
             return []
         rows = self.db.execute(
@@ -80,12 +72,14 @@ def open_index(run, rag_index: str | Path | None = None) -> Index:
     return for_rows(run.dir / "rag", "train", run.split("train"))
 
 
-def match_query(text: str, leave_out=None) -> str:
+def match_query(text: str, frequent: dict[str, int] | None = None) -> str:
     """An FTS5 query that matches any of the text's words, each quoted so that no input is FTS5 syntax; without the
-    words that leave_out(words) names."""
+    `frequent` ones ({word: products}), keeping the rarest of them when every word is frequent."""
     terms = list(dict.fromkeys(title_key(text).split()))
-    dropped = leave_out(terms) if leave_out else set()
-    kept = [term for term in terms if term not in dropped][:MAX_TERMS]
+    common = [t for t in terms if t in (frequent or {})]
+    if common and len(common) == len(terms):
+        common.remove(min(common, key=frequent.__getitem__))
+    kept = [term for term in terms if term not in common][:MAX_TERMS]
     return " OR ".join(f'"{term}"' for term in kept)
 
 
@@ -113,9 +107,8 @@ def build(target: Path, products: Iterable[tuple[str, str, str]]) -> int:
             db.execute("INSERT INTO products(products) VALUES ('optimize')")  # one b-tree per term: faster queries
             db.execute("CREATE VIRTUAL TABLE temp.vocab USING fts5vocab(main, products, 'row')")
             db.execute("CREATE TABLE frequent(term TEXT PRIMARY KEY, doc INTEGER) WITHOUT ROWID")
-            db.execute(
-                "INSERT INTO frequent SELECT term, doc FROM temp.vocab WHERE doc > ?", (FREQUENT_FLOOR,)
-            )
+            limit = max(FREQUENT_FLOOR, int(FREQUENT_SHARE * count))
+            db.execute("INSERT INTO frequent SELECT term, doc FROM temp.vocab WHERE doc > ?", (limit,))
             db.commit()
         finally:
             db.close()
