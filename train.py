@@ -63,15 +63,6 @@ def parse(argv: list[str]):
     script_args, training_args = parsed[0], parsed[-1]
     script_args.backend = backend
     given = config.given(argv)
-    if "num_train_epochs" in given and "max_steps" not in given and training_args.max_steps > 0:
-        # max_steps, when set (DEFAULTS sets it), beats epochs in the Trainer: the epochs given here must win.
-        log.info(
-            "num_train_epochs %s given: training by epochs, not max_steps %d",
-            training_args.num_train_epochs,
-            training_args.max_steps,
-        )
-        training_args.max_steps = -1
-        given.add("max_steps")
     if original:  # recorded in run_config.yaml by main(): what this resume changed, [old, new]
         script_args.resume_changes = runs.resume_changes(original, parsed, given)
     return parsed
@@ -121,7 +112,9 @@ def main(script_args, model_args, data_args, export_args, training_args):
 
     # 2. Model, LoRA, SFTTrainer. A failure before the first checkpoint removes the new run folder.
     with runs.removed_on_failure(run_dir, enabled=new_run):
-        fitted = training.fit(backend, base_model, model_args, training_args, run_dir, script_args.resume)
+        fitted = training.fit(
+            backend, base_model, model_args, training_args, run_dir, script_args.resume, prompt_set, data_args.passes
+        )
     training.save_adapter(fitted, run_dir)
     if fitted.outcome.interrupted:
         log.warning(

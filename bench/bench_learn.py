@@ -4,9 +4,12 @@
     python bench/bench_learn.py --data <file> --list          # the variants and their train.py flags
 
 Each variant is a real `train.py` run (the CPU default plus the variant's flags) on every product of --data, in a
-fresh folder, with no export and no evaluation after training. Then, in this process, the run is scored on up to
---samples products it was trained on (seen) and on its own test split (held-out): ROUGE-L F1 of the tuned answers
-with a 95% bootstrap interval (titletune.metrics), greedy, as the report decodes. The base model's answers to the same
+fresh folder, with no export and no evaluation after training. `fixed` trains on a one-line copy of the prompt set
+(every product asked the same way). `fullft*` is full fine-tuning, the upper bound: train.py prepares the data, then
+this script trains every weight with the same SFTTrainer code (training.build_trainer) and saves merged/. Then, in
+this process, the run is scored on up to --samples products it was trained on (seen), on the same products asked in a
+phrasing training never used (seen_new_phrasing, heldout.txt), and on its own test split (held-out): ROUGE-L F1 of
+the tuned answers with a 95% bootstrap interval (titletune.metrics), greedy, as the report decodes. The base model's answers to the same
 questions are scored once per question set and reused. Every row is kept, failures included, in --results (JSONL,
 appended): the variant, its flags, the train loss first -> last, the training seconds (TRL's train_runtime), the
 scores, the CPU and the load average before and after.
@@ -17,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -28,15 +32,38 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 # name -> train.py flags laid over the CPU default. One factor at a time; combinations are named for their parts.
+# The earlier default: 160 steps at lr 5e-4, one phrasing per product.
+OLD = ["--max_steps", "160", "--passes", "1", "--learning_rate", "5e-4"]
 VARIANTS = {
     "default": [],
-    "steps320": ["--max_steps", "320"],
-    "steps480": ["--max_steps", "480"],
+    "old_default": OLD,
+    "p1_steps480": ["--max_steps", "480", "--passes", "1"],
+    "p4": ["--passes", "4"],
+    "p6": ["--passes", "6"],
+    "p8": ["--passes", "8"],
+    "p10": ["--passes", "10"],
+    "lr5e-4": ["--learning_rate", "5e-4"],
     "lr1e-3": ["--learning_rate", "1e-3"],
-    "lr2e-4": ["--learning_rate", "2e-4"],
+    "lr2e-3": ["--learning_rate", "2e-3"],
+    "lr3e-3": ["--learning_rate", "3e-3"],
+    "fixed": ["--prompts", "{fixed}"],  # one phrasing for every product and pass
     "r64": ["--lora_r", "64", "--lora_alpha", "64"],
+    "r64_a128": ["--lora_r", "64", "--lora_alpha", "128"],
+    "attn_only": ["--lora_target_modules", "q_proj", "k_proj", "v_proj", "o_proj"],
+    "embed": ["--lora_modules_to_save", "embed_tokens"],  # SmolLM2 ties lm_head to it: both train
     "cap200": ["--max_content_chars", "200"],
+    "p4_lr3e-3": ["--passes", "4", "--learning_rate", "3e-3"],
+    "p4_lr1e-3": ["--passes", "4", "--learning_rate", "1e-3"],
+    "p8_lr3e-3": ["--passes", "8", "--learning_rate", "3e-3"],
+    "p4_lr3e-3_fixed": ["--passes", "4", "--learning_rate", "3e-3", "--prompts", "{fixed}"],
+    "p4_lr3e-3_grouped": ["--passes", "4", "--learning_rate", "3e-3", "--train_sampling_strategy", "group_by_length"],
+    "batch8": ["--per_device_train_batch_size", "8"],
+    "batch2": ["--per_device_train_batch_size", "2"],
+    "unsloth": ["--backend", "unsloth"],
+    "fullft_lr1e-4": ["--learning_rate", "1e-4"],
+    "fullft_lr3e-5": ["--learning_rate", "3e-5"],
 }
+FULL_FT = "fullft"  # variants named fullft* train every weight (see full_ft)
 
 
 def train(name: str, flags: list[str], data: str, folder: Path) -> dict:
@@ -44,7 +71,14 @@ def train(name: str, flags: list[str], data: str, folder: Path) -> dict:
     cmd = [sys.executable, str(ROOT / "train.py"), "--data", data, "--max_samples", "all", "--output_dir", str(out)]
     cmd += ["--eval_samples", "0", "--merge", "false", "--gguf", "none", "--overwrite", *flags]
     started = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if name.startswith(FULL_FT):
+        proc = subprocess.run([*cmd, "--prepare_only"], capture_output=True, text=True)
+        if not proc.returncode:
+            argv = [a for a in cmd[2:] if a != "--overwrite"] + ["--save_steps", "1000000"]
+            full = [sys.executable, __file__, "--full-ft", json.dumps(argv)]
+            proc = subprocess.run(full, capture_output=True, text=True)
+    else:
+        proc = subprocess.run(cmd, capture_output=True, text=True)
     row = {"wall_s": round(time.perf_counter() - started, 1), "rc": proc.returncode, "run": str(out)}
     if proc.returncode:
         row["error"] = proc.stderr[-2000:]
@@ -60,18 +94,46 @@ def train(name: str, flags: list[str], data: str, folder: Path) -> dict:
     return row
 
 
+def full_ft(argv: list[str]) -> None:
+    """Full fine-tuning of the run train.py prepared (argv: its flags): every weight trains, with the same data,
+    passes, SFTTrainer and settings as a LoRA run; the model is saved as the run's merged/."""
+    import train as entry
+
+    from titletune import prompts, training
+    from titletune.backends import hf
+
+    script_args, model_args, data_args, _, training_args = entry.parse(argv)
+    run_dir = Path(training_args.output_dir)
+    from titletune import models
+
+    # fp32 weights under bf16 autocast (training_args.bf16): mixed precision, as full fine-tuning is usually run
+    model, tokenizer = hf.load(models.resolve(model_args.model_name_or_path), model_args, bf16=False)
+    train_ds, _ = training.load_datasets(run_dir, prompts.load(run_dir / "prompts"), data_args.passes, training_args.seed)
+    trainer = training.build_trainer(model, tokenizer, train_ds, None, training_args, run_dir)
+    outcome = training.train(trainer, run_dir, False)
+    model.save_pretrained(run_dir / "merged", safe_serialization=True)
+    tokenizer.save_pretrained(run_dir / "merged")
+    print(json.dumps({"steps": outcome.steps}))
+
+
 def score(run_dir: str, samples: int, base_cache: dict) -> dict:
     from titletune import evaluate, generate, metrics, prompts, runs
 
     run = runs.load(run_dir)
     settings = evaluate.EvalSettings(samples=samples).for_run(run)
     pops = evaluate.sample_populations(run, run.split("train"), samples, settings.seed, None)
-    engine = generate.load_engine(run, "transformers")
+    pops["seen_new_phrasing"] = pops["seen"]
+    merged = not (run.adapter / "adapter_config.json").is_file()  # full fine-tuning saved merged/ only
+    engine = generate.load_engine(run, "transformers", use_merged=merged)
     out = {}
     for pop, products in pops.items():
         rows = [
             prompts.render(run.prompts, p["title"], p["content"], key=str(p["id"]), seed=run.seed) for p in products
         ]
+        if pop == "seen_new_phrasing":
+            held = prompts.load(prompts.DEFAULT_SET)  # the run's own set may be the one-line `fixed` one
+            for r, p in zip(rows, products, strict=True):
+                r["prompt"] = prompts.messages(run.prompts, prompts.held_out_question(held, p["title"], str(p["id"]), run.seed))
         questions = [r["prompt"] for r in rows]
         refs = [r["completion"][0]["content"] for r in rows]
         titles = [p["title"] for p in products]
@@ -91,9 +153,13 @@ def main() -> None:
     parser.add_argument("--variants", default="default", help=f"comma list of: {', '.join(VARIANTS)}")
     parser.add_argument("--samples", type=int, default=50, help="seen products scored (held-out: the test split)")
     parser.add_argument("--results", default=str(ROOT / "bench" / "learn_results.jsonl"), help="rows appended here")
+    parser.add_argument("--flags", help="train.py flags added to every variant, e.g. \"--learning_rate 1e-3\"")
     parser.add_argument("--keep", help="keep the runs in this folder (default: a temporary one)")
     parser.add_argument("--list", action="store_true", help="print the variants and exit")
+    parser.add_argument("--full-ft", help=argparse.SUPPRESS)  # internal: full_ft() in a fresh process
     args = parser.parse_args()
+    if args.full_ft:
+        return full_ft(json.loads(args.full_ft))
     if args.list:
         for name, flags in VARIANTS.items():
             print(f"{name:12} {' '.join(flags) or '(the CPU default)'}")
@@ -102,15 +168,21 @@ def main() -> None:
         parser.error("--data is required: a trn-format file of real records")
     from bench_rag import cpu_name
 
+    extra = args.flags.split() if args.flags else []
     unknown = [v for v in args.variants.split(",") if v not in VARIANTS]
     if unknown:
         parser.error(f"unknown variants {unknown}; --list shows them")
     base_cache: dict = {}
     with tempfile.TemporaryDirectory(prefix="bench_learn_") as tmp:
         folder = Path(args.keep or tmp)
+        fixed = Path(tmp) / "fixed_prompts"
+        shutil.copytree(ROOT / "prompts" / "qa", fixed)
+        first = (fixed / "user.txt").read_text(encoding="utf-8").splitlines()[0]
+        (fixed / "user.txt").write_text(first + "\n", encoding="utf-8")
         for name in args.variants.split(","):
-            row = {"variant": name, "flags": VARIANTS[name], "cpu": cpu_name(), "load_before": os.getloadavg()[0]}
-            row.update(train(name, VARIANTS[name], args.data, folder))
+            flags = [f.replace("{fixed}", str(fixed)) for f in VARIANTS[name]] + extra
+            row = {"variant": name, "flags": flags, "cpu": cpu_name(), "load_before": os.getloadavg()[0]}
+            row.update(train(name, flags, args.data, folder))
             if not row["rc"]:
                 row.update(score(row["run"], args.samples, base_cache))
             row["load_after"] = os.getloadavg()[0]

@@ -286,7 +286,7 @@ def test_stats_add_up(tmp_path, qa):
     limit = stats["args"]["max_content_chars"]
     raw = {row["id"]: row["content"] for row in iter_products(SAMPLE)}
     long = [row for rows in kept_rows(out).values() for row in rows if len(clean_text(raw[row["id"]])) > limit]
-    assert stats["truncated"] == len(long) == 1 and len(long[0]["content"]) <= limit
+    assert stats["truncated"] == len(long) > 1 and all(len(row["content"]) <= limit for row in long)
     assert json.loads((out / "data" / "stats.json").read_text()) == stats
     for split in SPLITS:
         assert len(load_split(out, split)) == stats["kept"][split]
@@ -436,3 +436,52 @@ def test_data_workers_auto_and_bad_values(tmp_path, qa):
         run(tmp_path, qa, data=str(path), data_workers="0")
     with pytest.raises(UserError, match="--data_workers must be 'auto' or a number"):
         run(tmp_path, qa, data=str(path), data_workers="many")
+
+
+# --- phrasings: passes and held-out questions -------------------------------------------------------------------
+
+
+def test_passes_ask_each_product_in_as_many_phrasings(tmp_path, qa):
+    """The train split is read `passes` times; pass i asks every product the next line of user.txt, and the split file
+    still holds one row per product."""
+    from titletune import training
+
+    _, out = run(tmp_path, qa, max_samples="30")
+    split = load_split(out, "train")
+    passes = 4
+    train_ds, _ = training.load_datasets(out, qa, passes=passes, seed=42)
+    assert len(load_split(out, "train")) == len(split)  # the file is untouched
+    assert len(train_ds) == passes * len(split)
+    assert train_ds.column_names == ["prompt", "completion"]
+    n = len(split)
+    for k, product in enumerate(split):
+        asked = [train_ds[turn * n + k]["prompt"][-1]["content"] for turn in range(passes)]
+        assert asked[0] == product["prompt"][-1]["content"]  # pass 0 is the split file's own row
+        assert len(set(asked)) == passes  # 4 passes, 10 phrasings: 4 different questions
+        assert all(product["title"] in q for q in asked)
+        assert {train_ds[turn * n + k]["completion"][0]["content"] for turn in range(passes)} == {
+            product["completion"][0]["content"]
+        }
+    assert len(training.load_datasets(out, qa, passes=1, seed=42)[0]) == n
+    with pytest.raises(UserError, match="--passes must be >= 1, got 0"):
+        training.load_datasets(out, qa, passes=0, seed=42)
+
+
+def test_held_out_phrasings_are_never_trained(tmp_path, qa):
+    """heldout.txt loads with the set; a line that user.txt also has is dropped; a set without the file uses qa's;
+    the run's copy keeps them."""
+    assert len(qa.held_out) >= 3 and not set(qa.held_out) & set(qa.questions)
+    q = prompts.held_out_question(qa, "Girls Ballet Tutu Neon Pink", "U1", 42)
+    assert "Girls Ballet Tutu Neon Pink" in q and q not in {t.replace("{title}", "Girls Ballet Tutu Neon Pink") for t in qa.questions}
+    own = tmp_path / "own"
+    own.mkdir()
+    for name in prompts.FILES:
+        (own / name).write_text((QA / name).read_text(encoding="utf-8"), encoding="utf-8")
+    assert prompts.load(own).held_out == qa.held_out  # no heldout.txt: the default set's
+    (own / "heldout.txt").write_text(f"{qa.questions[0]}\nIs {{title}} any good?\n", encoding="utf-8")
+    assert prompts.load(own).held_out == ("Is {title} any good?",)
+    (own / "heldout.txt").write_text("no slot here\n", encoding="utf-8")
+    with pytest.raises(UserError, match="heldout.txt: every line must contain {title}"):
+        prompts.load(own)
+    saved = prompts.save(qa, tmp_path / "run")
+    assert prompts.load(saved).held_out == qa.held_out

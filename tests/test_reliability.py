@@ -249,11 +249,11 @@ def test_bad_training_flags_fail_before_any_work(tmp_path, flags, pattern):
     assert not run_dir.exists()
 
 
-def test_num_train_epochs_beats_the_default_max_steps(tmp_path):
+def test_num_train_epochs_and_passes_reach_the_run_config(tmp_path):
     """Through the CLI, into run_config.yaml (tests/test_config.py covers the config-file and both-given cases)."""
     run_dir = tmp_path / "run"
-    result = run_cli("train.py", "--output-dir", str(run_dir), "--num-train-epochs", "3", "--prepare-only")
-    assert "num_train_epochs 3.0 given: training by epochs, not max_steps 160" in result.stderr
+    run_cli("train.py", "--output-dir", str(run_dir), "--num-train-epochs", "3", "--passes", "2", "--prepare-only")
+    assert yaml.safe_load((run_dir / "run_config.yaml").read_text())["data"]["passes"] == 2
     training = yaml.safe_load((run_dir / "run_config.yaml").read_text())["training"]
     assert training["max_steps"] == -1 and training["num_train_epochs"] == 3
 

@@ -5,8 +5,7 @@ One story, lowest first: the dataclass fields < DEFAULTS < one --config YAML < c
 - TRL's `ModelConfig` (model and LoRA) and `SFTConfig` (training) are used as they are, under their own names;
   DEFAULTS below is where we change their defaults.
 Together they are the CPU run, `python train.py` on a machine without a GPU: the embedded SmolLM2-135M-Instruct on
-the embedded sample; on 2 AVX2 cores 18 minutes in all: 12 minutes of training (~4.4 s a step), then merge, GGUF
-and about 5 minutes of evaluation (README.md). A GPU preset in configs/ changes only what a GPU and a bigger model
+the embedded sample, each product seen --passes times in as many phrasings (README.md gives the measured time). A GPU preset in configs/ changes only what a GPU and a bigger model
 need, and with CUDA `python train.py` lays GPU_CONFIG over these.
 This module imports nothing heavy, so the backend can be chosen (and unsloth imported) before trl or transformers.
 """
@@ -24,6 +23,8 @@ GPU_CONFIG = ROOT / "configs" / "llama3_2_3b_qlora.yaml"  # laid over DEFAULTS w
 # Catalogue entries in a RAG prompt (--rag_k). Measured on real records (bench/README.md): 1 beat 3 in three of four
 # grounded cells for the 135M model; the intervals overlap at n = 10.
 RAG_K = 1
+# Views of each train product per epoch, each in another phrasing (--passes). STUDY: set from bench/README.md.
+PASSES = 8
 
 # TRL's defaults we change, each with its reason (measured numbers: bench/README.md).
 DEFAULTS = {
@@ -39,15 +40,14 @@ DEFAULTS = {
     "lora_target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
     # LoRA trains ~10x fewer weights than full fine-tuning and wants ~10x TRL's 2e-5; a 135M model with r=16 learns a
     # small catalogue fastest at 5e-4 (the GPU presets use 2e-4 for 3-8B models).
-    "learning_rate": 5e-4,
+    "learning_rate": 1e-3,
     "lr_scheduler_type": "linear",
     "warmup_steps": 5,
     "per_device_train_batch_size": 4,
     "gradient_accumulation_steps": 1,
-    # ~4 epochs over the 157 sample products at batch 4: enough to learn them. A --num_train_epochs given by a flag
-    # or a --config file (and no max_steps with it) trains by epochs instead; GPU presets say max_steps: -1.
-    "max_steps": 160,
-    "num_train_epochs": 1,  # used when max_steps is -1; TRL's 3 would triple a 100,000-product run
+    # By epochs: one epoch of --passes views of every product (config.PASSES). --max_steps N caps it instead.
+    "max_steps": -1,
+    "num_train_epochs": 1,  # TRL's 3 would triple a 100,000-product run; --passes sets the views of a product
     "max_length": 256,  # question + answer; answers are cut at --max_content_chars (400) before tokenising
     "logging_steps": 5,
     "save_steps": 40,
@@ -136,6 +136,13 @@ class DataArguments:
         metadata={
             "help": "Processes that read the data file: auto (one per CPU, up to 8, for a plain JSON-lines file of "
             "64 MB or more; else 1) or a number. The output is the same for any number."
+        },
+    )
+    passes: int = field(
+        default=PASSES,
+        metadata={
+            "help": "Times each train product is shown per epoch, each time in the next phrasing of user.txt "
+            "(passes x --num_train_epochs = views of a product). The split files keep one row per product."
         },
     )
     prompts: str = field(

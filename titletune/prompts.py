@@ -15,6 +15,9 @@ from pathlib import Path
 from titletune.errors import UserError
 
 FILES = ("system.txt", "user.txt", "assistant.txt")
+# Question phrasings that training never uses: the evaluation asks seen products with them too, so that recall is not
+# tied to the trained templates. Optional; a set without it uses the default set's.
+HELD_OUT = "heldout.txt"
 # RAG: the user message around the retrieved entries, and one entry. A set without them (a run trained before RAG, or
 # a set of your own) uses the default set's.
 RAG_FILES = ("rag.txt", "rag_entry.txt")
@@ -39,6 +42,7 @@ class PromptSet:
     folder: Path
     rag: str = "{context}\n\n{question}"  # holds {context} and {question}
     rag_entry: str = "{title}: {content}"  # holds {title} and {content}
+    held_out: tuple[str, ...] = ()  # each holds {title}; never asked in training
 
 
 def load(folder: str | Path) -> PromptSet:
@@ -50,11 +54,13 @@ def load(folder: str | Path) -> PromptSet:
     system = (folder / "system.txt").read_text(encoding="utf-8").strip()
     questions = tuple(q.strip() for q in (folder / "user.txt").read_text(encoding="utf-8").splitlines() if q.strip())
     answer = (folder / "assistant.txt").read_text(encoding="utf-8").strip()
-    bad = [q for q in questions if "{title}" not in q]
-    if not questions or bad:
-        raise UserError(
-            f"{folder / 'user.txt'}: every line must contain {{title}}; these do not: {bad or ['(empty file)']}"
-        )
+    _check_questions(folder / "user.txt", questions)
+    held_path = folder / HELD_OUT if (folder / HELD_OUT).is_file() else DEFAULT_SET / HELD_OUT
+    held_out = _lines(held_path) if held_path.is_file() else ()
+    if held_out:
+        _check_questions(held_path, held_out)
+    trained = set(questions)
+    held_out = tuple(q for q in held_out if q not in trained)  # a phrasing training uses is not held out
     if "{content}" not in answer:
         raise UserError(f"{folder / 'assistant.txt'} must contain {{content}}.")
     rag = {}
@@ -65,13 +71,36 @@ def load(folder: str | Path) -> PromptSet:
         if missing:
             raise UserError(f"{path} must contain {' and '.join(missing)}; see prompts/README.md.")
         rag[name] = text
-    return PromptSet(system, questions, answer, folder, rag["rag.txt"], rag["rag_entry.txt"])
+    return PromptSet(system, questions, answer, folder, rag["rag.txt"], rag["rag_entry.txt"], held_out)
 
 
-def pick_question(prompts: PromptSet, key: str, seed: int) -> str:
-    """One phrasing per product, stable across runs and machines (blake2b, not Python's salted hash)."""
+def _lines(path: Path) -> tuple[str, ...]:
+    return tuple(q.strip() for q in path.read_text(encoding="utf-8").splitlines() if q.strip())
+
+
+def _check_questions(path: Path, questions: tuple[str, ...]) -> None:
+    bad = [q for q in questions if "{title}" not in q]
+    if not questions or bad:
+        raise UserError(f"{path}: every line must contain {{title}}; these do not: {bad or ['(empty file)']}")
+
+
+def _slot(key: str, seed: int) -> int:
     digest = hashlib.blake2b(f"{seed}:{key}".encode(), digest_size=8).digest()
-    return prompts.questions[int.from_bytes(digest, "little") % len(prompts.questions)]
+    return int.from_bytes(digest, "little")
+
+
+def pick_question(prompts: PromptSet, key: str, seed: int, turn: int = 0) -> str:
+    """The phrasing a product is asked in training pass `turn`: a start picked by a hash of the product and the seed
+    (blake2b, stable across runs and machines, unlike Python's salted hash), then the next line of user.txt each pass,
+    so that K passes ask a product K different ways (while K <= the number of phrasings)."""
+    return prompts.questions[(_slot(key, seed) + turn) % len(prompts.questions)]
+
+
+def held_out_question(prompts: PromptSet, title: str, key: str, seed: int) -> str | None:
+    """A phrasing training never asked (heldout.txt), for the evaluation; None when the set has none."""
+    if not prompts.held_out:
+        return None
+    return prompts.held_out[_slot(key, seed) % len(prompts.held_out)].replace("{title}", title)
 
 
 def defang(text: str) -> str:
@@ -92,16 +121,16 @@ def chat(system: str, question: str) -> list[dict]:
     return head + [{"role": "user", "content": defang(question)}]
 
 
-def question(prompts: PromptSet, title: str, key: str, seed: int) -> str:
-    """The question asked about one product."""
-    return pick_question(prompts, key, seed).replace("{title}", title)
+def question(prompts: PromptSet, title: str, key: str, seed: int, turn: int = 0) -> str:
+    """The question asked about one product in training pass `turn` (the evaluation asks pass 0's)."""
+    return pick_question(prompts, key, seed, turn).replace("{title}", title)
 
 
-def render(prompts: PromptSet, title: str, content: str, key: str, seed: int) -> dict:
+def render(prompts: PromptSet, title: str, content: str, key: str, seed: int, turn: int = 0) -> dict:
     """One product -> a conversational prompt/completion row; TRL puts the loss on the completion only."""
     # str.replace, not str.format: titles and descriptions contain braces.
     return {
-        "prompt": messages(prompts, question(prompts, title, key, seed)),
+        "prompt": messages(prompts, question(prompts, title, key, seed, turn)),
         "completion": [{"role": "assistant", "content": prompts.answer.replace("{content}", defang(content))}],
     }
 
@@ -124,6 +153,8 @@ def save(prompts: PromptSet, run_dir: str | Path) -> Path:
     target.mkdir(parents=True, exist_ok=True)
     for name in FILES:
         shutil.copyfile(prompts.folder / name, target / name)
+    if prompts.held_out:
+        (target / HELD_OUT).write_text("\n".join(prompts.held_out) + "\n", encoding="utf-8")
     (target / "rag.txt").write_text(prompts.rag + "\n", encoding="utf-8")
     (target / "rag_entry.txt").write_text(prompts.rag_entry + "\n", encoding="utf-8")
     return target

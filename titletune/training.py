@@ -40,10 +40,15 @@ class Fitted:
     question: str | None  # the question one trained product was asked, exactly as in training
 
 
-def fit(backend, base_model: str, model_args, training_args, run_dir: Path, resume: bool) -> Fitted:
-    """Model -> LoRA -> SFTTrainer -> train (or resume), on the run's prepared splits. The backend decides how the
-    model is loaded and wrapped; everything after that is shared."""
-    train_rows, val_rows = load_datasets(run_dir)  # memory-mapped Arrow, not Python lists
+def fit(
+    backend, base_model: str, model_args, training_args, run_dir: Path, resume: bool, prompt_set=None, passes: int = 1
+) -> Fitted:
+    """Model -> LoRA -> SFTTrainer -> train (or resume), on the run's prepared splits, each train product `passes`
+    times in as many phrasings (see load_datasets). The backend decides how the model is loaded and wrapped;
+    everything after that is shared."""
+    # memory-mapped Arrow, not Python lists
+    train_rows, val_rows = load_datasets(run_dir, prompt_set, passes, training_args.seed)
+    products = len(train_rows) // max(1, passes)
     model, tokenizer = backend.load(
         base_model, model_args, training_args.trust_remote_code, training_args.max_length, bf16=training_args.bf16
     )
@@ -60,7 +65,10 @@ def fit(backend, base_model: str, model_args, training_args, run_dir: Path, resu
     a = training_args
     per_step = a.per_device_train_batch_size * a.gradient_accumulation_steps * a.world_size
     log.info(
-        "training on %d products: batch %d per device x %d accumulation x %d processes = %d per step",
+        "training on %d products x %d passes = %d rows: batch %d per device x %d accumulation x %d processes = %d "
+        "per step",
+        products,
+        passes,
         len(train_rows),
         a.per_device_train_batch_size,
         a.gradient_accumulation_steps,
@@ -157,16 +165,23 @@ def check_args(training_args) -> None:
         raise UserError("; ".join(problems) + ".")
 
 
-def load_datasets(run_dir: Path) -> tuple:
+def load_datasets(run_dir: Path, prompt_set=None, passes: int = 1, seed: int = 42) -> tuple:
     """data/train.jsonl and data/val.jsonl (None when empty) as Arrow datasets, prompt and completion columns only.
+    The train split is read `passes` times: pass i asks every product in its i-th phrasing (prompts.pick_question),
+    so that a product is learned from several questions, not from one repeated (bench/README.md: the study). The
+    Trainer's sampler then shuffles all the rows together. The split files keep one row per product.
 
     load_dataset, not Dataset.from_list: the rows are memory-mapped Arrow instead of Python objects (1.3M products
     would take GBs in every process), and SFTTrainer's Dataset.map tokenisation is cached on disk beside them, in
     <run>/data/cache, so a resumed run and every rank after the first reuse it (TRL maps on the main process first).
     Deleting the run deletes its cache.
     """
-    from datasets import load_dataset
+    from datasets import concatenate_datasets, load_dataset
 
+    from titletune import prompts as prompts_lib
+
+    if passes < 1:
+        raise UserError(f"--passes must be >= 1, got {passes}.")
     cache = str(Path(run_dir) / "data" / "cache")
     files = {split: Path(run_dir) / "data" / f"{split}.jsonl" for split in ("train", "val")}
     missing = [str(path) for path in files.values() if not path.is_file()]
@@ -180,9 +195,22 @@ def load_datasets(run_dir: Path) -> tuple:
         for split, path in files.items()
         if path.stat().st_size > 0
     }
-    loaded = {split: ds.select_columns(["prompt", "completion"]) for split, ds in loaded.items()}
     if "train" not in loaded:
         raise UserError(f"{files['train']} holds no products; prepare the data again with more --max_samples.")
+    if passes > 1:
+        prompt_set = prompt_set or prompts_lib.load(Path(run_dir) / "prompts")
+        first = loaded["train"]
+
+        def ask(turn):
+            def row(r):
+                rendered = prompts_lib.render(prompt_set, r["title"], r["content"], key=r["id"], seed=seed, turn=turn)
+                return {"prompt": rendered["prompt"]}
+
+            return row
+
+        copies = [first] + [first.map(ask(turn), desc=f"pass {turn + 1} phrasings") for turn in range(1, passes)]
+        loaded["train"] = concatenate_datasets(copies)
+    loaded = {split: ds.select_columns(["prompt", "completion"]) for split, ds in loaded.items()}
     return loaded["train"], loaded.get("val")
 
 
