@@ -9,8 +9,8 @@ fresh folder, with no export and no evaluation after training. `fixed` trains on
 this script trains every weight with the same SFTTrainer code (training.build_trainer) and saves merged/. Then, in
 this process, the run is scored on up to --samples products it was trained on (seen), on the same products asked in a
 phrasing training never used (seen_new_phrasing, heldout.txt), and on its own test split (held-out): ROUGE-L F1 of
-the tuned answers with a 95% bootstrap interval (titletune.metrics), greedy, as the report decodes. The base model's answers to the same
-questions are scored once per question set and reused. Every row is kept, failures included, in --results (JSONL,
+the tuned answers with a 95% bootstrap interval (titletune.metrics), greedy, as the report decodes. The base model's
+answers to the same questions are scored once per question set and reused. Every row is kept, failures included, in --results (JSONL,
 appended): the variant, its flags, the train loss first -> last, the training seconds (TRL's train_runtime), the
 scores, the CPU and the load average before and after.
 """
@@ -108,7 +108,8 @@ def full_ft(argv: list[str]) -> None:
 
     # fp32 weights under bf16 autocast (training_args.bf16): mixed precision, as full fine-tuning is usually run
     model, tokenizer = hf.load(models.resolve(model_args.model_name_or_path), model_args, bf16=False)
-    train_ds, _ = training.load_datasets(run_dir, prompts.load(run_dir / "prompts"), data_args.passes, training_args.seed)
+    prompt_set = prompts.load(run_dir / "prompts")
+    train_ds, _ = training.load_datasets(run_dir, prompt_set, data_args.passes, training_args.seed)
     trainer = training.build_trainer(model, tokenizer, train_ds, None, training_args, run_dir)
     outcome = training.train(trainer, run_dir, False)
     model.save_pretrained(run_dir / "merged", safe_serialization=True)
@@ -133,7 +134,8 @@ def score(run_dir: str, samples: int, base_cache: dict) -> dict:
         if pop == "seen_new_phrasing":
             held = prompts.load(prompts.DEFAULT_SET)  # the run's own set may be the one-line `fixed` one
             for r, p in zip(rows, products, strict=True):
-                r["prompt"] = prompts.messages(run.prompts, prompts.held_out_question(held, p["title"], str(p["id"]), run.seed))
+                asked = prompts.held_out_question(held, p["title"], str(p["id"]), run.seed)
+                r["prompt"] = prompts.messages(run.prompts, asked)
         questions = [r["prompt"] for r in rows]
         refs = [r["completion"][0]["content"] for r in rows]
         titles = [p["title"] for p in products]

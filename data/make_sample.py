@@ -60,7 +60,7 @@ CATEGORIES = {
         ["Sizes {a} to {b}.", "Machine washable at {wash} degrees.", "Length {n} inches.", "An elastic waist."],
     ),
     "kitchen": (
-        ["Cast Iron Skillet", "Stainless Steel Garlic Press", "Bamboo Cutting Board", "Glass Storage Jars", "Hand Mixer"],
+        ["Cast Iron Skillet", "Steel Garlic Press", "Bamboo Cutting Board", "Glass Storage Jars", "Hand Mixer"],
         ["10 Inch", "Large", "Set of {n}", "Pro", "Matte Black", "{a} Speed"],
         ["pre-seasoned cast iron", "18/8 stainless steel", "solid moso bamboo", "borosilicate glass", "brushed steel"],
         ["Dishwasher safe.", "Oven safe to {oven} F.", "Holds {n} cups.", "Weighs {g} grams."],

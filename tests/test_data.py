@@ -472,7 +472,8 @@ def test_held_out_phrasings_are_never_trained(tmp_path, qa):
     the run's copy keeps them."""
     assert len(qa.held_out) >= 3 and not set(qa.held_out) & set(qa.questions)
     q = prompts.held_out_question(qa, "Girls Ballet Tutu Neon Pink", "U1", 42)
-    assert "Girls Ballet Tutu Neon Pink" in q and q not in {t.replace("{title}", "Girls Ballet Tutu Neon Pink") for t in qa.questions}
+    trained = {t.replace("{title}", "Girls Ballet Tutu Neon Pink") for t in qa.questions}
+    assert "Girls Ballet Tutu Neon Pink" in q and q not in trained
     own = tmp_path / "own"
     own.mkdir()
     for name in prompts.FILES:

@@ -79,6 +79,8 @@ def check_args(args: DataArguments) -> int | None:
             f"--max_content_chars ({args.max_content_chars}) must be >= 1 and >= --min_content_chars "
             f"({args.min_content_chars})"
         )
+    if args.passes < 1:
+        problems.append(f"--passes must be >= 1 (views of each product per epoch), got {args.passes}")
     if not args.title_field or not args.content_field:
         problems.append("--title_field and --content_field must name fields of the rows, e.g. title and content")
     if problems:
