@@ -1,6 +1,6 @@
 """Fine-tune an instruct LLM with LoRA / QLoRA so that it answers questions about the products in a catalogue.
 
-CPU, no GPU and no model hub (embedded SmolLM2-135M-Instruct on the embedded sample; about 20 minutes on 2 AVX2 cores):
+CPU, no GPU and no model hub (embedded SmolLM2-135M-Instruct on the embedded sample; about 30 minutes on 2 cores):
     python train.py
 CUDA, Unsloth 4-bit QLoRA on Llama 3.2 3B Instruct (configs/llama3_2_3b_qlora.yaml is the default with a GPU):
     python train.py --data data/trn.json --max-samples 100000

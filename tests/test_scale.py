@@ -94,14 +94,16 @@ def test_two_processes_train_one_run(tmp_path):
     assert (run_dir / "merged" / "model.safetensors").is_file()
 
     # Both ranks took part: each logs its own copy of the batch line, each saves its RNG state in every checkpoint,
-    # and the sampler gave each rank half the data, so 4 steps of 2 x 2 rows cover 4 / ceil(n / 4) of an epoch.
+    # and the sampler gave each rank half the data, so 4 steps of 2 x 2 rows cover 4 / ceil(rows / 4) of an epoch,
+    # where an epoch is --passes rows per train product.
     assert out.count("batch 2 per device x 1 accumulation x 2 processes = 4 per step") == 2, out[-6000:]
     for step in (2, 4):
         names = {p.name for p in (run_dir / f"checkpoint-{step}").iterdir()}
         assert {"rng_state_0.pth", "rng_state_1.pth"} <= names and "rng_state.pth" not in names
     n_train = json.loads((run_dir / "data" / "stats.json").read_text())["kept"]["train"]
+    passes = yaml.safe_load((run_dir / "run_config.yaml").read_text())["data"]["passes"]
     state = json.loads((run_dir / "checkpoint-4" / "trainer_state.json").read_text())
-    assert state["epoch"] == pytest.approx(4 / math.ceil(n_train / 4))
+    assert state["epoch"] == pytest.approx(4 / math.ceil(n_train * passes / 4))
 
     # Nothing done or written twice: one run folder, one data prep, one merge, one log record per step.
     for line in (

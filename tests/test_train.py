@@ -49,6 +49,7 @@ def test_run_folder_has_exactly_the_promised_files(trained_run):
     assert {p.name for p in (trained_run / "prompts").iterdir()} == {
         "system.txt",
         "user.txt",
+        "heldout.txt",
         "assistant.txt",
         "rag.txt",
         "rag_entry.txt",

@@ -267,7 +267,10 @@ def train(trainer, run_dir: Path, resume: bool) -> Outcome:
     trainer.add_callback(stopper)
     stopper.install()
     try:
-        result = trainer.train(resume_from_checkpoint=checkpoint)
+        if checkpoint and _finished(checkpoint, trainer.args.max_steps):
+            runtime = _restore_finished(trainer, checkpoint)
+        else:
+            runtime = trainer.train(resume_from_checkpoint=checkpoint).metrics.get("train_runtime")
     finally:
         stopper.uninstall()
     # TRL writes a hub model card here that names no base model ("fine-tuned version of None"): wrong, not useful.
@@ -278,8 +281,27 @@ def train(trainer, run_dir: Path, resume: bool) -> Outcome:
         interrupted=stopper.requested,
         first_loss=losses[0] if losses else None,
         last_loss=losses[-1] if losses else None,
-        train_runtime=result.metrics.get("train_runtime"),
+        train_runtime=runtime,
     )
+
+
+def _finished(checkpoint: str, max_steps: int) -> bool:
+    state = json.loads((Path(checkpoint) / "trainer_state.json").read_text(encoding="utf-8"))
+    return max_steps > 0 and state["global_step"] >= max_steps
+
+
+def _restore_finished(trainer, checkpoint: str) -> float | None:
+    """A run killed after its last checkpoint, before the adapter was saved. Trap: the Trainer, resumed from a
+    checkpoint that already reached max_steps in the middle of an epoch, trains one step more. So the checkpoint's
+    LoRA weights and state are loaded instead, and nothing is trained."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+    from transformers import TrainerState
+
+    log.info("%s already reached max_steps %d: restoring it, nothing to train", checkpoint, trainer.args.max_steps)
+    set_peft_model_state_dict(trainer.model, load_file(str(Path(checkpoint) / "adapter_model.safetensors")))
+    trainer.state = TrainerState.load_from_json(str(Path(checkpoint) / "trainer_state.json"))
+    return None
 
 
 def plot_loss(log_history: list[dict], path: Path) -> Path | None:
