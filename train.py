@@ -73,7 +73,7 @@ def main(script_args, model_args, data_args, export_args, training_args):
     from titletune import export, files, prepare, prompts, training
 
     backend = backends.load_backend(script_args.backend)  # already imported by parse(): returns the module
-    gguf_types = export.parse_gguf_types(export_args.gguf)
+    gguf_types = export.check_args(export_args)
     if script_args.export_only:
         if not script_args.run:
             raise UserError("--export-only needs --run <run folder>, e.g. --run outputs/run-20261122-101500")

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from titletune import export as gguf_export
-from titletune import ollama
-from titletune.config import cache_dir
+from titletune import fidelity, ollama
+from titletune.config import FIDELITY_TOKENS, cache_dir
 from titletune.errors import UserError
 from titletune.models import embedded_hf_dir
 
@@ -61,10 +61,23 @@ def tokenizer(merged):
     return AutoTokenizer.from_pretrained(merged)
 
 
+def products(n: int) -> list[fidelity.Sample]:
+    """n products of the embedded sample, as a run's rows would ask them."""
+    from conftest import SAMPLE
+
+    rows = [json.loads(line) for line in SAMPLE.read_text().splitlines()[:n]]
+    return [
+        fidelity.Sample("test", [*MESSAGES[:1], {"role": "user", "content": f"What is '{r['title']}'?"}], r["content"])
+        for r in rows
+    ]
+
+
 @pytest.fixture(scope="module")
 def run(merged, tokenizer, tmp_path_factory) -> tuple[Path, dict]:
     run_dir = tmp_path_factory.mktemp("run")
-    report = gguf_export.export(run_dir, merged, ["q4_k_m", "q8_0"], SYSTEM, tokenizer, question=QUESTION)
+    report = gguf_export.export(
+        run_dir, merged, ["q4_k_m", "q8_0"], SYSTEM, tokenizer, question=QUESTION, samples=products(4)
+    )
     return run_dir, report
 
 
@@ -281,3 +294,100 @@ def test_offline_without_cache_says_what_to_do(tmp_path, monkeypatch):
         gguf_export.find_converter()
     assert "--llama_cpp_dir" in str(err.value) and "LLAMA_CPP_DIR" in str(err.value)
     assert [p.name for p in tmp_path.iterdir()] == []  # no half-made cache entry
+
+
+def test_fidelity_numbers_for_every_file(run):
+    """Each file against merged/ on the same 4 products: the f16 file nearly identical, the quants further away in
+    the order of their size, every number present and in range."""
+    _, report = run
+    numbers = {entry["type"]: entry["fidelity"] for entry in report["files"]}
+    assert set(numbers) == {"f16", "q4_k_m", "q8_0"}
+    for f in numbers.values():
+        assert f["prompts"] == 4 and f["max_tokens"] == FIDELITY_TOKENS
+        assert 0 <= f["identical"] <= 1 and 0 <= f["agreeing_prefix"] <= f["max_tokens"]
+        assert f["perplexity"] > 1 and f["perplexity_merged"] > 1 and f["tokens_per_second"] > 0
+        assert 0 <= f["rougeL"] <= 1 and len(f["answers"]) == 4 and all(f["answers"])
+        assert f["kl_divergence"] >= -1e-4 and f["kl_divergence_max"] >= f["kl_divergence"]
+    f16 = numbers["f16"]
+    assert f16["kl_divergence"] < fidelity.F16_MAX_KL and f16["identical"] >= fidelity.F16_MIN_IDENTICAL
+    assert f16["perplexity"] == pytest.approx(f16["perplexity_merged"], rel=0.02)
+    assert f16["kl_divergence"] < numbers["q8_0"]["kl_divergence"] < numbers["q4_k_m"]["kl_divergence"]
+    assert report["fidelity_merged"]["tokens_per_second"] > 0 and report["fidelity_merged"]["check_seconds"] > 0
+    table = "\n".join(fidelity.table(report["files"], report["fidelity_merged"]))
+    for name in ("model.f16.gguf", "model.q4_k_m.gguf", "model.q8_0.gguf"):
+        assert f"| {name} | " in table
+
+
+@pytest.fixture(scope="module")
+def editing_converter(tmp_path_factory, run):
+    """A llama.cpp folder whose convert_hf_to_gguf.py runs the real converter, then rewrites the GGUF's metadata with
+    the converter's own gguf-py (gguf_new_metadata.py) using the arguments in $EDIT_GGUF (a JSON list)."""
+    real = Path(run[1]["converter"])
+    folder = tmp_path_factory.mktemp("llama.cpp")
+    (folder / "gguf-py").symlink_to(real.parent / "gguf-py")
+    (folder / gguf_export.CONVERTER).write_text(
+        f"""import json, os, subprocess, sys
+args = sys.argv[1:]
+out = args[args.index("--outfile") + 1]
+args[args.index("--outfile") + 1] = out + ".unedited"
+subprocess.run([sys.executable, {str(real)!r}, *args], check=True)
+script = {str(real.parent / "gguf-py" / "gguf" / "scripts" / "gguf_new_metadata.py")!r}
+edit = json.loads(os.environ["EDIT_GGUF"])
+subprocess.run([sys.executable, script, out + ".unedited", out, "--force", *edit], check=True)
+os.remove(out + ".unedited")
+"""
+    )
+    return folder
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (
+            ["--chat-template", "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"],
+            r"renders the chat differently from the tokenizer's chat template \(the GGUF's tokenizer.chat_template "
+            r"is not the tokenizer's",
+        ),
+        (["--special-token-by-id", "eos", "0"], r"would not stop where the model was trained to: answers end with "),
+        # llama3, qwen2 and deepseek-llm split this text as smollm does up to BPE's merges; falcon's differs on titles.
+        (["--pre-tokenizer", "falcon"], r"tokenizes text differently .*tokenizer.ggml.pre='falcon'"),
+    ],
+    ids=["chat-template", "eos-id", "pre-tokenizer"],
+)
+def test_a_broken_gguf_fails_the_export_with_its_cause(
+    edit, message, editing_converter, merged, tokenizer, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("EDIT_GGUF", json.dumps(edit))
+    out = tmp_path / "run"
+    with pytest.raises(UserError, match=message):
+        gguf_export.export(
+            out, merged, ["q4_k_m"], SYSTEM, tokenizer, llama_cpp_dir=str(editing_converter), samples=products(2)
+        )
+    assert [p.name for p in out.iterdir()] == []  # no GGUF under a final name, no export.json
+
+
+def test_both_engines_give_the_same_greedy_answer_on_the_f16_file(trained_run):
+    """infer.py on merged/ in transformers and on model.f16.gguf in llama.cpp: one question, greedy, the same answer."""
+    from conftest import run_cli
+
+    title = json.loads((trained_run / "data" / "train.jsonl").read_text().splitlines()[0])["prompt"][-1]["content"]
+    common = (title, "--run", str(trained_run), "--only", "tuned", "--max-new-tokens", "24", "--json")
+    hf = json.loads(run_cli("infer.py", *common, "--use-merged").stdout)
+    cpp = json.loads(run_cli("infer.py", *common, "--engine", "llamacpp", "--gguf", str(trained_run / "model.f16.gguf")).stdout)
+    assert (hf["engine"], cpp["engine"]) == ("transformers", "llamacpp")
+    assert hf["tuned"] and cpp["tuned"] == hf["tuned"]
+
+
+def test_export_only_recomputes_the_fidelity_table(trained_run, tmp_path):
+    """train.py --export-only on a finished run: new files, new numbers in export.json and report.md's table."""
+    import shutil
+
+    from conftest import run_cli
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained_run, run_dir, ignore=shutil.ignore_patterns("*.gguf", "export.json", "README.md"))
+    run_cli("train.py", "--export-only", "--run", str(run_dir), "--gguf", "q8_0", "--fidelity-samples", "1")
+    exported = json.loads((run_dir / "export.json").read_text())
+    assert [(f["type"], f["fidelity"]["prompts"]) for f in exported["files"]] == [("f16", 2), ("q8_0", 2)]
+    report = (run_dir / "report.md").read_text()
+    assert "## Export fidelity" in report and "| model.q8_0.gguf | " in report and "| model.f16.gguf | " in report

@@ -241,6 +241,8 @@ def test_ctrl_c_during_start_up_imports_exits_130_without_a_traceback(tmp_path):
         (["--num-train-epochs", "0"], r"--num_train_epochs must be > 0 when --max_steps is -1, got 0"),
         (["--per-device-train-batch-size", "0"], r"--per_device_train_batch_size must be >= 1, got 0"),
         (["--passes", "0"], r"--passes must be >= 1 \(views of each product per epoch\), got 0"),
+        (["--fidelity-samples", "-1"], r"--fidelity-samples must be >= 0 \(0 skips the numbers\), got -1"),
+        (["--fidelity-tokens", "0"], r"--fidelity-tokens must be >= 1, got 0"),
     ],
 )
 def test_bad_training_flags_fail_before_any_work(tmp_path, flags, pattern):

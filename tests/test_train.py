@@ -266,6 +266,8 @@ def test_help_documents_every_flag():
         "--config",
         "--trust_remote_code",
         "--eval_samples",
+        "--fidelity_samples",
+        "--fidelity_tokens",
     ):
         assert flag in out, flag
 

@@ -28,6 +28,12 @@ RAG_K = 1
 # (bench/README.md, the study): at lr 3e-3, seen ROUGE-L 0.225 after 4 passes; more passes recall more but cost
 # time linearly, and 4 is about what the CPU budget holds (README.md: the default run's time).
 PASSES = 4
+# The export fidelity check (fidelity.py): products per split, greedy tokens compared per answer, and reference tokens
+# scored per product. 3 + 3 products and 32 tokens keep the check near a quarter of the default CPU export's time
+# (bench/README.md, "Export fidelity"); a quant's KL is stable to ~10% at that size.
+FIDELITY_SAMPLES = 3
+FIDELITY_TOKENS = 32
+FIDELITY_ANSWER_TOKENS = 128
 
 # TRL's defaults we change, each with its reason (measured numbers: bench/README.md).
 DEFAULTS = {
@@ -180,6 +186,18 @@ class ExportArguments:
         },
     )
     verify: bool = field(default=True, metadata={"help": "Load every GGUF in llama.cpp and ask it one question."})
+    fidelity_samples: int = field(
+        default=FIDELITY_SAMPLES,
+        metadata={
+            "help": "Products per split (test and train) each GGUF is measured on against merged/: identical greedy "
+            "answers, KL divergence, perplexity, ROUGE-L, tokens/s (export.json, report.md). 0 skips the numbers; "
+            "the chat-template round trip always runs."
+        },
+    )
+    fidelity_tokens: int = field(
+        default=FIDELITY_TOKENS,
+        metadata={"help": "Greedy answer tokens compared with merged/'s per product in the fidelity check."},
+    )
 
 
 @dataclass

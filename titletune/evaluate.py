@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from titletune import files, generate, metrics, prompts, retrieval
+from titletune import fidelity, files, generate, metrics, prompts, retrieval
 from titletune.config import RAG_K
 from titletune.errors import UserError
 from titletune.generate import Sampling
@@ -307,7 +307,8 @@ def summary(report: dict) -> str:
     return "\n\n".join(parts)
 
 
-def render_md(report: dict) -> str:
+def render_md(report: dict, exported: dict | None = None) -> str:
+    """report.md: the report, and the export's fidelity table when export.json (`exported`) has one."""
     s = report["settings"]
     d = s["sampling"]
     decoding = "greedy" if d["temperature"] == 0 else f"temperature {d['temperature']}, top-p {d['top_p']}"
@@ -360,6 +361,9 @@ def render_md(report: dict) -> str:
             "",
         ]
     lines.append("![ROUGE-L F1 and numbers supported per system, with 95% intervals](report.png)")
+    fidelity_table = fidelity.table(exported["files"], exported.get("fidelity_merged")) if exported else []
+    if fidelity_table:
+        lines += ["", "## Export fidelity", "", *fidelity_table]
     return "\n".join(lines) + "\n"
 
 
@@ -411,5 +415,7 @@ def plot(report: dict, path: Path) -> None:
 
 def write_reports(run_dir: Path, report: dict) -> None:
     files.write_atomic(run_dir / "report.json", json.dumps(report, indent=2, ensure_ascii=False) + "\n")
-    files.write_atomic(run_dir / "report.md", render_md(report))
+    exported = run_dir / "export.json"
+    exported = json.loads(exported.read_text()) if exported.is_file() else None
+    files.write_atomic(run_dir / "report.md", render_md(report, exported))
     plot(report, run_dir / "report.png")

@@ -21,8 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from titletune import files, machine, ollama, prompts
-from titletune.config import cache_dir
+from titletune import fidelity, files, machine, ollama, prompts
+from titletune.config import FIDELITY_ANSWER_TOKENS, FIDELITY_TOKENS, cache_dir
 from titletune.errors import UserError
 
 # llama_cpp is imported inside the functions below, never at module level: libgomp reads OMP_WAIT_POLICY once, when
@@ -48,6 +48,11 @@ QUANT_TYPES = {  # written by llama.cpp from the 16-bit file; values are llama_c
 GGUF_TYPES = CONVERTER_TYPES + tuple(QUANT_TYPES)
 
 DEFAULT_QUESTION = "What can you tell me about this product?"
+# Measured when export() is given no products of a run (a merged folder exported on its own): a made-up product.
+EXAMPLE = (
+    "What is 'Trail Running Socks, 3 Pack'?",
+    "Cushioned merino wool socks for trail running, with a reinforced heel and toe. Sizes 6-12, 3 pairs.",
+)
 
 # ---------------------------------------------------------------------------------------------------------- types
 
@@ -67,6 +72,18 @@ def parse_gguf_types(spec: str | None) -> list[str]:
             "comma-separated (e.g. --gguf q4_k_m,q8_0), or 'none' to skip GGUF."
         )
     return list(dict.fromkeys(names))
+
+
+def check_args(export_args) -> list[str]:
+    """The GGUF types of --gguf; every problem with the export flags at once, before training starts."""
+    problems = []
+    if export_args.fidelity_samples < 0:
+        problems.append(f"--fidelity-samples must be >= 0 (0 skips the numbers), got {export_args.fidelity_samples}")
+    if export_args.fidelity_tokens < 1:
+        problems.append(f"--fidelity-tokens must be >= 1, got {export_args.fidelity_tokens}")
+    if problems:
+        raise UserError("; ".join(problems) + ".")
+    return parse_gguf_types(export_args.gguf)
 
 
 # ------------------------------------------------------------------------------------------------------ converter
@@ -278,10 +295,16 @@ def export(
     llama_cpp_dir: str | None = None,
     question: str | None = None,
     outtype: str = "f16",
+    samples: list[fidelity.Sample] | None = None,
+    fidelity_tokens: int = FIDELITY_TOKENS,
 ) -> dict:
     """merged/ -> model.<outtype>.gguf -> model.<quant>.gguf for each type -> checked in llama.cpp -> Modelfile ->
     export.json. Returns what export.json holds. `outtype` is the 16-bit file the quants are made from; it is always
-    written, and is replaced by bf16 when only bf16 is asked for."""
+    written, and is replaced by bf16 when only bf16 is asked for.
+
+    `samples` (the run's products; fidelity.samples) are what each file is measured on against merged/ (see
+    fidelity.py): the chat round trip of every 16-bit file, then the parity numbers of every file. None: one built-in
+    example product; []: the round trip on it, and no parity numbers."""
     run_dir, merged_dir = Path(run_dir), Path(merged_dir)
     types = parse_gguf_types(",".join(gguf_types))
     if not types:
@@ -302,7 +325,11 @@ def export(
         raise UserError(f"the tokenizer of {merged_dir} has no chat template, so no GGUF of it would chat correctly.")
     converter = find_converter(llama_cpp_dir)
     messages = prompts.chat(system_prompt, question or DEFAULT_QUESTION)
-    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    example = [fidelity.Sample("example", prompts.chat(system_prompt, EXAMPLE[0]), EXAMPLE[1])]
+    checked = list(samples) if samples else example  # the round trip always has a conversation to render
+    measured = example if samples is None else list(samples)
+    end, _, _ = fidelity.end_token(tokenizer, checked[0])
+    stops = ollama.stop_tokens(tokenizer)
     written = []
     for gguf_type in ordered:
         path = run_dir / f"model.{gguf_type}.gguf"
@@ -316,7 +343,18 @@ def export(
         seconds = time.perf_counter() - started
         log.info("gguf: %s from %s, %.0f MB in %.1f s", path.name, source, path.stat().st_size / 1e6, seconds)
         if gguf_type in CONVERTER_TYPES:  # quants copy the 16-bit file's metadata and vocabulary
-            _check(path, prompt, tokenizer(prompt, add_special_tokens=False)["input_ids"], merged_dir)
+            try:
+                trip = fidelity.round_trip(path, tokenizer, checked, end, stops)
+            except UserError:
+                path.unlink(missing_ok=True)
+                raise
+            log.info(
+                "check: %s renders %d conversations as transformers does (%s), answers end on %s, a stop",
+                path.name,
+                trip["conversations"],
+                trip["chat_format"],
+                trip["end_token"],
+            )
         written.append(
             {
                 "name": path.name,
@@ -342,13 +380,16 @@ def export(
                 got["answer"][:100],
             )
 
+    merged_numbers = None
+    if measured:
+        merged_numbers = _fidelity(run_dir, merged_dir, tokenizer, measured, fidelity_tokens, written)
+
     # Ollama gets the smallest file asked for: a quant when there is one, which is what people run it for.
     asked = [entry for entry in written if entry["type"] in types]
     shipped = min(asked, key=lambda entry: entry["bytes"])
     named = ollama.template_for(chat_template)
     if named is None:
         log.warning("Modelfile: unknown chat format; Ollama will guess the template from the GGUF, or use none")
-    stops = ollama.stop_tokens(tokenizer)
     ollama.write_modelfile(run_dir, shipped["name"], system_prompt, stops, template=named[1] if named else None)
     log.info("Modelfile: FROM ./%s, template %s, stop %s", shipped["name"], named[0] if named else "none", stops)
 
@@ -365,8 +406,44 @@ def export(
         },
         "files": written,
     }
+    if merged_numbers:
+        report["fidelity_merged"] = merged_numbers
     files.write_atomic(run_dir / "export.json", json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     return report
+
+
+def _fidelity(run_dir: Path, merged_dir: Path, tokenizer, chosen, max_tokens: int, written: list[dict]) -> dict:
+    """Every written file measured against merged/ (fidelity.measure), into its export.json entry. A 16-bit file
+    unlike merged/ fails the export and removes every file written; a quant far from it is a warning."""
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix=".fidelity-", dir=run_dir) as tmp:
+        ref = fidelity.reference(merged_dir, tokenizer, chosen, max_tokens, FIDELITY_ANSWER_TOKENS, Path(tmp))
+        for entry in written:
+            t0 = time.perf_counter()
+            numbers = fidelity.measure(run_dir / entry["name"], ref)
+            numbers["seconds"] = round(time.perf_counter() - t0, 2)
+            entry["fidelity"] = numbers
+            log.info(
+                "fidelity: %s, %.0f%% identical answers, KL %.4g, perplexity %s (merged/ %s), %s tok/s",
+                entry["name"],
+                100 * numbers["identical"],
+                numbers["kl_divergence"],
+                numbers["perplexity"],
+                numbers["perplexity_merged"],
+                numbers["tokens_per_second"],
+            )
+            try:
+                warning = fidelity.judge(entry["type"], numbers)
+            except UserError:
+                for other in written:
+                    (run_dir / other["name"]).unlink(missing_ok=True)
+                raise
+            if warning:
+                log.warning("fidelity: %s", warning)
+                numbers["warning"] = warning
+    merged_numbers = {k: ref[k] for k in ("seconds", "tokens_per_second")}
+    merged_numbers["check_seconds"] = round(time.perf_counter() - started, 2)
+    return merged_numbers
 
 
 def export_run(run, gguf_types: list[str], export_args, question: str | None = None):
@@ -393,42 +470,16 @@ def export_run(run, gguf_types: list[str], export_args, question: str | None = N
             verify=export_args.verify,
             llama_cpp_dir=export_args.llama_cpp_dir,
             question=question,
+            samples=fidelity.samples(
+                {"test": run.split("test"), "train": run.split("train")}, export_args.fidelity_samples
+            ),
+            fidelity_tokens=export_args.fidelity_tokens,
         )
+        if (run.dir / "report.json").is_file():  # --export-only: the report's fidelity table follows the new files
+            from titletune import evaluate
+
+            evaluate.write_reports(run.dir, json.loads((run.dir / "report.json").read_text()))
     return run
-
-
-def _check(path: Path, prompt: str, expected: list[int], merged_dir: Path) -> None:
-    """Fail (and remove `path`) unless the GGUF carries the chat template and tokenizes the rendered chat prompt
-    exactly as transformers does: a misread tokenizer.json converts without complaint and then answers garbage."""
-    try:
-        got = _llama(path, text=prompt)
-    except UserError:
-        path.unlink(missing_ok=True)
-        raise
-    problem = None
-    if "tokenizer.chat_template" not in got["metadata"]:
-        problem = (
-            f"{path.name} has no tokenizer.chat_template, so llama.cpp would prompt it in the llama-2 format. "
-            f"Give {merged_dir} a chat template (chat_template.jinja or tokenizer_config.json)."
-        )
-    elif got["ids"] != expected:
-        at = next(
-            (i for i, (a, b) in enumerate(zip(got["ids"], expected)) if a != b), min(len(got["ids"]), len(expected))
-        )
-        problem = (
-            f"{path.name} tokenizes the chat prompt differently from {merged_dir}'s tokenizer (from token {at}: "
-            f"llama.cpp {got['ids'][at : at + 5]}, transformers {expected[at : at + 5]}); the converter misread "
-            f"tokenizer.json (tokenizer.ggml.model={got['metadata'].get('tokenizer.ggml.model')}, "
-            f"pre={got['metadata'].get('tokenizer.ggml.pre')})."
-        )
-    if problem:
-        path.unlink(missing_ok=True)
-        raise UserError(problem)
-    log.info(
-        "check: %s has the chat template and tokenizes the prompt as transformers does (%d tokens)",
-        path.name,
-        len(expected),
-    )
 
 
 # -------------------------------------------------------------------------------------------------------- helpers

@@ -1,0 +1,449 @@
+"""Export fidelity: every GGUF measured against merged/, the model it came from, on the run's own products.
+
+1. Template round trip (16-bit files; quants copy their metadata and vocabulary). llama.cpp renders each conversation
+   itself, through the chat handler create_chat_completion picks from the GGUF's metadata (what its server and Ollama
+   do), and the prompt token ids are compared with transformers' rendering through the tokenizer's chat template.
+   The token the model was trained to end its answers with must be the GGUF's EOS or EOT, and a stop in the Modelfile.
+   Any difference fails the export with its cause and fix.
+2. Parity per file, on N test and N train products: greedy answers against merged/'s (identical share, agreeing
+   prefix), perplexity of the reference description next to merged/'s, mean KL divergence of the next-token
+   distributions on the reference tokens (KL(merged || file), as llama-perplexity --kl-divergence measures it),
+   ROUGE-L of the answers against the reference, and tokens/s.
+
+llama.cpp runs in a child process (`python -m titletune.fidelity`): it aborts the whole process on some broken files,
+and after hours of training that must be an error, not a crash.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from titletune import machine
+from titletune.errors import UserError
+
+# llama_cpp is imported only in the child (see export.py: libgomp reads OMP_WAIT_POLICY once, when it loads).
+
+log = logging.getLogger(__name__)
+
+# Thresholds, from measurements (bench/README.md, "Export fidelity"): a 16-bit file of the embedded model, trained and
+# merged in bf16, measured mean KL 0.0001-0.0004 and 6/6 identical greedy answers; q8_0 about 0.001, q4_k_m about
+# 0.03-0.05. A 16-bit file must stay within F16_MAX_KL (10x the worst measured) and give at least F16_MIN_IDENTICAL
+# identical answers: one near-tie flipping a token is rounding, half of them is a broken file. A quant above
+# QUANT_WARN_KL (2x q4_k_m's worst) gets a warning: it still loads, but answers noticeably unlike merged/.
+F16_MAX_KL = 0.005
+F16_MIN_IDENTICAL = 0.5
+QUANT_WARN_KL = 0.1
+
+
+@dataclass
+class Sample:
+    """One product the files are measured on: the prompt messages and the reference description."""
+
+    split: str
+    messages: list[dict]
+    reference: str
+
+
+def samples(splits: dict[str, list[dict]], n: int) -> list[Sample]:
+    """The first n rows of each split (the splits are already shuffled by the prepare stage), as Samples."""
+    out = []
+    for split, rows in splits.items():
+        for row in rows[:n]:
+            out.append(Sample(split, row["prompt"], row["completion"][-1]["content"]))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- the reference
+
+
+def end_token(tokenizer, sample: Sample) -> tuple[int, list[int], list[int]]:
+    """(the token the model was trained to end its answer with, prompt ids, answer ids up to and with that token).
+
+    The training rendering is the tokenizer's chat template over prompt + completion (TRL's), so the end token is the
+    first special token after the answer's text there: <|im_end|> for ChatML, <|eot_id|> for Llama 3, </s> for Mistral.
+    """
+    prompt_ids = prompt_tokens(tokenizer, sample.messages)
+    full_text = tokenizer.apply_chat_template(
+        sample.messages + [{"role": "assistant", "content": sample.reference}], tokenize=False
+    )
+    full = tokenizer(full_text, add_special_tokens=False)["input_ids"]
+    if full[: len(prompt_ids)] != prompt_ids:
+        raise UserError(
+            "the chat template renders a conversation's prompt differently once the answer follows it, so the "
+            "answer's tokens cannot be told apart; fidelity needs a template whose prompt is a prefix of the chat."
+        )
+    special = set(tokenizer.all_special_ids) | {
+        i for i, t in tokenizer.added_tokens_decoder.items() if getattr(t, "special", False)
+    }
+    answer = full[len(prompt_ids) :]
+    at = next((i for i, tok in enumerate(answer) if tok in special), None)
+    if at is None:
+        raise UserError(
+            "the chat template ends an assistant turn with no special token, so generation would never stop; "
+            "give the tokenizer a chat template that closes each turn (and set that token as eos_token)."
+        )
+    return answer[at], prompt_ids, answer[: at + 1]
+
+
+def prompt_tokens(tokenizer, messages: list[dict]) -> list[int]:
+    """transformers' rendering of a prompt: the chat template with the generation prompt, tokenized as TRL does."""
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def reference(merged_dir: Path, tokenizer, chosen: list[Sample], max_tokens: int, answer_tokens: int, folder: Path):
+    """merged/ in transformers on every sample: greedy answer ids (up to max_tokens, stopping at the end token), the
+    reference's per-token NLL, and its next-token log-probabilities, saved to `folder` for the child's KL.
+
+    Loaded in float32 on CPU (the 16-bit weights upcast exactly), in its own dtype on a GPU.
+    """
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.float32 if device == "cpu" else "auto"
+    started = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=dtype).to(device).eval()
+    rows, logprobs = [], []
+    generated = 0
+    gen_seconds = 0.0
+    for sample in chosen:
+        end, prompt_ids, answer_ids = end_token(tokenizer, sample)
+        answer_ids = answer_ids[:answer_tokens]
+        ids = torch.tensor([prompt_ids + answer_ids], device=device)
+        with torch.no_grad():
+            logits = model(ids).logits[0, len(prompt_ids) - 1 : -1].float()
+            lp = torch.log_softmax(logits, dim=-1)
+            nll = -lp.gather(1, torch.tensor(answer_ids, device=device)[:, None])[:, 0]
+            t0 = time.perf_counter()
+            out = model.generate(
+                torch.tensor([prompt_ids], device=device),
+                attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long, device=device),
+                do_sample=False,
+                max_new_tokens=max_tokens,
+                eos_token_id=end,
+                pad_token_id=end,
+            )
+            gen_seconds += time.perf_counter() - t0
+        greedy = out[0, len(prompt_ids) :].tolist()
+        generated += len(greedy)
+        logprobs.append(lp.cpu().numpy().astype(np.float16))  # 2 bytes a value; KL's error from it is ~1e-5
+        rows.append(
+            {
+                "split": sample.split,
+                "prompt_ids": prompt_ids,
+                "answer_ids": answer_ids,
+                "greedy": greedy,
+                "nll": nll.cpu().tolist(),
+                "reference": sample.reference,
+            }
+        )
+    path = folder / "merged_logprobs.npz"
+    np.savez(path, *logprobs)
+    del model
+    return {
+        "rows": rows,
+        "end": end,
+        "logprobs": str(path),
+        "max_tokens": max_tokens,
+        "seconds": round(time.perf_counter() - started, 2),
+        "tokens_per_second": round(generated / max(gen_seconds, 1e-9), 1),
+    }
+
+
+# ----------------------------------------------------------------------------------------- template round trip
+
+
+def round_trip(path: Path, tokenizer, chosen: list[Sample], end: int, stops: list[str]) -> dict:
+    """Fail (UserError, naming the cause and the fix) unless llama.cpp renders every conversation, with and without
+    the system message, to the token ids transformers does, and ends answers on the trained end token."""
+    conversations = []
+    for sample in chosen:
+        conversations.append(sample.messages)
+        user_only = [m for m in sample.messages if m["role"] != "system"]
+        if user_only != sample.messages:
+            conversations.append(user_only)
+    expected = [prompt_tokens(tokenizer, c) for c in conversations]
+    texts = [tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in conversations]
+    # The reference answers too: product text (numbers, sizes, punctuation, non-ASCII) is where a pre-tokenizer differs.
+    texts += [s.reference for s in chosen]
+    expected_texts = expected + [tokenizer(s.reference, add_special_tokens=False)["input_ids"] for s in chosen]
+    got = child(path, {"op": "render", "conversations": conversations, "texts": texts})
+    meta = got["metadata"]
+    name = path.name
+
+    template = meta.get("tokenizer.chat_template")
+    if not template:
+        raise UserError(
+            f"{name} has no tokenizer.chat_template, so llama.cpp would prompt it in the llama-2 format. Give the "
+            "merged model a chat template (chat_template.jinja or tokenizer_config.json) and export again."
+        )
+    for ids, want, text in zip(got["tokenized"], expected_texts, texts, strict=True):
+        if ids != want:
+            at = _first_difference(ids, want)
+            raise UserError(
+                f"{name} tokenizes text differently from the merged model's tokenizer (pre-tokenizer "
+                f"tokenizer.ggml.pre={meta.get('tokenizer.ggml.pre')!r}, model "
+                f"tokenizer.ggml.model={meta.get('tokenizer.ggml.model')!r}): in {text[:60]!r}... from token {at}, "
+                f"llama.cpp {ids[at : at + 5]}, transformers {want[at : at + 5]}. The converter misread tokenizer.json "
+                "or does not know this pre-tokenizer: update llama-cpp-python (its converter), or pass "
+                "--llama_cpp_dir with a llama.cpp checkout that knows the model."
+            )
+    for ids, want, conv in zip(got["rendered"], expected, conversations, strict=True):
+        if ids != want:
+            at = _first_difference(ids, want)
+            cause = (
+                f"llama-cpp-python uses its built-in '{got['chat_format']}' format for this template, not the template"
+                if got["chat_format"] != "chat_template.default"
+                else "the GGUF's tokenizer.chat_template is not the tokenizer's chat template"
+                if template != tokenizer.chat_template
+                else "llama.cpp's Jinja renders the template differently (or adds a BOS the template does not)"
+            )
+            raise UserError(
+                f"{name} renders the chat differently from the tokenizer's chat template ({cause}): for "
+                f"{[m['role'] for m in conv]}, from token {at}, llama.cpp {_show(tokenizer, ids[at : at + 8])}, "
+                f"transformers {_show(tokenizer, want[at : at + 8])}. The server, create_chat_completion and Ollama "
+                "would prompt it unlike training. Write the tokenizer's chat template into the GGUF (re-export from "
+                "merged/ with the tokenizer's chat_template.jinja), and report the template to llama-cpp-python if "
+                "it still differs."
+            )
+    ends = {int(meta[k]) for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id") if k in meta}
+    end_text = tokenizer.convert_ids_to_tokens(end)
+    if end not in ends:
+        raise UserError(
+            f"{name} would not stop where the model was trained to: answers end with {end_text!r} (id {end}), but the "
+            f"GGUF's EOS/EOT is {sorted(ends)} ({', '.join(repr(got['tokens'].get(str(i))) for i in sorted(ends))}). "
+            f"Set the tokenizer's eos_token to {end_text!r} in merged/ (tokenizer_config.json and "
+            "generation_config.json) and export again."
+        )
+    if end_text not in stops:
+        raise UserError(
+            f"the Modelfile's stops {stops} miss {end_text!r}, the token answers end with, so Ollama would run on "
+            f"past each answer. Set the tokenizer's eos_token to {end_text!r}."
+        )
+    return {
+        "conversations": len(conversations),
+        "texts": len(texts),
+        "chat_format": got["chat_format"],
+        "end_token": end_text,
+        "identical": True,
+    }
+
+
+def _first_difference(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def _show(tokenizer, ids: list[int]) -> str:
+    return repr(tokenizer.decode(ids)) if ids else "(end)"
+
+
+# ------------------------------------------------------------------------------------------------------ parity
+
+
+def measure(path: Path, ref: dict) -> dict:
+    """One file's numbers against merged/ (see the module docstring); the answers' ROUGE-L against the reference."""
+    from titletune import metrics
+
+    got = child(path, {"op": "parity", "reference": ref})
+    rows = ref["rows"]
+    agree = [_first_difference(g, r["greedy"]) for g, r in zip(got["greedy"], rows, strict=True)]
+    identical = [g == r["greedy"] for g, r in zip(got["greedy"], rows, strict=True)]
+    nll_merged = [x for r in rows for x in r["nll"]]
+    nll_file = [x for per in got["nll"] for x in per]
+    answers = [got["answers"][i] for i in range(len(rows))]
+    rouge = metrics.per_answer(answers, [r["reference"] for r in rows], [""] * len(rows))["rougeL"]
+    return {
+        "prompts": len(rows),
+        "max_tokens": ref["max_tokens"],
+        "identical": round(sum(identical) / len(rows), 3),
+        "agreeing_prefix": round(sum(agree) / len(rows), 1),
+        "perplexity": round(math.exp(sum(nll_file) / len(nll_file)), 3),
+        "perplexity_merged": round(math.exp(sum(nll_merged) / len(nll_merged)), 3),
+        "kl_divergence": round(sum(got["kl"]) / len(got["kl"]), 6),
+        "kl_divergence_max": round(max(got["kl"]), 6),
+        "rougeL": round(sum(rouge) / len(rouge), 3),
+        "tokens_per_second": round(got["tokens"] / max(got["seconds"], 1e-9), 1),
+        "answers": answers,
+    }
+
+
+def judge(gguf_type: str, numbers: dict) -> str | None:
+    """A UserError for a 16-bit file unlike merged/; a warning (returned) for a quant far from it; else None."""
+    sixteen = gguf_type in ("f16", "bf16")
+    if sixteen and (numbers["kl_divergence"] > F16_MAX_KL or numbers["identical"] < F16_MIN_IDENTICAL):
+        raise UserError(
+            f"model.{gguf_type}.gguf answers unlike merged/, the model it was converted from: mean KL divergence "
+            f"{numbers['kl_divergence']:.4g} (limit {F16_MAX_KL}), identical greedy answers {numbers['identical']:.0%} "
+            f"(at least {F16_MIN_IDENTICAL:.0%}), perplexity {numbers['perplexity']} vs merged/ "
+            f"{numbers['perplexity_merged']}. A 16-bit conversion should be nearly lossless: the converter misread a "
+            "weight or the architecture. Update llama-cpp-python (its converter), or pass --llama_cpp_dir."
+        )
+    if not sixteen and numbers["kl_divergence"] > QUANT_WARN_KL:
+        return (
+            f"model.{gguf_type}.gguf is far from merged/: mean KL divergence {numbers['kl_divergence']:.3g} "
+            f"(above {QUANT_WARN_KL}), perplexity {numbers['perplexity']} vs {numbers['perplexity_merged']}; "
+            "a larger quant (q8_0, q6_k) keeps more of the fine-tune."
+        )
+    return None
+
+
+def table(entries: list[dict], merged: dict | None = None) -> list[str]:
+    """The "Export fidelity" Markdown table of export.json's files (those with numbers)."""
+    rows = [e for e in entries if e.get("fidelity")]
+    if not rows:
+        return []
+    f0 = rows[0]["fidelity"]
+    lines = [
+        f"On {f0['prompts']} products of the run (test and train), greedy answers of at most {f0['max_tokens']} "
+        "tokens are compared with merged/ in transformers; perplexity and KL divergence (merged/ || file) are "
+        "teacher-forced on the reference descriptions.",
+        "",
+        "| file | identical answers | agreeing prefix (tokens) | KL divergence (mean / max) | perplexity "
+        "(merged/) | ROUGE-L | tokens/s | MB |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for e in rows:
+        f = e["fidelity"]
+        lines.append(
+            f"| {e['name']} | {f['identical']:.0%} | {f['agreeing_prefix']} | {f['kl_divergence']:.4g} / "
+            f"{f['kl_divergence_max']:.4g} | {f['perplexity']} ({f['perplexity_merged']}) | {f['rougeL']} | "
+            f"{f['tokens_per_second']} | {e['bytes'] / 1e6:.0f} |"
+        )
+    if merged:
+        lines += ["", f"merged/ in transformers: {merged['tokens_per_second']} tokens/s."]
+    return lines
+
+
+# ------------------------------------------------------------------------------------------------------ child
+
+
+def child(gguf_path: Path, request: dict) -> dict:
+    """One llama.cpp session on `gguf_path` in a child process; its one JSON line. A crash is a UserError."""
+    request = {**request, "path": str(gguf_path), "threads": machine.llama_threads()}
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(Path(__file__).resolve().parent.parent), env.get("PYTHONPATH")) if p
+    )
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:  # a reference can be megabytes
+        json.dump(request, f)
+    try:
+        cmd = [sys.executable, "-m", "titletune.fidelity", f.name]
+        result = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
+    finally:
+        os.unlink(f.name)
+    if result.returncode != 0:
+        how = f"signal {-result.returncode}" if result.returncode < 0 else f"exit {result.returncode}"
+        tail = "\n".join([line for line in result.stderr.strip().splitlines() if line.strip()][-6:]) or "no output"
+        raise UserError(f"{gguf_path} failed in llama.cpp ({how}), so the GGUF export is broken:\n{tail}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+class _Captured(Exception):
+    pass
+
+
+def _rendered(llm, messages: list[dict]) -> list[int]:
+    """The prompt ids create_chat_completion would evaluate for `messages`: its chat handler is run for real and
+    stopped at the point where it hands the tokens to create_completion."""
+    seen = {}
+
+    def capture(prompt, *args, **kwargs):
+        seen["ids"] = list(prompt)
+        raise _Captured
+
+    llm.create_completion = capture  # an instance attribute: the class's method is untouched
+    try:
+        llm.create_chat_completion(messages=messages, max_tokens=1, temperature=0.0)
+    except _Captured:
+        pass
+    finally:
+        del llm.create_completion
+    return seen["ids"]
+
+
+def _main(request_path: str) -> None:
+    """`python -m titletune.fidelity request.json` -> one JSON line on stdout (see child)."""
+    import llama_cpp
+
+    request = json.loads(Path(request_path).read_text())
+    threads = request["threads"]
+    op = request["op"]
+    if op == "render":
+        llm = llama_cpp.Llama(model_path=request["path"], vocab_only=True, verbose=False)
+        out = {
+            "metadata": dict(llm.metadata),
+            "chat_format": llm.chat_format if llm.chat_handler is None else "custom handler",
+            "rendered": [_rendered(llm, conv) for conv in request["conversations"]],
+            "tokenized": [llm.tokenize(t.encode(), add_bos=False, special=True) for t in request["texts"]],
+        }
+        ids = {int(llm.metadata[k]) for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id")
+               if k in llm.metadata}
+        out["tokens"] = {str(i): llm.detokenize([i], special=True).decode(errors="replace") for i in ids}
+    elif op == "parity":
+        out = _parity(llama_cpp, request, threads)
+    else:
+        raise SystemExit(f"unknown op {op!r}")
+    print(json.dumps(out))
+
+
+def _parity(llama_cpp, request: dict, threads: int) -> dict:
+    import numpy as np
+
+    ref = request["reference"]
+    rows = ref["rows"]
+    longest = max(len(r["prompt_ids"]) + max(len(r["answer_ids"]), ref["max_tokens"]) for r in rows)
+    llm = llama_cpp.Llama(
+        model_path=request["path"],
+        n_ctx=longest + 8,
+        logits_all=True,  # the reference's every position, for its perplexity and KL
+        n_threads=threads,
+        n_threads_batch=threads,
+        verbose=False,
+    )
+    merged = np.load(ref["logprobs"])
+    end = ref["end"]
+    greedy, answers, nll, kl = [], [], [], []
+    tokens, seconds = 0, 0.0
+    for i, row in enumerate(rows):
+        prompt, answer = row["prompt_ids"], row["answer_ids"]
+        llm.reset()
+        llm.eval(prompt + answer)
+        logits = np.asarray(llm.scores[len(prompt) - 1 : len(prompt) + len(answer) - 1], dtype=np.float64)
+        lq = logits - logits.max(axis=1, keepdims=True)
+        lq -= np.log(np.exp(lq).sum(axis=1, keepdims=True))
+        nll.append([-float(lq[j, tok]) for j, tok in enumerate(answer)])
+        lp = merged[f"arr_{i}"].astype(np.float64)
+        kl.extend(float(x) for x in (np.exp(lp) * (lp - lq)).sum(axis=1))
+        # Greedy, token by token, from the same prompt ids: argmax of llama.cpp's logits until the end token.
+        llm.reset()
+        t0 = time.perf_counter()
+        llm.eval(prompt)
+        out = []
+        while len(out) < ref["max_tokens"]:
+            tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            out.append(tok)
+            if tok == end:  # merged/'s greedy stops on the same token
+                break
+            llm.eval([tok])
+        seconds += time.perf_counter() - t0
+        tokens += len(out)
+        greedy.append(out)
+        text = [t for t in out if t != end]
+        answers.append(llm.detokenize(text).decode(errors="replace").strip())
+    llm.close()
+    return {"greedy": greedy, "answers": answers, "nll": nll, "kl": kl, "tokens": tokens, "seconds": seconds}
+
+
+if __name__ == "__main__":
+    _main(sys.argv[1])
