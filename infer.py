@@ -89,7 +89,9 @@ def main(args: argparse.Namespace) -> None:
         return evaluate(args, run)
     args.sampling.check()
     systems = (args.only,) if args.only else generate.SYSTEMS
-    engine = generate.load_engine(run, args.engine, systems, args.use_merged, args.gguf, args.base_gguf, args.threads)
+    engine = generate.load_engine(
+        run, args.engine, systems, args.use_merged, args.gguf, args.base_gguf, args.threads, args.dtype
+    )
     if args.rag:
         from titletune import retrieval
 
@@ -120,6 +122,8 @@ def check(args: argparse.Namespace) -> None:
         problems.append("--rag-k and --rag-index need --rag or --evaluate")
     if args.engine == "llamacpp" and args.sampling.num_beams != 1:
         problems.append("--num-beams works only with --engine transformers (llama.cpp has no beam search)")
+    if args.engine == "llamacpp" and args.dtype != "auto":
+        problems.append("--dtype is for --engine transformers (a GGUF computes in its own types)")
     if args.threads is not None and args.threads < 1:
         problems.append(f"--threads must be >= 1, got {args.threads}")
     if problems:
@@ -213,7 +217,7 @@ def evaluate(args: argparse.Namespace, run) -> None:
     )
     settings.check()
     engine = generate.load_engine(
-        run, args.engine, generate.SYSTEMS, args.use_merged, args.gguf, args.base_gguf, args.threads
+        run, args.engine, generate.SYSTEMS, args.use_merged, args.gguf, args.base_gguf, args.threads, args.dtype
     )
     report = ev.evaluate_run(run, settings, engine=engine)
     print(ev.summary(report))

@@ -60,7 +60,7 @@ def parse(argv: list[str]):
     }
     parser.set_defaults_with_config(**{**DEFAULTS, **machine_defaults, **(original or {})})
     parsed = parser.parse_args_and_config(argv)
-    script_args, training_args = parsed[0], parsed[-1]
+    script_args = parsed[0]
     script_args.backend = backend
     given = config.given(argv)
     if original:  # recorded in run_config.yaml by main(): what this resume changed, [old, new]

@@ -235,6 +235,13 @@ class InferArguments:
     threads: int | None = field(
         default=None, metadata={"help": "CPU threads for llama.cpp (default: about one per physical core, up to 8)."}
     )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(
+        default="auto",
+        metadata={
+            "help": "Compute dtype of --engine transformers. auto: as the run trained (bf16 on a CPU with native "
+            "bf16 when training used it: faster); float32 gives the same numbers as llama.cpp on the f16 GGUF."
+        },
+    )
 
 
 @dataclass

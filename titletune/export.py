@@ -366,7 +366,13 @@ def export(
             }
         )
 
-    if verify:
+    merged_numbers = None
+    if measured:  # the fidelity child also answers the verify question: one load per file
+        question_messages = messages if verify else None
+        merged_numbers = _fidelity(
+            run_dir, merged_dir, tokenizer, measured, fidelity_tokens, written, question_messages
+        )
+    elif verify:
         for entry in written:
             got = _llama(run_dir / entry["name"], messages=messages, max_tokens=48)
             entry.update(
@@ -379,10 +385,6 @@ def export(
                 got["tokens"] / max(got["seconds"], 1e-9),
                 got["answer"][:100],
             )
-
-    merged_numbers = None
-    if measured:
-        merged_numbers = _fidelity(run_dir, merged_dir, tokenizer, measured, fidelity_tokens, written)
 
     # Ollama gets the smallest file asked for: a quant when there is one, which is what people run it for.
     asked = [entry for entry in written if entry["type"] in types]
@@ -412,16 +414,22 @@ def export(
     return report
 
 
-def _fidelity(run_dir: Path, merged_dir: Path, tokenizer, chosen, max_tokens: int, written: list[dict]) -> dict:
-    """Every written file measured against merged/ (fidelity.measure), into its export.json entry. A 16-bit file
-    unlike merged/ fails the export and removes every file written; a quant far from it is a warning."""
+def _fidelity(run_dir: Path, merged_dir: Path, tokenizer, chosen, max_tokens: int, written: list[dict], question):
+    """Every written file measured against merged/ (fidelity.measure), into its export.json entry, with its answer to
+    `question` (verify_*) when given. A 16-bit file unlike merged/ fails the export and removes every file written;
+    a quant far from it is a warning."""
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix=".fidelity-", dir=run_dir) as tmp:
         ref = fidelity.reference(merged_dir, tokenizer, chosen, max_tokens, FIDELITY_ANSWER_TOKENS, Path(tmp))
         for entry in written:
             t0 = time.perf_counter()
-            numbers = fidelity.measure(run_dir / entry["name"], ref)
+            numbers = fidelity.measure(run_dir / entry["name"], ref, question)
             numbers["seconds"] = round(time.perf_counter() - t0, 2)
+            got = numbers.pop("verify", None)
+            if got:
+                entry.update(
+                    verify_answer=got["answer"], verify_tokens=got["tokens"], verify_seconds=round(got["seconds"], 2)
+                )
             entry["fidelity"] = numbers
             log.info(
                 "fidelity: %s, %.0f%% identical answers, KL %.4g, perplexity %s (merged/ %s), %s tok/s",

@@ -115,39 +115,40 @@ def reference(merged_dir: Path, tokenizer, chosen: list[Sample], max_tokens: int
     started = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=dtype).to(device).eval()
     rows, logprobs = [], []
-    generated = 0
-    gen_seconds = 0.0
     for sample in chosen:
         end, prompt_ids, answer_ids = end_token(tokenizer, sample)
         answer_ids = answer_ids[:answer_tokens]
         ids = torch.tensor([prompt_ids + answer_ids], device=device)
         with torch.no_grad():
             logits = model(ids).logits[0, len(prompt_ids) - 1 : -1].float()
-            lp = torch.log_softmax(logits, dim=-1)
-            nll = -lp.gather(1, torch.tensor(answer_ids, device=device)[:, None])[:, 0]
-            t0 = time.perf_counter()
-            out = model.generate(
-                torch.tensor([prompt_ids], device=device),
-                attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long, device=device),
-                do_sample=False,
-                max_new_tokens=max_tokens,
-                eos_token_id=end,
-                pad_token_id=end,
-            )
-            gen_seconds += time.perf_counter() - t0
-        greedy = out[0, len(prompt_ids) :].tolist()
-        generated += len(greedy)
+        lp = torch.log_softmax(logits, dim=-1)
+        nll = -lp.gather(1, torch.tensor(answer_ids, device=device)[:, None])[:, 0]
         logprobs.append(lp.cpu().numpy().astype(np.float16))  # 2 bytes a value; KL's error from it is ~1e-5
         rows.append(
             {
                 "split": sample.split,
                 "prompt_ids": prompt_ids,
                 "answer_ids": answer_ids,
-                "greedy": greedy,
                 "nll": nll.cpu().tolist(),
                 "reference": sample.reference,
             }
         )
+    # Greedy answers in one left-padded batch (6x faster on CPU than one by one; the mask keeps them the same).
+    width = max(len(r["prompt_ids"]) for r in rows)
+    batch = torch.tensor([[end] * (width - len(r["prompt_ids"])) + r["prompt_ids"] for r in rows], device=device)
+    mask = torch.tensor(
+        [[0] * (width - len(r["prompt_ids"])) + [1] * len(r["prompt_ids"]) for r in rows], device=device
+    )
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(
+            batch, attention_mask=mask, do_sample=False, max_new_tokens=max_tokens, eos_token_id=end, pad_token_id=end
+        )
+    gen_seconds = time.perf_counter() - t0
+    generated = 0
+    for row, ids in zip(rows, out[:, width:].tolist(), strict=True):
+        row["greedy"] = ids[: ids.index(end) + 1] if end in ids else ids
+        generated += len(row["greedy"])
     path = folder / "merged_logprobs.npz"
     np.savez(path, *logprobs)
     del model
@@ -251,11 +252,12 @@ def _show(tokenizer, ids: list[int]) -> str:
 # ------------------------------------------------------------------------------------------------------ parity
 
 
-def measure(path: Path, ref: dict) -> dict:
-    """One file's numbers against merged/ (see the module docstring); the answers' ROUGE-L against the reference."""
+def measure(path: Path, ref: dict, question: list[dict] | None = None, question_tokens: int = 48) -> dict:
+    """One file's numbers against merged/ (see the module docstring); the answers' ROUGE-L against the reference.
+    With `question`, also its answer through create_chat_completion, as "verify" (the same child, one load)."""
     from titletune import metrics
 
-    got = child(path, {"op": "parity", "reference": ref})
+    got = child(path, {"op": "parity", "reference": ref, "question": question, "question_tokens": question_tokens})
     rows = ref["rows"]
     agree = [_first_difference(g, r["greedy"]) for g, r in zip(got["greedy"], rows, strict=True)]
     identical = [g == r["greedy"] for g, r in zip(got["greedy"], rows, strict=True)]
@@ -275,6 +277,7 @@ def measure(path: Path, ref: dict) -> dict:
         "rougeL": round(sum(rouge) / len(rouge), 3),
         "tokens_per_second": round(got["tokens"] / max(got["seconds"], 1e-9), 1),
         "answers": answers,
+        **({"verify": got["verify"]} if got.get("verify") else {}),
     }
 
 
@@ -387,8 +390,11 @@ def _main(request_path: str) -> None:
             "rendered": [_rendered(llm, conv) for conv in request["conversations"]],
             "tokenized": [llm.tokenize(t.encode(), add_bos=False, special=True) for t in request["texts"]],
         }
-        ids = {int(llm.metadata[k]) for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id")
-               if k in llm.metadata}
+        ids = {
+            int(llm.metadata[k])
+            for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id")
+            if k in llm.metadata
+        }
         out["tokens"] = {str(i): llm.detokenize([i], special=True).decode(errors="replace") for i in ids}
     elif op == "parity":
         out = _parity(llama_cpp, request, threads)
@@ -405,7 +411,7 @@ def _parity(llama_cpp, request: dict, threads: int) -> dict:
     longest = max(len(r["prompt_ids"]) + max(len(r["answer_ids"]), ref["max_tokens"]) for r in rows)
     llm = llama_cpp.Llama(
         model_path=request["path"],
-        n_ctx=longest + 8,
+        n_ctx=max(longest + 8, 512),  # 512: room for the verify question
         logits_all=True,  # the reference's every position, for its perplexity and KL
         n_threads=threads,
         n_threads_batch=threads,
@@ -441,8 +447,21 @@ def _parity(llama_cpp, request: dict, threads: int) -> dict:
         greedy.append(out)
         text = [t for t in out if t != end]
         answers.append(llm.detokenize(text).decode(errors="replace").strip())
+    verify = None
+    if request.get("question"):
+        llm.reset()
+        t0 = time.perf_counter()
+        reply = llm.create_chat_completion(
+            messages=request["question"], max_tokens=request["question_tokens"], temperature=0.0
+        )
+        verify = {
+            "answer": reply["choices"][0]["message"]["content"].strip(),
+            "tokens": reply["usage"]["completion_tokens"],
+            "seconds": time.perf_counter() - t0,
+        }
     llm.close()
-    return {"greedy": greedy, "answers": answers, "nll": nll, "kl": kl, "tokens": tokens, "seconds": seconds}
+    out = {"greedy": greedy, "answers": answers, "nll": nll, "kl": kl, "tokens": tokens, "seconds": seconds}
+    return {**out, "verify": verify}
 
 
 if __name__ == "__main__":

@@ -88,7 +88,7 @@ class TransformersEngine:
     name = "transformers"
     supports_loss = True
 
-    def __init__(self, run: Run, systems: tuple[str, ...] = SYSTEMS, use_merged: bool = False):
+    def __init__(self, run: Run, systems: tuple[str, ...] = SYSTEMS, use_merged: bool = False, dtype: str = "auto"):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -100,7 +100,7 @@ class TransformersEngine:
         base_name = run.base_model
         adapter_dir, merged_dir = run.adapter, run.merged
 
-        name = run.section("model").get("dtype") or "auto"  # what training used
+        name = dtype if dtype != "auto" else run.section("model").get("dtype") or "auto"  # else what training used
         try:
             dtype = machine.torch_dtype(name)
         except UserError:
@@ -433,6 +433,7 @@ def load_engine(
     gguf: str | Path | None = None,
     base_gguf: str | Path | None = None,
     threads: int | None = None,
+    dtype: str = "auto",
 ):
     """TransformersEngine or LlamaCppEngine for a run, loading only what `systems` needs."""
     bad = [s for s in systems if s not in SYSTEMS]
@@ -441,7 +442,7 @@ def load_engine(
     if engine == "transformers":
         if gguf or base_gguf:
             raise UserError("--gguf/--base-gguf need --engine llamacpp.")
-        return TransformersEngine(run, systems=systems, use_merged=use_merged)
+        return TransformersEngine(run, systems=systems, use_merged=use_merged, dtype=dtype)
     if engine == "llamacpp":
         if use_merged:
             raise UserError("--use-merged needs --engine transformers; with llamacpp pass --gguf FILE.")
