@@ -193,9 +193,7 @@ def new_phrasing(run: Run, seen: list[dict], engine, settings: EvalSettings, bat
     for system in ("base", "tuned"):
         answers[system] = engine.generate(convs, system, settings.sampling, batch_size=batch_size, progress=True)
         out[system] = metrics.score(answers[system], refs, titles)[0]["rougeL"]
-    out["examples"] = [
-        {"question": q, "tuned": t} for q, t in zip(questions[:3], answers["tuned"][:3], strict=False)
-    ]
+    out["examples"] = [{"question": q, "tuned": t} for q, t in zip(questions[:3], answers["tuned"][:3], strict=False)]
     return out
 
 

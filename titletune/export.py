@@ -368,9 +368,8 @@ def export(
 
     merged_numbers = None
     if measured:  # the fidelity child also answers the verify question: one load per file
-        question_messages = messages if verify else None
         merged_numbers = _fidelity(
-            run_dir, merged_dir, tokenizer, measured, fidelity_tokens, written, question_messages
+            run_dir, merged_dir, tokenizer, measured, fidelity_tokens, written, messages, verify
         )
     elif verify:
         for entry in written:
@@ -414,10 +413,10 @@ def export(
     return report
 
 
-def _fidelity(run_dir: Path, merged_dir: Path, tokenizer, chosen, max_tokens: int, written: list[dict], question):
-    """Every written file measured against merged/ (fidelity.measure), into its export.json entry, with its answer to
-    `question` (verify_*) when given. A 16-bit file unlike merged/ fails the export and removes every file written;
-    a quant far from it is a warning."""
+def _fidelity(run_dir: Path, merged_dir, tokenizer, chosen, max_tokens: int, written: list[dict], question, verify):
+    """Every written file measured against merged/ (fidelity.measure), into its export.json entry; its answer to
+    `question` (its tokens/s) goes in as verify_* when `verify`. A 16-bit file unlike merged/ fails the export and
+    removes every file written; a quant far from it is a warning."""
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix=".fidelity-", dir=run_dir) as tmp:
         ref = fidelity.reference(merged_dir, tokenizer, chosen, max_tokens, FIDELITY_ANSWER_TOKENS, Path(tmp))
@@ -426,7 +425,7 @@ def _fidelity(run_dir: Path, merged_dir: Path, tokenizer, chosen, max_tokens: in
             numbers = fidelity.measure(run_dir / entry["name"], ref, question)
             numbers["seconds"] = round(time.perf_counter() - t0, 2)
             got = numbers.pop("verify", None)
-            if got:
+            if got and verify:
                 entry.update(
                     verify_answer=got["answer"], verify_tokens=got["tokens"], verify_seconds=round(got["seconds"], 2)
                 )
