@@ -113,7 +113,7 @@ def reference(merged_dir: Path, tokenizer, chosen: list[Sample], max_tokens: int
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.float32 if device == "cpu" else "auto"
     started = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=dtype).to(device).eval()
+    model = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=dtype, use_safetensors=True).to(device).eval()
     rows, logprobs = [], []
     for sample in chosen:
         end, prompt_ids, answer_ids = end_token(tokenizer, sample)
@@ -332,7 +332,11 @@ def table(entries: list[dict], merged: dict | None = None) -> list[str]:
 
 
 def child(gguf_path: Path, request: dict) -> dict:
-    """One llama.cpp session on `gguf_path` in a child process; its one JSON line. A crash is a UserError."""
+    """One llama.cpp session on `gguf_path` in a child process; its one JSON line. A crash is a UserError.
+
+    A child, because llama.cpp aborts the whole process on some broken files (a GGUF whose tokenizer the converter
+    misread died with std::out_of_range in byte_to_token); after hours of training that must be an error, not a crash.
+    """
     request = {**request, "path": str(gguf_path), "threads": machine.llama_threads()}
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(
@@ -398,6 +402,26 @@ def _main(request_path: str) -> None:
         out["tokens"] = {str(i): llm.detokenize([i], special=True).decode(errors="replace") for i in ids}
     elif op == "parity":
         out = _parity(llama_cpp, request, threads)
+    elif op == "answer":  # export.read_metadata and export.verify
+        messages = request["messages"]
+        llm = llama_cpp.Llama(
+            model_path=request["path"],
+            vocab_only=not messages,
+            n_ctx=2048,
+            n_threads=threads,
+            n_threads_batch=threads,
+            verbose=False,
+        )
+        out = {"metadata": dict(llm.metadata)}
+        if messages:
+            started = time.perf_counter()
+            reply = llm.create_chat_completion(messages=messages, max_tokens=request["max_tokens"], temperature=0.0)
+            out.update(
+                answer=reply["choices"][0]["message"]["content"].strip(),
+                tokens=reply["usage"]["completion_tokens"],
+                seconds=time.perf_counter() - started,
+            )
+        llm.close()
     else:
         raise SystemExit(f"unknown op {op!r}")
     print(json.dumps(out))
