@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from titletune import fidelity, files, machine, ollama, prompts
+from titletune import fidelity, files, ollama, prompts
 from titletune.config import FIDELITY_ANSWER_TOKENS, FIDELITY_TOKENS, cache_dir
 from titletune.errors import UserError
 
@@ -224,62 +224,9 @@ def verify(gguf_path: str | Path, question_messages: list[dict], max_tokens: int
     return _llama(Path(gguf_path), messages=question_messages, max_tokens=max_tokens)["answer"]
 
 
-def _llama(gguf_path: Path, messages: list[dict] | None = None, max_tokens: int = 48, text: str | None = None) -> dict:
-    """One llama.cpp session in a child process: metadata, then `text` tokenized, then `messages` answered.
-
-    A child, because llama.cpp aborts the whole process on some broken files (a GGUF whose tokenizer the converter
-    misread died with std::out_of_range in byte_to_token); after hours of training that must be an error, not a crash.
-    """
-    request = {
-        "path": str(gguf_path),
-        "messages": messages,
-        "max_tokens": max_tokens,
-        "text": text,
-        "threads": machine.llama_threads(),
-    }
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(
-        p for p in (str(Path(__file__).resolve().parent.parent), env.get("PYTHONPATH")) if p
-    )
-    cmd = [sys.executable, "-m", "titletune.export"]
-    result = subprocess.run(cmd, input=json.dumps(request), capture_output=True, text=True, check=False, env=env)
-    if result.returncode != 0:
-        how = f"signal {-result.returncode}" if result.returncode < 0 else f"exit {result.returncode}"
-        raise UserError(
-            f"{gguf_path} failed in llama.cpp ({how}), so the GGUF export is broken:\n{_tail(result.stderr, 6)}"
-        )
-    return json.loads(result.stdout.strip().splitlines()[-1])
-
-
-def _child() -> None:
-    """`python -m titletune.export` < request.json -> one JSON line on stdout; see _llama."""
-    import llama_cpp
-
-    request = json.load(sys.stdin)
-    threads = request["threads"]
-    llm = llama_cpp.Llama(
-        model_path=request["path"],
-        vocab_only=not request["messages"],
-        n_ctx=2048,
-        n_threads=threads,
-        n_threads_batch=threads,
-        verbose=False,
-    )
-    out = {"metadata": dict(llm.metadata)}
-    if request["text"] is not None:
-        out["ids"] = llm.tokenize(request["text"].encode(), add_bos=False, special=True)
-    if request["messages"]:
-        started = time.perf_counter()
-        reply = llm.create_chat_completion(
-            messages=request["messages"], max_tokens=request["max_tokens"], temperature=0.0
-        )
-        out.update(
-            answer=reply["choices"][0]["message"]["content"].strip(),
-            tokens=reply["usage"]["completion_tokens"],
-            seconds=time.perf_counter() - started,
-        )
-    llm.close()
-    print(json.dumps(out))
+def _llama(gguf_path: Path, messages: list[dict] | None = None, max_tokens: int = 48) -> dict:
+    """The GGUF's metadata and, with `messages`, their greedy answer, from llama.cpp in a child (fidelity.child)."""
+    return fidelity.child(gguf_path, {"op": "answer", "messages": messages, "max_tokens": max_tokens})
 
 
 # --------------------------------------------------------------------------------------------------------- export
@@ -503,7 +450,3 @@ def _sha256(path: Path) -> str:
 def _tail(text: str | None, n: int) -> str:
     lines = [line for line in (text or "").strip().splitlines() if line.strip()]
     return "\n".join(lines[-n:]) or "no output"
-
-
-if __name__ == "__main__":
-    _child()
