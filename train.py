@@ -11,7 +11,7 @@ Data only, re-export, resume:
     python train.py --export-only --run outputs/run-20261122-101500 --gguf q4_k_m,q8_0
     python train.py --output-dir outputs/my-run --resume
 
-Stages: data -> model -> SFTTrainer -> adapter -> merge -> GGUF + Modelfile -> evaluation report.
+Stages: data -> model -> SFTTrainer -> adapter -> merge -> GGUF + Modelfile -> evaluation report -> model card.
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ def parse(argv: list[str]):
 
 @cli
 def main(script_args, model_args, data_args, export_args, training_args):
-    from titletune import export, files, prepare, prompts, training
+    from titletune import card, export, files, prepare, prompts, training
 
     backend = backends.load_backend(script_args.backend)  # already imported by parse(): returns the module
     gguf_types = export.check_args(export_args)
@@ -117,6 +117,8 @@ def main(script_args, model_args, data_args, export_args, training_args):
         )
     training.save_adapter(fitted, run_dir)
     if fitted.outcome.interrupted:
+        if fitted.trainer.is_world_process_zero():
+            card.write(runs.load(run_dir))  # of the adapter saved so far; the resumed run writes it again
         log.warning(
             "interrupted at step %d. Continue with: python train.py --output-dir %s --resume",
             fitted.outcome.steps,
@@ -153,6 +155,7 @@ def main(script_args, model_args, data_args, export_args, training_args):
             script_args.eval_samples, rag_k=script_args.rag_k, rag_index=script_args.rag_index
         )
         evaluate.evaluate_run(run, settings)
+    card.write(run)  # last, so it describes every file the run ends with (export and evaluation write it too)
     log.info("done: %s  (try: python infer.py --run %s %s)", run_dir, shlex.quote(str(run_dir)), shlex.quote(question))
     return run_dir
 

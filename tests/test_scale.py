@@ -86,6 +86,7 @@ def test_two_processes_train_one_run(tmp_path):
         "merged",
         "train_log.jsonl",
         "loss.png",
+        "README.md",
         "checkpoint-2",
         "checkpoint-4",
     }

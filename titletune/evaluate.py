@@ -174,6 +174,9 @@ def evaluate_run(run: Run, settings: EvalSettings | None = None, engine=None, ba
         report["seconds"]["new_phrasing"] = round(time.perf_counter() - t0, 2)
     report["seconds"]["total"] = round(time.perf_counter() - started, 2)
     write_reports(run.dir, report)
+    from titletune import card  # imported here: card imports this module for its tables
+
+    card.write(run)  # the card's results follow the new report
     log.info(
         "evaluate: %s",
         " ".join(f"{p}: tuned rougeL {report[p]['tuned']['rougeL']['mean']}" for p in POPULATIONS if p in report),
@@ -309,14 +312,14 @@ def render_md(report: dict, exported: dict | None = None) -> str:
     """report.md: the report, and the export's fidelity table when export.json (`exported`) has one."""
     s = report["settings"]
     d = s["sampling"]
-    decoding = "greedy" if d["temperature"] == 0 else f"temperature {d['temperature']}, top-p {d['top_p']}"
     lines = [
         "# Evaluation report",
         "",
         f"Run `{report['run']}`, engine {report['engine']}, data: {report['data']}. Up to {s['samples']} products per "
-        f"population (seed {s['seed']}). Every system decodes the same way: {decoding}, at most {d['max_new_tokens']} "
-        f"new tokens, repetition penalty {d['repetition_penalty']}. RAG puts the top {s['rag_k']} entries of the "
-        f"index ({report['index']}) into the prompt; retrieval answers with the best entry's description.",
+        f"population (seed {s['seed']}). Every system decodes the same way: {decoding(d)}, at most "
+        f"{d['max_new_tokens']} new tokens, repetition penalty {d['repetition_penalty']}. RAG puts the top "
+        f"{s['rag_k']} entries of the index ({report['index']}) into the prompt; retrieval answers with the best "
+        "entry's description.",
         "",
         "Each cell is the mean with its 95% bootstrap interval. ROUGE is stemmed, 0-1, the mean over products; "
         "numbers supported is the share of the numbers in an answer found in the reference or the title (answers "
@@ -363,6 +366,13 @@ def render_md(report: dict, exported: dict | None = None) -> str:
     if fidelity_table:
         lines += ["", "## Export fidelity", "", *fidelity_table]
     return "\n".join(lines) + "\n"
+
+
+def decoding(sampling: dict) -> str:
+    """How report.json's `settings.sampling` decodes, in words: greedy, or its temperature and top-p."""
+    if sampling["temperature"] == 0:
+        return "greedy"
+    return f"temperature {sampling['temperature']}, top-p {sampling['top_p']}"
 
 
 def new_phrasing_lines(report: dict) -> list[str]:

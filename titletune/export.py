@@ -308,7 +308,7 @@ def export(
                 "type": gguf_type,
                 "source": source,
                 "bytes": path.stat().st_size,
-                "sha256": _sha256(path),
+                "sha256": sha256(path),
                 "seconds": round(seconds, 2),
             }
         )
@@ -403,7 +403,7 @@ def _fidelity(run_dir: Path, merged_dir, tokenizer, chosen, max_tokens: int, wri
 def export_run(run, gguf_types: list[str], export_args, question: str | None = None):
     """A run's GGUF files, Modelfile and export.json, from its merged/ (merged first from adapter/ when missing:
     the base in 16-bit + the adapter, which needs no unsloth). Each GGUF is loaded in llama.cpp and asked `question`,
-    through the run's own system prompt. Returns the run."""
+    through the run's own system prompt; then the run's card (card.py) again. Returns the run."""
     from transformers import AutoTokenizer
 
     if not run.trained:
@@ -433,13 +433,17 @@ def export_run(run, gguf_types: list[str], export_args, question: str | None = N
             from titletune import evaluate
 
             evaluate.write_reports(run.dir, json.loads((run.dir / "report.json").read_text()))
+    from titletune import card  # imported here: card imports this module (sha256)
+
+    card.write(run)  # its files, hashes and fidelity table follow the new export
     return run
 
 
 # -------------------------------------------------------------------------------------------------------- helpers
 
 
-def _sha256(path: Path) -> str:
+def sha256(path: Path) -> str:
+    """The file's SHA-256, read in 1 MB chunks (a GGUF or a merged model can be many GB)."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 20):

