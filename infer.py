@@ -1,4 +1,4 @@
-"""Ask the base and the fine-tuned model the same question, side by side; evaluate a run; or serve its GGUF.
+"""Ask the base and the fine-tuned model the same question, side by side; evaluate a run; or serve both models.
 
 The most recent run in outputs/ is used unless --run says otherwise. Questions go through the run's own
 prompts/ and the model's chat template, exactly as in training.
@@ -12,7 +12,9 @@ prompts/ and the model's chat template, exactly as in training.
     python infer.py "What is ...?" --engine llamacpp --gguf outputs/<run>/model.q8_0.gguf --base-gguf base.gguf
     python infer.py --evaluate --samples 20                                    # report.{json,md,png} in the run
     python infer.py --evaluate --data data/trn.json --samples 50                 # products of any trn file
-    python infer.py --serve --gguf outputs/<run>/model.q4_k_m.gguf --port 8000   # OpenAI-compatible server
+    python infer.py --serve                                # playground at http://127.0.0.1:8000/, API at /v1
+    python infer.py --serve --gguf outputs/<run>/model.q8_0.gguf --port 8001       # another file as "tuned"
+    python infer.py --serve --host 0.0.0.0     # other machines too: needs $TITLETUNE_API_KEY (or --api-key)
 
 On a CUDA machine the transformers engine uses the GPU by itself; nothing changes in the commands.
 """
@@ -22,11 +24,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import shlex
 import shutil
-import socket
 import sys
 import textwrap
+from pathlib import Path
 
 from titletune.config import RAG_K
 from titletune.errors import UserError, cli
@@ -225,75 +226,38 @@ def evaluate(args: argparse.Namespace, run) -> None:
 
 
 def serve(args: argparse.Namespace) -> None:
-    """llama-cpp-python's OpenAI-compatible server, in this process (so stopping us stops it)."""
+    """The playground page and an OpenAI-compatible API for the tuned and the base model (titletune/serve.py), in this
+    process (so stopping us stops it)."""
+    from titletune import machine, runs
 
-    from titletune import generate, machine, runs
-
-    if args.question or args.interactive or args.evaluate:
-        raise UserError("--serve takes no question, --interactive or --evaluate.")
-    if args.gguf:
-        gguf = generate.check_gguf(args.gguf)
-    else:
-        gguf = runs.load_or_latest(args.run, args.outputs).gguf()
-    if not 0 < args.port < 65536:
-        raise UserError(f"--port must be 1-65535, got {args.port}.")
     try:
-        import uvicorn
-        from llama_cpp.server.app import create_app
-        from llama_cpp.server.settings import ModelSettings, ServerSettings
+        from titletune import serve as server
     except ImportError as e:
         raise UserError(
             f"the server needs llama-cpp-python[server] ({e}); pip install 'llama-cpp-python[server]'"
         ) from None
-    threads = args.threads or machine.llama_threads()
-    app = create_app(
-        server_settings=ServerSettings(host=args.host, port=args.port),
-        model_settings=[
-            ModelSettings(
-                model=str(gguf),
-                model_alias=gguf.stem,
-                n_ctx=2048,
-                n_threads=threads,
-                n_threads_batch=threads,
-                verbose=False,
-            )
-        ],
+    key = server.api_key(args.api_key)
+    problems = server.check(args.host, args.port, key, args.max_queue, args.request_timeout)
+    if args.question or args.interactive or args.evaluate:
+        problems.insert(0, "--serve takes no question, --interactive or --evaluate")
+    if problems:
+        raise UserError("; ".join(problems) + ".")
+    if args.run or not args.gguf:
+        run = runs.load_or_latest(args.run, args.outputs)
+    else:  # a GGUF inside a run folder brings that run's prompts and products; elsewhere, the default prompts
+        folder = Path(args.gguf).expanduser().parent
+        run = runs.load(folder) if (folder / runs.CONFIG).is_file() else None
+    sock = server.listen(args.host, args.port)  # before loading: a port in use is an error, not a false success
+    served = server.load(
+        run, args.gguf, args.base_gguf, args.threads or machine.llama_threads(), args.max_queue, args.request_timeout
     )
-    app = generate.PlainTextChat(app)  # chat-control markers in a question are text, not special tokens
-    url = f"http://{args.host}:{args.port}"
-    body = json.dumps(
-        {
-            "messages": [{"role": "user", "content": "What is 'Girls Ballet Tutu Neon Pink'?"}],
-            "max_tokens": 200,
-            "temperature": 0,
-        }
-    )
-    sock = _listen(args.host, args.port)  # before "serving ... at": a port in use is an error, not a false success
-    print(
-        f"serving {gguf} at {url}/v1 (OpenAI-compatible; Ctrl-C stops)\n"
-        f"  curl {url}/v1/chat/completions -H 'Content-Type: application/json' -d {shlex.quote(body)}",
-        flush=True,
-    )
-    if args.host not in ("127.0.0.1", "localhost", "::1"):
-        print(
-            f"warning: --host {args.host} lets other machines reach this server; it has no authentication.",
-            file=sys.stderr,
-        )
-    uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
+    app = server.app(served, key)
+    print(server.banner(served, f"http://{_url_host(args.host)}:{args.port}", key), flush=True)
+    server.run(app, served, sock)
 
 
-def _listen(host: str, port: int) -> socket.socket:
-    """A socket bound to host:port, for uvicorn to serve on; a port in use or a bad address is a UserError."""
-    try:
-        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
-        sock = socket.socket(family, kind, proto)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(address)
-    except OSError as e:
-        raise UserError(
-            f"cannot listen on {host}:{port} ({e.strerror or e}). Pass a free --port, or stop what is using it."
-        ) from None
-    return sock
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
 
 
 def _str(path) -> str | None:

@@ -297,6 +297,9 @@ def test_help_documents_every_flag():
         "--serve",
         "--host",
         "--port",
+        "--api-key",
+        "--max-queue",
+        "--request-timeout",
     ):
         assert flag in proc.stdout
 

@@ -34,6 +34,16 @@ PASSES = 4
 FIDELITY_SAMPLES = 3
 FIDELITY_TOKENS = 32
 FIDELITY_ANSWER_TOKENS = 128
+# infer.py --serve (serve.py): each model answers one request at a time and the others wait for it in arrival order.
+# Requests waiting per model beyond the one generating: the playground asks both models once per question, so 16 is a
+# handful of people at once, or a script's burst (the load test sends 9 to each model). The embedded model generates
+# ~70 tokens/s on one of 2 cores, so its default answer (88-128 tokens) takes 1-2 s and 16 waiting ones are done in
+# about 30 s, well inside the time limit; past 16 a request gets 503 at once rather than wait only to be cut short.
+SERVE_MAX_QUEUE = 16
+# Seconds from a request's arrival to its last token, waiting included; still waiting then: 503, generating: the answer
+# ends there (finish_reason "length"). 120 s holds the longest answer a preset asks for (528 tokens) at ~5 tokens/s,
+# an 8B q4_k_m on a laptop CPU, and stays under the 5-minute read timeouts of common HTTP clients.
+SERVE_TIMEOUT = 120.0
 
 # TRL's defaults we change, each with its reason (measured numbers: bench/README.md).
 DEFAULTS = {
@@ -216,14 +226,14 @@ class InferArguments:
         default=None,
         metadata={
             "help": "Tuned GGUF for --engine llamacpp (default: the run's model.q4_k_m.gguf, then q8_0, f16); "
-            "with --serve, the file to serve."
+            "with --serve, model 'tuned' (a file in a run folder brings that run's prompts)."
         },
     )
     base_gguf: str | None = field(
         default=None,
         metadata={
-            "help": "Base-model GGUF for base answers with --engine llamacpp (default: the embedded SmolLM2 GGUF "
-            "when the run's base is the embedded model)."
+            "help": "Base-model GGUF for base answers with --engine llamacpp, and model 'base' of --serve (default: "
+            "the embedded SmolLM2 GGUF when the run's base is the embedded model)."
         },
     )
     use_merged: bool = field(
@@ -287,12 +297,35 @@ class ModeArguments:
     )
     serve: bool = field(
         default=False,
-        metadata={"help": "Serve --gguf (default: the run's GGUF) through llama-cpp-python's OpenAI-compatible API."},
+        metadata={
+            "help": "Serve the playground page and an OpenAI-compatible API for model 'tuned' (--gguf, default: the "
+            "run's GGUF) and 'base' (--base-gguf; the embedded GGUF for the embedded model; without either, tuned "
+            "only)."
+        },
     )
     host: str = field(
-        default="127.0.0.1", metadata={"help": "With --serve: address to bind (this machine only by default)."}
+        default="127.0.0.1",
+        metadata={"help": "With --serve: address to bind (this machine only by default; any other needs an API key)."},
     )
     port: int = field(default=8000, metadata={"help": "With --serve: port."})
+    api_key: str | None = field(
+        default=None,
+        metadata={
+            "help": "With --serve: the key every request must send as 'Authorization: Bearer <key>' (required for a "
+            "--host other than 127.0.0.1/localhost). Better set $TITLETUNE_API_KEY: a flag shows in `ps`."
+        },
+    )
+    max_queue: int = field(
+        default=SERVE_MAX_QUEUE,
+        metadata={"help": "With --serve: requests that may wait per model; more get 503 at once (config.py: why)."},
+    )
+    request_timeout: float = field(
+        default=SERVE_TIMEOUT,
+        metadata={
+            "help": "With --serve: seconds a request may take from arrival, waiting included; a waiting one then gets "
+            "503, a generating one ends there with finish_reason 'length'."
+        },
+    )
 
 
 def requested(argv: list[str], name: str, default: str) -> str:
