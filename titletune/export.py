@@ -19,9 +19,10 @@ import sys
 import tarfile
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from titletune import fidelity, files, ollama, prompts
+from titletune import fidelity, files, machine, ollama, prompts
 from titletune.config import FIDELITY_ANSWER_TOKENS, FIDELITY_TOKENS, cache_dir
 from titletune.errors import UserError
 
@@ -278,59 +279,40 @@ def export(
     end, _, _ = fidelity.end_token(tokenizer, checked[0])
     stops = ollama.stop_tokens(tokenizer)
     written = []
-    for gguf_type in ordered:
-        path = run_dir / f"model.{gguf_type}.gguf"
-        started = time.perf_counter()
-        if gguf_type in CONVERTER_TYPES:
-            convert(merged_dir, path, gguf_type, converter)
-            source = merged_dir.name
-        else:
-            quantize(run_dir / f"model.{base_type}.gguf", path, gguf_type)
-            source = f"model.{base_type}.gguf"
-        seconds = time.perf_counter() - started
-        log.info("gguf: %s from %s, %.0f MB in %.1f s", path.name, source, path.stat().st_size / 1e6, seconds)
-        if gguf_type in CONVERTER_TYPES:  # quants copy the 16-bit file's metadata and vocabulary
-            try:
-                trip = fidelity.round_trip(path, tokenizer, checked, end, stops)
-            except UserError:
-                path.unlink(missing_ok=True)
-                raise
-            log.info(
-                "check: %s renders %d conversations as transformers does (%s), answers end on %s, a stop",
-                path.name,
-                trip["conversations"],
-                trip["chat_format"],
-                trip["end_token"],
+    with tempfile.TemporaryDirectory(prefix=".fidelity-", dir=run_dir) as tmp, ThreadPoolExecutor(1) as side:
+        # merged/'s side of the fidelity check needs only merged/, so it runs while the converter writes the 16-bit
+        # file, on the cores the converter leaves (it is mostly one process reading and writing).
+        reference = None
+        if measured:
+            ref_end, rows = fidelity.prepare(tokenizer, measured, FIDELITY_ANSWER_TOKENS)
+            threads = max(1, machine.cpus() - 1)
+            reference = side.submit(fidelity.reference, merged_dir, ref_end, rows, fidelity_tokens, Path(tmp), threads)
+        for gguf_type in ordered:
+            written.append(
+                _write(gguf_type, run_dir, merged_dir, base_type, converter, tokenizer, checked, end, stops)
             )
-        written.append(
-            {
-                "name": path.name,
-                "type": gguf_type,
-                "source": source,
-                "bytes": path.stat().st_size,
-                "sha256": sha256(path),
-                "seconds": round(seconds, 2),
-            }
-        )
-
-    merged_numbers = None
-    if measured:  # the fidelity child also answers the verify question: one load per file
-        merged_numbers = _fidelity(
-            run_dir, merged_dir, tokenizer, measured, fidelity_tokens, written, messages, verify
-        )
-    elif verify:
-        for entry in written:
-            got = _llama(run_dir / entry["name"], messages=messages, max_tokens=48)
-            entry.update(
-                verify_answer=got["answer"], verify_tokens=got["tokens"], verify_seconds=round(got["seconds"], 2)
-            )
-            log.info(
-                "verify: %s, %d tokens at %.0f tok/s: %r",
-                entry["name"],
-                got["tokens"],
-                got["tokens"] / max(got["seconds"], 1e-9),
-                got["answer"][:100],
-            )
+        merged_numbers = None
+        if reference is not None:  # the fidelity child also answers the verify question: one load per file
+            t0 = time.perf_counter()
+            ref = reference.result()
+            waited = time.perf_counter() - t0  # what merged/'s side cost beyond the converter's time
+            t0 = time.perf_counter()
+            merged_numbers = _fidelity(run_dir, ref, written, verify)
+            checks = waited + time.perf_counter() - t0 + sum(e["round_trip_seconds"] for e in written)
+            merged_numbers.update(waited_seconds=round(waited, 2), check_seconds=round(checks, 2))
+        elif verify:
+            for entry in written:
+                got = _llama(run_dir / entry["name"], messages=messages, max_tokens=48)
+                entry.update(
+                    verify_answer=got["answer"], verify_tokens=got["tokens"], verify_seconds=round(got["seconds"], 2)
+                )
+                log.info(
+                    "verify: %s, %d tokens at %.0f tok/s: %r",
+                    entry["name"],
+                    got["tokens"],
+                    got["tokens"] / max(got["seconds"], 1e-9),
+                    got["answer"][:100],
+                )
 
     # Ollama gets the smallest file asked for: a quant when there is one, which is what people run it for.
     asked = [entry for entry in written if entry["type"] in types]
@@ -360,44 +342,77 @@ def export(
     return report
 
 
-def _fidelity(run_dir: Path, merged_dir, tokenizer, chosen, max_tokens: int, written: list[dict], question, verify):
-    """Every written file measured against merged/ (fidelity.measure), into its export.json entry; its answer to
-    `question` (its tokens/s) goes in as verify_* when `verify`. A 16-bit file unlike merged/ fails the export and
-    removes every file written; a quant far from it is a warning."""
+def _write(gguf_type, run_dir: Path, merged_dir: Path, base_type, converter, tokenizer, checked, end, stops) -> dict:
+    """One GGUF file: converted from merged/ (16-bit) or quantized from the 16-bit file; a 16-bit one is then checked
+    by the chat round trip (quants copy its metadata and vocabulary). Returns its export.json entry."""
+    path = run_dir / f"model.{gguf_type}.gguf"
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix=".fidelity-", dir=run_dir) as tmp:
-        ref = fidelity.reference(merged_dir, tokenizer, chosen, max_tokens, FIDELITY_ANSWER_TOKENS, Path(tmp))
-        for entry in written:
-            t0 = time.perf_counter()
-            numbers = fidelity.measure(run_dir / entry["name"], ref, question)
-            numbers["seconds"] = round(time.perf_counter() - t0, 2)
-            got = numbers.pop("verify", None)
-            if got and verify:
-                entry.update(
-                    verify_answer=got["answer"], verify_tokens=got["tokens"], verify_seconds=round(got["seconds"], 2)
-                )
-            entry["fidelity"] = numbers
-            log.info(
-                "fidelity: %s, %.0f%% identical answers, KL %.4g, perplexity %s (merged/ %s), %s tok/s",
-                entry["name"],
-                100 * numbers["identical"],
-                numbers["kl_divergence"],
-                numbers["perplexity"],
-                numbers["perplexity_merged"],
-                numbers["tokens_per_second"],
-            )
-            try:
-                warning = fidelity.judge(entry["type"], numbers)
-            except UserError:
-                for other in written:
-                    (run_dir / other["name"]).unlink(missing_ok=True)
-                raise
-            if warning:
-                log.warning("fidelity: %s", warning)
-                numbers["warning"] = warning
-    merged_numbers = {k: ref[k] for k in ("seconds", "tokens_per_second")}
-    merged_numbers["check_seconds"] = round(time.perf_counter() - started, 2)
-    return merged_numbers
+    if gguf_type in CONVERTER_TYPES:
+        convert(merged_dir, path, gguf_type, converter)
+        source = merged_dir.name
+    else:
+        quantize(run_dir / f"model.{base_type}.gguf", path, gguf_type)
+        source = f"model.{base_type}.gguf"
+    seconds = time.perf_counter() - started
+    log.info("gguf: %s from %s, %.0f MB in %.1f s", path.name, source, path.stat().st_size / 1e6, seconds)
+    checked_at = time.perf_counter()
+    if gguf_type in CONVERTER_TYPES:
+        try:
+            trip = fidelity.round_trip(path, tokenizer, checked, end, stops)
+        except UserError:
+            path.unlink(missing_ok=True)
+            raise
+        log.info(
+            "check: %s renders %d conversations as transformers does (%s), answers end on %s, a stop",
+            path.name,
+            trip["conversations"],
+            trip["chat_format"],
+            trip["end_token"],
+        )
+    return {
+        "name": path.name,
+        "type": gguf_type,
+        "source": source,
+        "bytes": path.stat().st_size,
+        "sha256": sha256(path),
+        "seconds": round(seconds, 2),
+        "round_trip_seconds": round(time.perf_counter() - checked_at, 2),
+    }
+
+
+def _fidelity(run_dir: Path, ref: dict, written: list[dict], verify: bool) -> dict:
+    """Every written file measured against merged/'s reference (fidelity.measure, one llama.cpp child for all), into
+    its export.json entry; its answer to the run's first train question goes in as verify_* when `verify`. A 16-bit
+    file unlike merged/ fails the export and removes every file written; a quant far from it is a warning."""
+    measured = fidelity.measure([run_dir / entry["name"] for entry in written], ref)
+    failure = None
+    for entry, numbers in zip(written, measured, strict=True):
+        got = numbers.pop("verify")
+        if verify:
+            entry.update(verify_answer=got["answer"], verify_tokens=got["tokens"], verify_seconds=got["seconds"])
+        entry["fidelity"] = numbers
+        log.info(
+            "fidelity: %s, %.0f%% identical answers, KL %.4g, perplexity %s (merged/ %s), %s tok/s",
+            entry["name"],
+            100 * numbers["identical"],
+            numbers["kl_divergence"],
+            numbers["perplexity"],
+            numbers["perplexity_merged"],
+            numbers["tokens_per_second"],
+        )
+        try:
+            warning = fidelity.judge(entry["type"], numbers)
+        except UserError as e:
+            failure = failure or e
+            continue
+        if warning:
+            log.warning("fidelity: %s", warning)
+            numbers["warning"] = warning
+    if failure:
+        for other in written:
+            (run_dir / other["name"]).unlink(missing_ok=True)
+        raise failure
+    return {k: ref[k] for k in ("seconds", "tokens_per_second")}
 
 
 def export_run(run, gguf_types: list[str], export_args, question: str | None = None):
