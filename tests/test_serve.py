@@ -243,6 +243,18 @@ def test_base_answers_while_tuned_streams(server):
 LONG = "context_length_exceeded"  # OpenAI's error code for a request over the context
 
 
+def test_a_greedy_question_answers_the_same_after_other_requests(server):
+    """The page promises that temperature 0 repeats. llama.cpp would reuse the previous prompt's cached prefix and run
+    the rest in other batch shapes, whose rounding can flip a near-tie (seen once on a tuned run); the server starts
+    every answer from an empty cache. On the embedded model this pair does not flip even without that, so the test
+    holds the promise rather than proving the cause."""
+    question = f"Describe the product '{PRODUCTS[0][1]}'."
+    first = call(f"{server.url}/v1/chat/completions", chat("tuned", question, max_tokens=24))[1]
+    call(f"{server.url}/v1/chat/completions", chat("tuned", f"Describe the product '{PRODUCTS[1][1]}'.", max_tokens=8))
+    again = call(f"{server.url}/v1/chat/completions", chat("tuned", question, max_tokens=24))[1]
+    assert first["choices"][0]["message"]["content"] == again["choices"][0]["message"]["content"]
+
+
 @pytest.mark.parametrize(
     "body, raw, headers, status, words, code",
     [
@@ -391,6 +403,9 @@ class FakeLlama:
 
     def tokenize(self, text: bytes, add_bos: bool = False, special: bool = False) -> list[int]:
         return list(text)
+
+    def reset(self) -> None:  # the server starts every answer from an empty cache
+        pass
 
     def create_chat_completion(self, messages, stream, model, **options):
         self.seen.append(messages)

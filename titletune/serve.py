@@ -352,6 +352,9 @@ class Generation:
 
     def _run(self, put) -> None:
         try:
+            # A fresh cache for every answer: reusing the previous request's prompt prefix evaluates the rest in other
+            # batch shapes, whose rounding flips near-ties, so the same greedy question could answer differently.
+            self.model.llm.reset()
             chunks = self.model.llm.create_chat_completion(
                 self.messages, stream=True, model=self.model.name, **self.options
             )
