@@ -2,6 +2,7 @@
 
     python bench/bench_learn.py --data <300 real trn.json records> --variants default,epochs8
     python bench/bench_learn.py --data <file> --list          # the variants and their train.py flags
+    python bench/bench_learn.py --score outputs/<run>         # score a finished run the same way
 
 Each variant is a real `train.py` run (the CPU default plus the variant's flags) on every product of --data, in a
 fresh folder, with no export and no evaluation after training. `fixed` trains on a one-line copy of the prompt set
@@ -44,6 +45,7 @@ VARIANTS = {
     "p10": ["--passes", "10"],
     "lr5e-4": ["--learning_rate", "5e-4"],
     "lr1e-3": ["--learning_rate", "1e-3"],
+    "lr4e-4": ["--learning_rate", "4e-4"],  # GPU presets: against their 2e-4
     "lr2e-3": ["--learning_rate", "2e-3"],
     "lr3e-3": ["--learning_rate", "3e-3"],
     "fixed": ["--prompts", "{fixed}"],  # one phrasing for every product and pass
@@ -159,9 +161,14 @@ def main() -> None:
     parser.add_argument("--variants", default="default", help=f"comma list of: {', '.join(VARIANTS)}")
     parser.add_argument("--samples", type=int, default=50, help="seen products scored (held-out: the test split)")
     parser.add_argument("--results", default=str(ROOT / "bench" / "learn_results.jsonl"), help="rows appended here")
-    parser.add_argument("--flags", help="train.py flags added to every variant, e.g. \"--learning_rate 1e-3\"")
+    parser.add_argument(
+        "--flags",
+        help="train.py flags added to every variant (they come last, so they win), e.g. \"--learning_rate 1e-3\" or "
+        "\"--config configs/llama3_2_3b_qlora.yaml --max-samples 2000\" for a GPU preset on a slice",
+    )
     parser.add_argument("--keep", help="keep the runs in this folder (default: a temporary one)")
     parser.add_argument("--list", action="store_true", help="print the variants and exit")
+    parser.add_argument("--score", help="score this finished run folder (e.g. a default train.py run) and exit")
     parser.add_argument("--full-ft", help=argparse.SUPPRESS)  # internal: full_ft() in a fresh process
     args = parser.parse_args()
     if args.full_ft:
@@ -169,6 +176,16 @@ def main() -> None:
     if args.list:
         for name, flags in VARIANTS.items():
             print(f"{name:12} {' '.join(flags) or '(the CPU default)'}")
+        return
+    if args.score:  # a run trained elsewhere (train.py as a user runs it): the same scores, one row
+        from bench_rag import cpu_name
+
+        row = {"variant": "scored", "run": args.score, "cpu": cpu_name(), "load_before": os.getloadavg()[0]}
+        row.update(score(args.score, args.samples, {}))
+        row["load_after"] = os.getloadavg()[0]
+        print(json.dumps(row), flush=True)
+        with open(args.results, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
         return
     if not args.data:
         parser.error("--data is required: a trn-format file of real records")

@@ -60,6 +60,7 @@ CONFIGS = {
     "fp32_base": ("base weights in fp32 (LoRA fp32), bf16 autocast", {"fp32_base": True}),
     "grouped": ("default + group_by_length (batches of similar lengths: less padding)", {"group_by_length": True}),
     "compile": ("default + torch.compile (inductor, C++ kernels)", {"torch_compile": True}),
+    "batch8": ("default at batch 8: the same rows in half the optimizer steps", {"batch_size": 8}),
     "grad_ckpt": ("default + gradient checkpointing", {"gradient_checkpointing": True}),
     # How idle OpenMP threads wait, and how many threads there are. Every other run uses WAIT below.
     "omp_spin": ("libgomp's default wait (spin 300,000 rounds, then sleep)", {"env": {"OMP_WAIT_POLICY": None}}),
@@ -222,7 +223,7 @@ def measure(name: str, data_dir: str, args: argparse.Namespace) -> dict:
     training_args = SFTConfig(
         output_dir=out,
         max_steps=steps,
-        per_device_train_batch_size=args.batch_size,
+        per_device_train_batch_size=opts.get("batch_size", args.batch_size),
         learning_rate=5e-4,
         lr_scheduler_type="constant",
         bf16=machine.bf16_supported() if opts.get("bf16") == "auto" else opts.get("bf16", True),

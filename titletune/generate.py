@@ -417,7 +417,8 @@ def check_gguf(path: str | Path) -> Path:
     if not path.is_file():
         raise UserError(
             f"GGUF file {path} does not exist; check the path (train.py writes "
-            "outputs/<run>/model.q4_k_m.gguf), or leave --gguf out to use the run's own."
+            "outputs/<run>/model.<type>.gguf: q8_0 on CPU, q4_k_m with a GPU preset), or leave --gguf out to use the "
+            "run's own."
         )
     with open(path, "rb") as f:
         if f.read(4) != b"GGUF":
