@@ -2,11 +2,13 @@
 
     python data/make_sample.py            # rewrites data/sample_trn.json (seeded: the same file every time)
 
-The real file is hard for a small model in ways an easy sample hides (README.md, "Learning the catalogue"): most
-products are books, and a book's description is often a publisher's blurb or a row of review quotes that reads like
-every other book's; the rest spans many categories; descriptions have a median of 398 characters and a 75th
-percentile of 805. Every text here is generated from the word lists below (no text from the real dataset), with a
-lognormal length around that median and spread. The traps the real file has are kept as fixed rows: HTML entities
+The sample should score what the real file scores, so that the demo tells the truth (README.md, "Learning the
+catalogue"): most products are books, and a book's description is often a publisher's blurb or a row of review
+quotes; the rest spans many categories; descriptions have a median of 398 characters and a 75th percentile of 805.
+Every text here is generated from the word lists below (no text from the real dataset), with a lognormal length around
+that median and spread. Titles and quotes draw on lists large enough that products rarely look alike, and sentences
+keep one natural order: a sample of look-alike titles, the same eight quotes and shuffled sentences measured far
+harder to recall than real records (seen ROUGE-L 0.54 against 0.83 after the same training). The traps the real file has are kept as fixed rows: HTML entities
 (some escaped twice), HTML tags, glued edition notes, empty and too-short descriptions, empty titles, repeated titles
 and one ~30,000-character description. tests/test_data.py counts them.
 """
@@ -23,25 +25,61 @@ OUT = Path(__file__).resolve().parent / "sample_trn.json"
 PRODUCTS = 280  # regular products; with the 20 trap rows, 300 lines, like the 300-record real head
 BOOK_SHARE = 0.6  # the head of the real file is mostly books
 # Lognormal target length of a description. Whole sentences overshoot it, so these sit below the real file's median
-# (398) and 75th percentile (805); the file written measures median 405, 75th percentile 833 (non-empty descriptions).
-MEDIAN, SIGMA = 355, 1.08
+# (398) and 75th percentile (805); the file written measures median 397, 75th percentile 808 (non-empty descriptions).
+MEDIAN, SIGMA = 370, 1.1
 
 FIRST = "Ada Bram Celia Dorian Edith Felix Greta Hollis Ines Jasper Kit Lena Milo Nora Otto Petra Quinn Rosa Silas Tova"
 LAST = "Ashdown Brightwell Carrow Dunmore Ellery Fenwick Garland Holloway Ingram Jessop Kettering Lowther Marsh Norcott"
-PLACES = "Cornwall, the Hebrides, Lisbon, Prague, Nova Scotia, the Yorkshire moors, Trieste, a Baltic port, Kyoto, Ohio"
-BOOK_THINGS = "Ledger, Orchard, Lantern, Harbour, Atlas, Cipher, Garden, Winter, Archive, Compass, Letters, Bell, River"
-BOOK_FORMS = "Hardcover, Paperback, Mass Market Paperback, Audio CD, Board book, Library Binding"
-PAPERS = "Sunday Times, Daily Telegraph, Guardian, Observer, Independent, Spectator, Literary Review, Kirkus Reviews"
-PRAISE = [
-    "A wonderful book",
-    "Gripping from the first page",
-    "Quite simply a masterpiece",
-    "Funny, wise and deeply moving",
-    "The best novel I have read this year",
-    "Impossible to put down",
-    "A triumph",
-    "Beautifully written",
+PLACES = (
+    "Cornwall, the Hebrides, Lisbon, Prague, Nova Scotia, the Yorkshire moors, Trieste, a Baltic port, Kyoto, Ohio, "
+    "Tangier, the Fens, Valparaiso, Odessa, the Outer Banks, Tasmania, Galway, Marrakesh, Bruges, the Dolomites, "
+    "Zanzibar, Quebec, the Orkneys, Seville, Montana, Hokkaido, Dubrovnik, the Camargue, Wellington, Lapland"
+)
+# Real titles are mostly distinct words: a small vocabulary would give the model look-alike titles to confuse, which
+# makes recall harder than on the real file (measured: seen ROUGE-L 0.55 here against 0.83 on real records, the books
+# with look-alike titles and rows of the same few review quotes scoring lowest).
+BOOK_THINGS = (
+    "Ledger, Orchard, Lantern, Harbour, Atlas, Cipher, Garden, Winter, Archive, Compass, Letters, Bell, River, Salt Road, "
+    "Glasshouse, Lighthouse, Weaver, Cartographer, Apothecary, Tide, Ferryman, Beekeeper, Clockmaker, Saltmarsh, "
+    "Falconer, Ropewalk, Observatory, Quarry, Vineyard, Hourglass, Mapmaker, Lamplighter, Inkwell, Chapel, Canal, "
+    "Foundry, Printer, Ice House, Tannery, Nightingale"
+)
+ADJECTIVES = (
+    "Silent Drowned Last Painted Hollow Borrowed Northern Crooked Burning Secret Paper Golden Forgotten Salt Glass "
+    "Distant Lost Wild Quiet Broken Second Iron Midnight Velvet Narrow Restless Bright Small Unquiet Amber"
+)
+TITLES = [
+    "The {thing} of {place}",
+    "{first}'s {thing}",
+    "The {adj} {thing}",
+    "A {adj} {thing}",
+    "Notes from the {thing}",
+    "{adj} Water, {adj2} Sky",
+    "The {thing} and the {thing2}",
+    "Return to {place}",
 ]
+BOOK_FORMS = "Hardcover, Paperback, Mass Market Paperback, Audio CD, Board book, Library Binding"
+PAPERS = (
+    "Sunday Times, Daily Telegraph, Guardian, Observer, Independent, Spectator, Literary Review, Kirkus Reviews, "
+    "Publishers Weekly, Library Journal, The Scotsman, Irish Times, New Statesman, Booklist, The Herald, Evening Standard"
+)
+# Review quotes as the real file has them: many, and each worded its own way (a row of the same eight quotes would be
+# the hardest thing in the sample to tell apart, harder than anything in the real file).
+PRAISE = [
+    "A {q} and {q2} {n}",
+    "{q}, {q2} and {q3}",
+    "Quite simply the most {q} {n} of the year",
+    "{q} from the first page to the last",
+    "A {n} of rare {virtue}",
+    "{author} writes with {virtue} and {virtue2}",
+    "I could not put this {q} {n} down",
+]
+QUALITIES = (
+    "gripping wise tender funny luminous haunting fierce generous exact playful sombre dazzling patient "
+    "unsentimental brave strange lyrical sharp humane restless"
+).split()
+PRAISE_NOUNS = "book novel debut story portrait memoir chronicle fable history account".split()
+VIRTUES = "grace wit tenderness precision courage warmth clarity nerve humour patience".split()
 GENRES = ["novel", "thriller", "memoir", "cookbook", "history", "picture book", "field guide", "poetry collection"]
 EVENTS = [
     "finds a stranger's diary washed ashore",
@@ -50,6 +88,15 @@ EVENTS = [
     "discovers that the family business was built on a lie",
     "takes a job cataloguing a dead collector's maps",
     "must guide a convoy through the worst winter in memory",
+    "opens a bookshop in a town that has stopped reading",
+    "answers an advertisement for a lighthouse keeper",
+    "follows a missing brother's letters across three countries",
+    "is hired to restore a chapel's painted ceiling",
+    "wins a racehorse in a card game",
+    "tries to save an orchard from the bank",
+    "teaches a village to swim the year the dam breaks",
+    "smuggles seeds out of a city under siege",
+    "sets out to map a river that changes course every spring",
 ]
 # Each category: product names (the noun last), variants, materials, facts, and what-is-in-the-box lines.
 CATEGORIES = {
@@ -183,13 +230,41 @@ def grow(rng: random.Random, sentences: list[str], length: int) -> str:
 def book(rng: random.Random) -> tuple[str, str]:
     first, last, places = words(FIRST), words(LAST), words(PLACES)
     hero, author = f"{rng.choice(first)} {rng.choice(last)}", f"{rng.choice(first)} {rng.choice(last)}"
-    title = f"The {rng.choice(words(BOOK_THINGS))} of {rng.choice(places).replace('the ', '').title()}"
+    things, adjectives = words(BOOK_THINGS), ADJECTIVES.split()
+    thing, thing2 = rng.sample(things, 2)
+    adj, adj2 = rng.sample(adjectives, 2)
+    genre, place, year = rng.choice(GENRES), rng.choice(places), rng.randint(1790, 2015)
+    # The description tells of what the title names (its place, hero, thing), as a real blurb does: a title the text
+    # never mentions is a harder thing to recall than the real file asks.
+    title = rng.choice(TITLES).format(
+        thing=thing,
+        thing2=thing2,
+        adj=adj,
+        adj2=adj2,
+        place=place.replace("the ", "").title(),
+        first=hero.split()[0],
+    )
     if rng.random() < 0.4:
         title += f" ({rng.choice(words(BOOK_FORMS))})"
-    genre, place, year = rng.choice(GENRES), rng.choice(places), rng.randint(1790, 2015)
-    quotes = [f"'{rng.choice(PRAISE)}' {rng.choice(words(PAPERS))}" for _ in range(rng.randint(2, 12))]
+    quotes = [
+        "'{}' {}".format(
+            rng.choice(PRAISE).format(
+                q=rng.choice(QUALITIES),
+                q2=rng.choice(QUALITIES),
+                q3=rng.choice(QUALITIES),
+                n=rng.choice(PRAISE_NOUNS),
+                virtue=rng.choice(VIRTUES),
+                virtue2=rng.choice(VIRTUES),
+                author=author.split()[-1],
+            ).capitalize(),
+            rng.choice(words(PAPERS)),
+        )
+        for _ in range(rng.randint(1, 6))
+    ]
     plot = [
         f"In {year}, in {place}, {hero} {rng.choice(EVENTS)}.",
+        f"At its centre is the {thing.lower()}, {adj.lower()} and {rng.choice(QUALITIES)}, and a {thing2.lower()} "
+        f"no one in {place} will speak of.",
         f"What follows is a {genre} about {rng.choice(['loyalty', 'grief', 'ambition', 'home', 'secrets', 'luck'])}, "
         f"told over {rng.randint(2, 40)} {rng.choice(['days', 'years', 'letters', 'chapters'])}.",
         f"{author} has written {rng.randint(2, 19)} books and lives in {rng.choice(places)}.",
@@ -207,11 +282,13 @@ def book(rng: random.Random) -> tuple[str, str]:
         f"{rng.choice(['teacher', 'doctor', 'sailor', 'journalist', 'librarian', 'chef'])} before writing.",
         f"This edition has {rng.randint(120, 900)} pages and a new {rng.choice(['foreword', 'afterword'])}.",
     ]
-    rng.shuffle(plot)
+    # A subset in the order above, as a blurb reads (premise, story, author, edition): a shuffled order would be one
+    # more arbitrary thing per product to store, which real descriptions do not ask of the model.
+    plot = [sentence for sentence in plot if rng.random() < 0.75] or plot[:1]
     blurb = rng.random() < 0.45  # a row of review quotes first, as many real book descriptions are
     sentences = (quotes + plot) if blurb else (plot + quotes)
     # Long descriptions go on into a publisher's note that retells the book: the same facts, said again.
-    sentences += ["From the publisher:"] + rng.sample(plot, len(plot)) + quotes[:2]
+    sentences += ["From the publisher:"] + plot + quotes[:2]
     content = grow(rng, sentences, target_length(rng))
     if rng.random() < 0.15:
         content += rng.choice(NOTES)
@@ -225,10 +302,10 @@ def thing(rng: random.Random) -> tuple[str, str]:
     name = names[k]
     title = f"{name} {fill(rng, rng.choice(variants))}"
     noun = name.split()[-1].lower()
-    extras = [fill(rng, e, noun=noun, category=category) for e in rng.sample(EXTRAS, len(EXTRAS))]
+    extras = [fill(rng, e, noun=noun, category=category) for e in EXTRAS]  # in the list's order
     sentences = [
         f"Made of {fill(rng, materials[k % len(materials)])}, this {noun} is built for everyday use.",
-        *(fill(rng, f) for f in rng.sample(facts, 2)),
+        *(fill(rng, facts[i]) for i in sorted(rng.sample(range(len(facts)), 2))),
         *extras,
         # Long listings go on into a specification and customer questions: the same facts, said again.
         "Specifications:",

@@ -314,9 +314,8 @@ def export(
                     got["answer"][:100],
                 )
 
-    # Ollama gets the smallest file asked for: a quant when there is one, which is what people run it for.
-    asked = [entry for entry in written if entry["type"] in types]
-    shipped = min(asked, key=lambda entry: entry["bytes"])
+    # Ollama gets the first type asked for (--gguf q8_0,q4_k_m ships q8_0, and the fidelity table shows why).
+    shipped = next(entry for kind in types for entry in written if entry["type"] == kind)
     named = ollama.template_for(chat_template)
     if named is None:
         log.warning("Modelfile: unknown chat format; Ollama will guess the template from the GGUF, or use none")

@@ -10,6 +10,11 @@
    distributions on the reference tokens (KL(merged || file), as llama-perplexity --kl-divergence measures it),
    ROUGE-L of the answers against the reference, and tokens/s.
 
+Cost (the export runs it every time, so it is kept to about a third of the export on CPU; bench/bench_export.py):
+merged/'s side (`reference`) needs only merged/, so export runs it beside the converter. llama.cpp then measures each
+file in its own child process, as many at once as there are cores; in each, every product's teacher-forced passes
+go in one multi-sequence batch, and the file's own answers are generated for all products at once.
+
 llama.cpp runs in a child process (`python -m titletune.fidelity`): it aborts the whole process on some broken files,
 and after hours of training that must be an error, not a crash.
 """
@@ -24,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -282,13 +288,32 @@ def _show(tokenizer, ids: list[int]) -> str:
 # ------------------------------------------------------------------------------------------------------ parity
 
 
+def _parity_children(paths: list[Path], ref: dict) -> list[dict]:
+    """The child's parity numbers for every file, one child per file, as many at once as there are cores, each on its
+    share of them. On 2 cores two files measured at once on one thread each beat one after the other on two: the
+    large teacher-forced batch gains only 1.3x from a second thread (655 against 502 tokens/s), and a file's token by
+    token steps leave the other core idle. Quants first: they also generate their own answers, so take longest."""
+    order = sorted(range(len(paths)), key=lambda i: Path(paths[i]).name.split(".")[-2] in ("f16", "bf16"))
+    workers = max(1, min(len(paths), machine.cpus()))
+    share = max(1, min(machine.MAX_LLAMA_THREADS, machine.cpus() // workers))
+    request = {
+        "op": "parity",
+        "reference": ref,
+        "threads": min(share, machine.llama_threads()),
+        "batch_threads": share,
+    }
+    with ThreadPoolExecutor(workers) as pool:
+        futures = {i: pool.submit(child, paths[i], {**request, "paths": [str(paths[i])]}) for i in order}
+        return [futures[i].result()["files"][0] for i in range(len(paths))]
+
+
 def measure(paths: list[Path], ref: dict) -> list[dict]:
-    """Each file's numbers against merged/ (see the module docstring), in one llama.cpp child for all of them; the
-    answers' ROUGE-L against the reference. "verify": the file's answer to the first train product's question (the
-    run's own example question), with its tokens and seconds."""
+    """Each file's numbers against merged/ (see the module docstring; llama.cpp in child processes, _parity_children);
+    the answers' ROUGE-L against the reference. "verify": the file's answer to the first train product's question
+    (the run's own example question), with its tokens and seconds."""
     from titletune import metrics
 
-    results = child(paths[0], {"op": "parity", "paths": [str(p) for p in paths], "reference": ref})["files"]
+    results = _parity_children(paths, ref)
     rows = ref["rows"]
     nll_merged = [x for r in rows for x in r["nll"]]
     first_train = next((i for i, r in enumerate(rows) if r["split"] == "train"), 0)
@@ -385,7 +410,7 @@ def child(gguf_path: Path, request: dict) -> dict:
     misread died with std::out_of_range in byte_to_token); after hours of training that must be an error, not a crash.
     """
     batch_threads = max(1, min(machine.MAX_LLAMA_THREADS, machine.cpus()))
-    request = {**request, "path": str(gguf_path), "threads": machine.llama_threads(), "batch_threads": batch_threads}
+    request = {"threads": machine.llama_threads(), "batch_threads": batch_threads, **request, "path": str(gguf_path)}
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(
         p for p in (str(Path(__file__).resolve().parent.parent), env.get("PYTHONPATH")) if p

@@ -17,6 +17,7 @@ import contextlib
 import dataclasses
 import datetime as dt
 import functools
+import json
 import os
 import shutil
 from pathlib import Path
@@ -104,7 +105,13 @@ class Run:
         return models.resolve(str(self.config["base_model"]))
 
     def gguf(self) -> Path:
-        """The GGUF export: q4_k_m first, then q8_0, f16, bf16, then any other *.gguf."""
+        """The GGUF the run ships: the Modelfile's (export.json), else q4_k_m, q8_0, f16, bf16, then any other."""
+        try:
+            shipped = json.loads((self.dir / "export.json").read_text(encoding="utf-8"))["modelfile"]["gguf"]
+        except (OSError, ValueError, KeyError, TypeError):
+            shipped = None
+        if isinstance(shipped, str) and (self.dir / shipped).is_file() and "/" not in shipped:
+            return self.dir / shipped
         for kind in GGUF_PREFERENCE:
             if (self.dir / f"model.{kind}.gguf").is_file():
                 return self.dir / f"model.{kind}.gguf"

@@ -650,12 +650,15 @@ def check(host: str, port: int, key: str | None, max_queue: int, timeout: float)
 
 
 def listen(host: str, port: int) -> socket.socket:
-    """A socket bound to host:port, for uvicorn to serve on; a port in use or a bad address is a UserError."""
+    """A socket bound to host:port and listening, for uvicorn to serve on; a port in use or a bad address is a UserError."""
     try:
         family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
         sock = socket.socket(family, kind, proto)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(address)
+        # Listening now, before the banner is printed, means a client that reads the banner and connects at once is
+        # queued by the kernel until uvicorn's loop accepts it (a bound socket that is not listening refuses it).
+        sock.listen(2048)
     except OSError as e:
         raise UserError(
             f"cannot listen on {host}:{port} ({e.strerror or e}). Pass a free --port, or stop what is using it."
