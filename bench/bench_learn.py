@@ -163,8 +163,8 @@ def main() -> None:
     parser.add_argument("--results", default=str(ROOT / "bench" / "learn_results.jsonl"), help="rows appended here")
     parser.add_argument(
         "--flags",
-        help="train.py flags added to every variant (they come last, so they win), e.g. \"--learning_rate 1e-3\" or "
-        "\"--config configs/llama3_2_3b_qlora.yaml --max-samples 2000\" for a GPU preset on a slice",
+        help='train.py flags added to every variant (they come last, so they win), e.g. "--learning_rate 1e-3" or '
+        '"--config configs/llama3_2_3b_qlora.yaml --max-samples 2000" for a GPU preset on a slice',
     )
     parser.add_argument("--keep", help="keep the runs in this folder (default: a temporary one)")
     parser.add_argument("--list", action="store_true", help="print the variants and exit")

@@ -1,7 +1,7 @@
 """The Unsloth backend for real on CPU: Unsloth 2026.10.9's own CPU backend (unsloth_zoo.cpu) under train.py.
 
 Every run is a subprocess through the real CLI, because `import unsloth` patches transformers, trl and peft for the
-whole process. One run goes train -> adapter -> merge (fp16) -> GGUF f16 + q4_k_m (each verified) -> Modelfile ->
+whole process. One run goes train -> adapter -> merge (fp16) -> GGUF q4_k_m + f16 (each verified) -> Modelfile ->
 evaluation report, and infer.py answers from it. These tests run in CI: unsloth is installed on every machine.
 """
 
@@ -39,7 +39,7 @@ def unsloth_run(tmp_path_factory) -> tuple[Path, str]:
         str(run_dir),
         *TINY,
         "--gguf",
-        "f16,q4_k_m",
+        "q4_k_m,f16",  # the Modelfile ships the first type
         "--eval-samples",
         "2",
     )

@@ -7,6 +7,7 @@ leaves a half-written file under a final name.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -287,20 +288,16 @@ def export(
             ref_end, rows = fidelity.prepare(tokenizer, measured, FIDELITY_ANSWER_TOKENS)
             threads = max(1, machine.cpus() - 1)
             reference = side.submit(fidelity.reference, merged_dir, ref_end, rows, fidelity_tokens, Path(tmp), threads)
-        for gguf_type in ordered:
-            written.append(
-                _write(gguf_type, run_dir, merged_dir, base_type, converter, tokenizer, checked, end, stops)
-            )
+
+        def write(gguf_type: str) -> dict:
+            return _write(gguf_type, run_dir, merged_dir, base_type, converter, tokenizer, checked, end, stops)
+
         merged_numbers = None
-        if reference is not None:  # the fidelity child also answers the verify question: one load per file
-            t0 = time.perf_counter()
-            ref = reference.result()
-            waited = time.perf_counter() - t0  # what merged/'s side cost beyond the converter's time
-            t0 = time.perf_counter()
-            merged_numbers = _fidelity(run_dir, ref, written, verify)
-            checks = waited + time.perf_counter() - t0 + sum(e["round_trip_seconds"] for e in written)
-            merged_numbers.update(waited_seconds=round(waited, 2), check_seconds=round(checks, 2))
-        elif verify:
+        if reference is None:
+            written += [write(gguf_type) for gguf_type in ordered]
+        else:
+            merged_numbers = _write_and_measure(write, reference, ordered, run_dir, written, verify)
+        if reference is None and verify:
             for entry in written:
                 got = _llama(run_dir / entry["name"], messages=messages, max_tokens=48)
                 entry.update(
@@ -379,11 +376,35 @@ def _write(gguf_type, run_dir: Path, merged_dir: Path, base_type, converter, tok
     }
 
 
-def _fidelity(run_dir: Path, ref: dict, written: list[dict], verify: bool) -> dict:
-    """Every written file measured against merged/'s reference (fidelity.measure, one llama.cpp child for all), into
+def _write_and_measure(write, reference, ordered, run_dir: Path, written: list[dict], verify: bool) -> dict:
+    """Every file written (`write`, into `written`) and measured against merged/'s reference: llama.cpp measures each
+    file as soon as it is written (fidelity.Parity), the 16-bit one while the quants are made. merged/'s side
+    (`reference`, a future) is usually done by the time the 16-bit file is. Returns export.json's fidelity_merged."""
+    waited, ref, parity = 0.0, None, None
+    with contextlib.ExitStack() as stack:
+        for gguf_type in ordered:
+            entry = write(gguf_type)
+            written.append(entry)
+            if parity is None:
+                t0 = time.perf_counter()
+                ref = reference.result()
+                waited = time.perf_counter() - t0  # what merged/'s side cost beyond the converter's time
+                parity = stack.enter_context(fidelity.Parity(ref, len(ordered)))
+            parity.start(run_dir / entry["name"])
+        t0 = time.perf_counter()
+        numbers = _fidelity(run_dir, ref, parity, written, verify)  # the fidelity children also answer `verify`
+    # What the check added beyond writing the files: merged/'s side not yet done when the 16-bit file was, the
+    # children still running after the last file was written, and the chat round trips.
+    checks = waited + time.perf_counter() - t0 + sum(e["round_trip_seconds"] for e in written)
+    numbers.update(waited_seconds=round(waited, 2), check_seconds=round(checks, 2))
+    return numbers
+
+
+def _fidelity(run_dir: Path, ref: dict, parity, written: list[dict], verify: bool) -> dict:
+    """Every written file measured against merged/'s reference (`parity`, a fidelity.Parity started on each), into
     its export.json entry; its answer to the run's first train question goes in as verify_* when `verify`. A 16-bit
     file unlike merged/ fails the export and removes every file written; a quant far from it is a warning."""
-    measured = fidelity.measure([run_dir / entry["name"] for entry in written], ref)
+    measured = parity.results()
     failure = None
     for entry, numbers in zip(written, measured, strict=True):
         got = numbers.pop("verify")

@@ -12,8 +12,9 @@
 
 Cost (the export runs it every time, so it is kept to about a third of the export on CPU; bench/bench_export.py):
 merged/'s side (`reference`) needs only merged/, so export runs it beside the converter. llama.cpp then measures each
-file in its own child process, as many at once as there are cores; in each, every product's teacher-forced passes
-go in one multi-sequence batch, and the file's own answers are generated for all products at once.
+file in its own child process as soon as the file is written (`Parity`), the 16-bit one while the quants are made, as
+many at once as there are cores; in each, every product's teacher-forced passes go in one multi-sequence batch, and
+the file's own answers are generated for all products at once.
 
 llama.cpp runs in a child process (`python -m titletune.fidelity`): it aborts the whole process on some broken files,
 and after hours of training that must be an error, not a crash.
@@ -288,32 +289,54 @@ def _show(tokenizer, ids: list[int]) -> str:
 # ------------------------------------------------------------------------------------------------------ parity
 
 
-def _parity_children(paths: list[Path], ref: dict) -> list[dict]:
-    """The child's parity numbers for every file, one child per file, as many at once as there are cores, each on its
-    share of them. On 2 cores two files measured at once on one thread each beat one after the other on two: the
-    large teacher-forced batch gains only 1.3x from a second thread (655 against 502 tokens/s), and a file's token by
-    token steps leave the other core idle. Quants first: they also generate their own answers, so take longest."""
-    order = sorted(range(len(paths)), key=lambda i: Path(paths[i]).name.split(".")[-2] in ("f16", "bf16"))
-    workers = max(1, min(len(paths), machine.cpus()))
-    share = max(1, min(machine.MAX_LLAMA_THREADS, machine.cpus() // workers))
-    request = {
-        "op": "parity",
-        "reference": ref,
-        "threads": min(share, machine.llama_threads()),
-        "batch_threads": share,
-    }
-    with ThreadPoolExecutor(workers) as pool:
-        futures = {i: pool.submit(child, paths[i], {**request, "paths": [str(paths[i])]}) for i in order}
-        return [futures[i].result()["files"][0] for i in range(len(paths))]
+class Parity:
+    """llama.cpp's side of the check, started for each file as soon as it is written: one child process per file, as
+    many at once as there are cores, each on its share of them. The 16-bit file is written first, so its child runs
+    while the quants are made. On 2 cores two files measured at once on one thread each beat one after the other on
+    two: the large teacher-forced batch gains only 1.3x from a second thread (655 against 502 tokens/s), and a file's
+    token by token steps leave the other core idle. A context manager: leaving it waits for children still running."""
+
+    def __init__(self, ref: dict, files: int):
+        self.ref = ref
+        workers = max(1, min(files, machine.cpus()))
+        share = max(1, min(machine.MAX_LLAMA_THREADS, machine.cpus() // workers))
+        self.request = {
+            "op": "parity",
+            "reference": ref,
+            "threads": min(share, machine.llama_threads()),
+            "batch_threads": share,
+        }
+        self.pool = ThreadPoolExecutor(workers)
+        self.futures: list = []
+
+    def start(self, path: Path) -> None:
+        self.futures.append(self.pool.submit(child, path, {**self.request, "paths": [str(path)]}))
+
+    def results(self) -> list[dict]:
+        """Every started file's numbers (see `measure`), in the order they were started."""
+        return numbers([f.result()["files"][0] for f in self.futures], self.ref)
+
+    def __enter__(self) -> Parity:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 def measure(paths: list[Path], ref: dict) -> list[dict]:
-    """Each file's numbers against merged/ (see the module docstring; llama.cpp in child processes, _parity_children);
-    the answers' ROUGE-L against the reference. "verify": the file's answer to the first train product's question
-    (the run's own example question), with its tokens and seconds."""
+    """Each file's numbers against merged/ (see the module docstring), the files measured at once (`Parity`)."""
+    with Parity(ref, len(paths)) as parity:
+        for path in paths:
+            parity.start(path)
+        return parity.results()
+
+
+def numbers(results: list[dict], ref: dict) -> list[dict]:
+    """The children's parity results as each file's numbers against merged/; the answers' ROUGE-L against the
+    reference. "verify": the file's answer to the first train product's question (the run's own example question),
+    with its tokens and seconds."""
     from titletune import metrics
 
-    results = _parity_children(paths, ref)
     rows = ref["rows"]
     nll_merged = [x for r in rows for x in r["nll"]]
     first_train = next((i for i, r in enumerate(rows) if r["split"] == "train"), 0)
