@@ -31,9 +31,9 @@ RAG_K = 1
 PASSES = 8
 # The export fidelity check (fidelity.py): products per split, greedy tokens compared per answer, and reference tokens
 # scored per product (KL divergence, perplexity). 2 + 2 products and 32 + 32 tokens tell f16 (KL ~1e-5) from q4_k_m
-# (~0.05-0.13) by four orders of magnitude, and keep the check about 30% of the export stage on CPU: measured on 2
-# quiet cores (bench/README.md, bench_export.py), +2.6 s next to 8.5 s of merge + convert + quantize at 2 + 2
-# products, +2.9 s (33%) at 3 + 3.
+# (~0.002-0.13) by two to four orders of magnitude, and keep the check about a third of the export stage on CPU:
+# measured on 2 quiet cores (bench/README.md, bench_export.py), the default run's f16, q8_0 and q4_k_m: +2.7 s next to
+# 8.2 s of merge + convert + quantize (33%); with f16 + q4_k_m only, +2.6 s next to 8.5 s (30%).
 FIDELITY_SAMPLES = 2
 FIDELITY_TOKENS = 32
 FIDELITY_ANSWER_TOKENS = 32
