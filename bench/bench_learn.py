@@ -1,6 +1,6 @@
 """Does the tuned model learn the catalogue? Trains train.py variants on real records and measures recall.
 
-    python bench/bench_learn.py --data <300 real trn.json records> --variants default,epochs8
+    python bench/bench_learn.py --data <300 real trn.json records> --variants default,p6
     python bench/bench_learn.py --data <file> --list          # the variants and their train.py flags
     python bench/bench_learn.py --score outputs/<run>         # score a finished run the same way
 
