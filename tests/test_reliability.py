@@ -225,7 +225,15 @@ def test_ctrl_c_during_start_up_imports_exits_130_without_a_traceback(tmp_path):
         # A shell's background job inherits SIGINT ignored, and Python then never raises KeyboardInterrupt.
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
-    time.sleep(3)  # inside parse(): importing torch, unsloth, trl (10-20 s here)
+    # Ctrl-C inside parse()'s imports: as soon as torch's library is mapped, trl, transformers and peft are still to
+    # come (seconds), and no output folder exists yet. A fixed sleep was too late on a fast machine with warm caches.
+    maps, deadline = Path(f"/proc/{proc.pid}/maps"), time.monotonic() + 120
+    while True:
+        assert proc.poll() is None, f"train.py exited {proc.returncode} before importing torch"
+        assert time.monotonic() < deadline, "train.py did not import torch within 120 s"
+        if "libtorch_cpu" in maps.read_text(errors="replace"):
+            break
+        time.sleep(0.01)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-3000:]
