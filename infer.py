@@ -8,7 +8,7 @@ prompts/ and the model's chat template, exactly as in training.
     python infer.py --interactive --only tuned                                 # a prompt loop; Ctrl-D quits
     python infer.py --rag "What is 'Girls Ballet Tutu Neon Pink'?"             # + tuned with catalogue entries
     python infer.py --rag --rag-index data/trn.json "Tell me about ..."        # search the whole catalogue
-    python infer.py "What is ...?" --engine llamacpp                           # the GGUF the run ships (its Modelfile's)
+    python infer.py "What is ...?" --engine llamacpp                           # the GGUF the run ships
     python infer.py "What is ...?" --engine llamacpp --gguf outputs/<run>/model.q8_0.gguf --base-gguf base.gguf
     python infer.py --evaluate --samples 20                                    # report.{json,md,png} in the run
     python infer.py --evaluate --data data/trn.json --samples 50                 # products of any trn file

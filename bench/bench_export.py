@@ -1,6 +1,6 @@
 """What the export fidelity check costs: a finished run's GGUF export timed with and without it, A/B interleaved.
 
-    python bench/bench_export.py --run outputs/<run> --rounds 3            # f16, q8_0, q4_k_m: as train.py exports
+    python bench/bench_export.py --run outputs/<run> --rounds 3            # f16, q8_0, q4_k_m, as train.py
     python bench/bench_export.py --run outputs/<run> --gguf q4_k_m,q8_0 --samples 3
 
 Each export runs in its own process (`--child`) into a scratch folder, as train.py's export stage runs it: merge the
@@ -13,7 +13,6 @@ check's own seconds as export.json records them, the machine's CPU and flags, an
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import shutil
@@ -29,8 +28,6 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from titletune import config
-
-DEFAULT_GGUF = next(f.default for f in dataclasses.fields(config.ExportArguments) if f.name == "gguf")
 
 
 def child(run_dir: str, out_dir: str, gguf: str, samples: int) -> dict:
@@ -78,7 +75,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", help="a finished run folder (adapter/ and merged/)")
     parser.add_argument(
-        "--gguf", default=DEFAULT_GGUF, help="GGUF types, as train.py --gguf (f16 is always written; default: its)"
+        "--gguf",
+        default=config.ExportArguments().gguf,
+        help="GGUF types, as train.py --gguf (f16 is always written; default: train.py's)",
     )
     parser.add_argument(
         "--samples", type=int, default=config.FIDELITY_SAMPLES, help="fidelity products per split for 'with'"

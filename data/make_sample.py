@@ -8,9 +8,9 @@ quotes; the rest spans many categories; descriptions have a median of 398 charac
 Every text here is generated from the word lists below (no text from the real dataset), with a lognormal length around
 that median and spread. Titles and quotes draw on lists large enough that products rarely look alike, and sentences
 keep one natural order: a sample of look-alike titles, the same eight quotes and shuffled sentences measured far
-harder to recall than real records (seen ROUGE-L 0.54 against 0.83 after the same training). The traps the real file has are kept as fixed rows: HTML entities
-(some escaped twice), HTML tags, glued edition notes, empty and too-short descriptions, empty titles, repeated titles
-and one ~30,000-character description. tests/test_data.py counts them.
+harder to recall than real records (seen ROUGE-L 0.54 against 0.83 after the same training). The traps the real file
+has are kept as fixed rows: HTML entities (some escaped twice), HTML tags, glued edition notes, empty and too-short
+descriptions, empty titles, repeated titles and one ~30,000-character description. tests/test_data.py counts them.
 """
 
 from __future__ import annotations
@@ -28,8 +28,12 @@ BOOK_SHARE = 0.6  # the head of the real file is mostly books
 # (398) and 75th percentile (805); the file written measures median 397, 75th percentile 808 (non-empty descriptions).
 MEDIAN, SIGMA = 370, 1.1
 
-FIRST = "Ada Bram Celia Dorian Edith Felix Greta Hollis Ines Jasper Kit Lena Milo Nora Otto Petra Quinn Rosa Silas Tova"
-LAST = "Ashdown Brightwell Carrow Dunmore Ellery Fenwick Garland Holloway Ingram Jessop Kettering Lowther Marsh Norcott"
+FIRST = (
+    "Ada Bram Celia Dorian Edith Felix Greta Hollis Ines Jasper Kit Lena Milo Nora Otto Petra Quinn Rosa Silas Tova"
+)
+LAST = (
+    "Ashdown Brightwell Carrow Dunmore Ellery Fenwick Garland Holloway Ingram Jessop Kettering Lowther Marsh Norcott"
+)
 PLACES = (
     "Cornwall, the Hebrides, Lisbon, Prague, Nova Scotia, the Yorkshire moors, Trieste, a Baltic port, Kyoto, Ohio, "
     "Tangier, the Fens, Valparaiso, Odessa, the Outer Banks, Tasmania, Galway, Marrakesh, Bruges, the Dolomites, "
@@ -39,10 +43,10 @@ PLACES = (
 # makes recall harder than on the real file (measured: seen ROUGE-L 0.55 here against 0.83 on real records, the books
 # with look-alike titles and rows of the same few review quotes scoring lowest).
 BOOK_THINGS = (
-    "Ledger, Orchard, Lantern, Harbour, Atlas, Cipher, Garden, Winter, Archive, Compass, Letters, Bell, River, Salt Road, "
-    "Glasshouse, Lighthouse, Weaver, Cartographer, Apothecary, Tide, Ferryman, Beekeeper, Clockmaker, Saltmarsh, "
-    "Falconer, Ropewalk, Observatory, Quarry, Vineyard, Hourglass, Mapmaker, Lamplighter, Inkwell, Chapel, Canal, "
-    "Foundry, Printer, Ice House, Tannery, Nightingale"
+    "Ledger, Orchard, Lantern, Harbour, Atlas, Cipher, Garden, Winter, Archive, Compass, Letters, Bell, River, "
+    "Salt Road, Glasshouse, Lighthouse, Weaver, Cartographer, Apothecary, Tide, Ferryman, Beekeeper, Clockmaker, "
+    "Saltmarsh, Falconer, Ropewalk, Observatory, Quarry, Vineyard, Hourglass, Mapmaker, Lamplighter, Inkwell, "
+    "Chapel, Canal, Foundry, Printer, Ice House, Tannery, Nightingale"
 )
 ADJECTIVES = (
     "Silent Drowned Last Painted Hollow Borrowed Northern Crooked Burning Secret Paper Golden Forgotten Salt Glass "
@@ -61,7 +65,8 @@ TITLES = [
 BOOK_FORMS = "Hardcover, Paperback, Mass Market Paperback, Audio CD, Board book, Library Binding"
 PAPERS = (
     "Sunday Times, Daily Telegraph, Guardian, Observer, Independent, Spectator, Literary Review, Kirkus Reviews, "
-    "Publishers Weekly, Library Journal, The Scotsman, Irish Times, New Statesman, Booklist, The Herald, Evening Standard"
+    "Publishers Weekly, Library Journal, The Scotsman, Irish Times, New Statesman, Booklist, The Herald, "
+    "Evening Standard"
 )
 # Review quotes as the real file has them: many, and each worded its own way (a row of the same eight quotes would be
 # the hardest thing in the sample to tell apart, harder than anything in the real file).
@@ -248,7 +253,8 @@ def book(rng: random.Random) -> tuple[str, str]:
         title += f" ({rng.choice(words(BOOK_FORMS))})"
     quotes = [
         "'{}' {}".format(
-            rng.choice(PRAISE).format(
+            rng.choice(PRAISE)
+            .format(
                 q=rng.choice(QUALITIES),
                 q2=rng.choice(QUALITIES),
                 q3=rng.choice(QUALITIES),
@@ -256,7 +262,8 @@ def book(rng: random.Random) -> tuple[str, str]:
                 virtue=rng.choice(VIRTUES),
                 virtue2=rng.choice(VIRTUES),
                 author=author.split()[-1],
-            ).capitalize(),
+            )
+            .capitalize(),
             rng.choice(words(PAPERS)),
         )
         for _ in range(rng.randint(1, 6))
@@ -269,8 +276,7 @@ def book(rng: random.Random) -> tuple[str, str]:
         f"told over {rng.randint(2, 40)} {rng.choice(['days', 'years', 'letters', 'chapters'])}.",
         f"{author} has written {rng.randint(2, 19)} books and lives in {rng.choice(places)}.",
         f"This is book {rng.randint(1, 5)} of the {rng.choice(words(LAST))} series, and stands on its own.",
-        f"With {rng.randint(8, 120)} {rng.choice(['illustrations', 'recipes', 'maps', 'photographs'])} "
-        f"and an index.",
+        f"With {rng.randint(8, 120)} {rng.choice(['illustrations', 'recipes', 'maps', 'photographs'])} and an index.",
         f"Shortlisted for the {rng.choice(words(LAST))} Prize in {rng.randint(1995, 2016)}.",
         f"As the {rng.choice(['storm', 'war', 'trial', 'harvest', 'election'])} draws near, {hero.split()[0]} must "
         f"choose between {rng.choice(['a brother', 'a lover', 'an old friend', 'a rival'])} and the truth.",
@@ -341,7 +347,9 @@ def main() -> None:
         rows.append((title, dress(rng, content)))
     # The product the README asks about, written as the real one is: short, and unlike the books around it.
     rows[7] = ("Girls Ballet Tutu Neon Pink", "Three layers of soft neon pink tulle on an elastic waist. Ages 2 to 6.")
-    rows.append(("Complete Works in One Volume", " ".join(["A long description that is cut at a sentence end."] * 590)))
+    rows.append(
+        ("Complete Works in One Volume", " ".join(["A long description that is cut at a sentence end."] * 590))
+    )
     for title, _ in rows[10 : 10 + DUPLICATES]:
         rows.append((f"  {title.upper()} ", "A later copy of an earlier title: dropped as a duplicate."))
     rows += TRAPS

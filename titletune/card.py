@@ -17,7 +17,7 @@ from pathlib import Path
 
 from titletune import evaluate, export, fidelity, files, models
 from titletune.errors import UserError
-from titletune.runs import Run
+from titletune.runs import Run, read_json
 
 log = logging.getLogger(__name__)
 
@@ -52,22 +52,14 @@ def sources(run: Run) -> dict:
             except ValueError:  # a line cut short by a kill: the others still count
                 continue
     src = {
-        "stats": _json(run.data / "stats.json"),
+        "stats": read_json(run.data / "stats.json"),
         "log": records,
-        "report": _json(run.dir / "report.json"),
-        "export": _json(run.dir / "export.json"),
-        "lora": _json(run.adapter / "adapter_config.json"),
+        "report": read_json(run.dir / "report.json"),
+        "export": read_json(run.dir / "export.json"),
+        "lora": read_json(run.adapter / "adapter_config.json"),
     }
     src["ggufs"] = _ggufs(run, src["export"])
     return src
-
-
-def _json(path: Path) -> dict | None:
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return value if isinstance(value, dict) else None
 
 
 # ------------------------------------------------------------------------------------------------------- metadata

@@ -232,7 +232,8 @@ class InferArguments:
     gguf: str | None = field(
         default=None,
         metadata={
-            "help": "Tuned GGUF for --engine llamacpp (default: the GGUF the run ships, its Modelfile's; else q4_k_m, q8_0, f16); "
+            "help": "Tuned GGUF for --engine llamacpp (default: the GGUF the run ships, its Modelfile's; else "
+            "q4_k_m, q8_0, f16); "
             "with --serve, model 'tuned' (a file in a run folder brings that run's prompts)."
         },
     )

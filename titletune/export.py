@@ -293,23 +293,25 @@ def export(
             return _write(gguf_type, run_dir, merged_dir, base_type, converter, tokenizer, checked, end, stops)
 
         merged_numbers = None
-        if reference is None:
-            written += [write(gguf_type) for gguf_type in ordered]
-        else:
+        if reference is not None:
             merged_numbers = _write_and_measure(write, reference, ordered, run_dir, written, verify)
-        if reference is None and verify:
-            for entry in written:
-                got = _llama(run_dir / entry["name"], messages=messages, max_tokens=48)
-                entry.update(
-                    verify_answer=got["answer"], verify_tokens=got["tokens"], verify_seconds=round(got["seconds"], 2)
-                )
-                log.info(
-                    "verify: %s, %d tokens at %.0f tok/s: %r",
-                    entry["name"],
-                    got["tokens"],
-                    got["tokens"] / max(got["seconds"], 1e-9),
-                    got["answer"][:100],
-                )
+        else:
+            written += [write(gguf_type) for gguf_type in ordered]
+            if verify:
+                for entry in written:
+                    got = _llama(run_dir / entry["name"], messages=messages, max_tokens=48)
+                    entry.update(
+                        verify_answer=got["answer"],
+                        verify_tokens=got["tokens"],
+                        verify_seconds=round(got["seconds"], 2),
+                    )
+                    log.info(
+                        "verify: %s, %d tokens at %.0f tok/s: %r",
+                        entry["name"],
+                        got["tokens"],
+                        got["tokens"] / max(got["seconds"], 1e-9),
+                        got["answer"][:100],
+                    )
 
     # Ollama gets the first type asked for (--gguf q8_0,q4_k_m ships q8_0, and the fidelity table shows why).
     shipped = next(entry for kind in types for entry in written if entry["type"] == kind)

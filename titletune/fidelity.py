@@ -43,9 +43,10 @@ log = logging.getLogger(__name__)
 
 # Thresholds, from measurements (bench/README.md, "Export fidelity"): a 16-bit file of the embedded model, trained and
 # merged in bf16, measured mean KL 0.00001-0.0004 and every greedy answer identical (the default run: 9e-06, 4/4);
-# q8_0 about 0.001-0.002, q4_k_m about 0.03-0.05 (the default run: 0.0022 and 0.036, 2/4 identical each). A 16-bit file must stay within F16_MAX_KL (10x the worst measured) and give at least F16_MIN_IDENTICAL
-# identical answers: one near-tie flipping a token is rounding, half of them is a broken file. A quant above
-# QUANT_WARN_KL (2x q4_k_m's worst) gets a warning: it still loads, but answers noticeably unlike merged/.
+# q8_0 about 0.001-0.002, q4_k_m about 0.03-0.05 (the default run: 0.0022 and 0.036, 2/4 identical each). A 16-bit
+# file must stay within F16_MAX_KL (10x the worst measured) and give at least F16_MIN_IDENTICAL identical answers:
+# one near-tie flipping a token is rounding, half of them is a broken file. A quant above QUANT_WARN_KL (2x q4_k_m's
+# worst) gets a warning: it still loads, but answers noticeably unlike merged/.
 F16_MAX_KL = 0.005
 F16_MIN_IDENTICAL = 0.5
 QUANT_WARN_KL = 0.1
@@ -313,7 +314,7 @@ class Parity:
         self.futures.append(self.pool.submit(child, path, {**self.request, "paths": [str(path)]}))
 
     def results(self) -> list[dict]:
-        """Every started file's numbers (see `measure`), in the order they were started."""
+        """Every started file's numbers (`numbers`), in the order they were started."""
         return numbers([f.result()["files"][0] for f in self.futures], self.ref)
 
     def __enter__(self) -> Parity:
@@ -321,14 +322,6 @@ class Parity:
 
     def __exit__(self, *exc) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
-
-
-def measure(paths: list[Path], ref: dict) -> list[dict]:
-    """Each file's numbers against merged/ (see the module docstring), the files measured at once (`Parity`)."""
-    with Parity(ref, len(paths)) as parity:
-        for path in paths:
-            parity.start(path)
-        return parity.results()
 
 
 def numbers(results: list[dict], ref: dict) -> list[dict]:

@@ -33,6 +33,15 @@ CONFIG = "run_config.yaml"
 GGUF_PREFERENCE = ("q4_k_m", "q8_0", "f16", "bf16")  # the file a user would ship first, then the larger ones
 
 
+def read_json(path: Path) -> dict | None:
+    """A run file's JSON object, or None when it is missing, cut short or not an object (a run may be mid-write)."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
 @dataclasses.dataclass(frozen=True)
 class Run:
     """A run folder and its run_config.yaml, read once (`load`, `latest`)."""
@@ -106,10 +115,8 @@ class Run:
 
     def gguf(self) -> Path:
         """The GGUF the run ships: the Modelfile's (export.json), else q4_k_m, q8_0, f16, bf16, then any other."""
-        try:
-            shipped = json.loads((self.dir / "export.json").read_text(encoding="utf-8"))["modelfile"]["gguf"]
-        except (OSError, ValueError, KeyError, TypeError):
-            shipped = None
+        modelfile = (read_json(self.dir / "export.json") or {}).get("modelfile")
+        shipped = modelfile.get("gguf") if isinstance(modelfile, dict) else None
         if isinstance(shipped, str) and (self.dir / shipped).is_file() and "/" not in shipped:
             return self.dir / shipped
         for kind in GGUF_PREFERENCE:

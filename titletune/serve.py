@@ -650,7 +650,8 @@ def check(host: str, port: int, key: str | None, max_queue: int, timeout: float)
 
 
 def listen(host: str, port: int) -> socket.socket:
-    """A socket bound to host:port and listening, for uvicorn to serve on; a port in use or a bad address is a UserError."""
+    """A socket bound to host:port and listening, for uvicorn to serve on; a port in use or a bad address is a
+    UserError."""
     try:
         family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
         sock = socket.socket(family, kind, proto)
