@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import shutil
 import sys
 import textwrap
@@ -265,7 +266,9 @@ def _str(path) -> str | None:
 
 
 if __name__ == "__main__":
+    from titletune import logs
     from titletune.models import disable_telemetry
 
     disable_telemetry()  # before transformers and huggingface_hub are imported
+    logs.setup(logging.WARNING)  # infer.py prints its answers; the log keeps to warnings
     main(parse_args())

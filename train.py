@@ -20,7 +20,7 @@ import logging
 import shlex
 import sys
 
-from titletune import backends, config, machine, models, runs
+from titletune import backends, config, logs, machine, models, runs
 from titletune.config import DEFAULTS, GPU_CONFIG, DataArguments, ExportArguments, ScriptArguments
 from titletune.errors import UserError, cli
 
@@ -162,6 +162,6 @@ def main(script_args, model_args, data_args, export_args, training_args):
 
 if __name__ == "__main__":
     models.disable_telemetry()  # before trl, datasets and huggingface_hub are imported
-    logging.basicConfig(format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S", level=logging.INFO)
+    logs.setup()  # the same: they read their progress-bar settings at import
     args = cli(parse)(sys.argv[1:])  # a bad flag, or Ctrl-C during the imports: one line, no traceback
     main(*args)

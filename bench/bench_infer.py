@@ -121,9 +121,9 @@ def run_hf(model_dir: str, dtype_name: str, threads: int, ids: list[int], new: i
 
 
 def run_gguf(path: str, threads: int, ids: list[int], new: int, reps: int) -> dict:
-    import llama_cpp
+    from titletune import llamacpp
 
-    llm = llama_cpp.Llama(model_path=path, n_ctx=2048, n_threads=threads, n_threads_batch=threads, verbose=False)
+    llm = llamacpp.load(path, threads=threads)
 
     def once(n: int) -> tuple[float, float, float, list[int]]:
         llm.reset()  # no KV-cache prefix reuse: every repetition evaluates the whole prompt, as a new chat would

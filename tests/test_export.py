@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from titletune import export as gguf_export
-from titletune import fidelity, ollama
+from titletune import fidelity, llamacpp, ollama
 from titletune.config import FIDELITY_TOKENS, cache_dir
 from titletune.errors import UserError
 from titletune.models import embedded_hf_dir
@@ -114,12 +114,8 @@ def test_gguf_carries_chat_template_and_tokenizer(run, tokenizer):
 
 
 def test_q4_k_m_answers_in_llama_cpp(run):
-    import llama_cpp
-
     run_dir, _ = run
-    llm = llama_cpp.Llama(
-        str(run_dir / "model.q4_k_m.gguf"), n_ctx=2048, n_threads=1, n_threads_batch=1, verbose=False
-    )
+    llm = llamacpp.load(run_dir / "model.q4_k_m.gguf", threads=1)
     try:
         reply = llm.create_chat_completion(messages=MESSAGES, max_tokens=24, temperature=0.0)
     finally:
@@ -132,7 +128,6 @@ def test_f16_gguf_agrees_with_merged_model(run, merged, tokenizer):
     """Greedy decoding of the same prompt: transformers on merged/ (bf16 weights, computed in fp32) against llama.cpp
     on the f16 GGUF (the same bf16 values, exactly representable). Their logits differ by rounding only, so the first
     token must agree; later tokens may legitimately drift after a near tie, so only the first three are compared."""
-    import llama_cpp
     from transformers import AutoModelForCausalLM
 
     run_dir, _ = run
@@ -142,7 +137,7 @@ def test_f16_gguf_agrees_with_merged_model(run, merged, tokenizer):
     with torch.no_grad():
         hf = model.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False)[0, len(ids) :].tolist()
 
-    llm = llama_cpp.Llama(str(run_dir / "model.f16.gguf"), n_ctx=2048, n_threads=1, n_threads_batch=1, verbose=False)
+    llm = llamacpp.load(run_dir / "model.f16.gguf", threads=1)
     try:
         assert llm.tokenize(prompt.encode(), add_bos=False, special=True) == ids
         cpp = []
@@ -169,7 +164,8 @@ def test_modelfile(run):
     assert from_line == "FROM ./model.q4_k_m.gguf" and (run_dir / from_line.split("./", 1)[1]).is_file()
     assert f'SYSTEM """{SYSTEM}"""' in text
     assert 'PARAMETER stop "<|im_end|>"' in text
-    assert "PARAMETER num_ctx 2048" in text
+    assert ollama.parameters(run_dir / "Modelfile")["num_ctx"] == "2048"
+    assert ollama.parameters(run_dir / "Modelfile")["temperature"] == "0"  # greedy, as the report decodes
     # Ollama's own ChatML template, written out because its auto-detection is a fuzzy match (see ollama.TEMPLATES).
     assert 'TEMPLATE """{{- range .Messages }}<|im_start|>{{ .Role }}' in text
     assert report["modelfile"] == {
@@ -285,13 +281,30 @@ def test_cached_converter_needs_no_network(run, monkeypatch):
     assert (expected.parent / "conversion" / "llama.py").is_file()
 
 
-def test_offline_without_cache_says_what_to_do(tmp_path, monkeypatch):
+def test_an_export_never_downloads_the_converter(tmp_path, monkeypatch):
+    """Without a cached converter an export says how to get one; it runs no pip (set-up fetched it)."""
+    real_run = subprocess.run
+
+    def no_pip(cmd, *args, **kwargs):
+        assert "pip" not in cmd, "an export ran pip"
+        return real_run(cmd, *args, **kwargs)
+
+    monkeypatch.delenv("LLAMA_CPP_DIR", raising=False)
+    monkeypatch.setenv("TITLETUNE_CACHE", str(tmp_path))
+    monkeypatch.setattr(subprocess, "run", no_pip)
+    with pytest.raises(UserError) as err:
+        gguf_export.find_converter()
+    assert "make setup" in str(err.value) and "--llama_cpp_dir" in str(err.value)
+    assert [p.name for p in tmp_path.iterdir()] == []
+
+
+def test_fetch_offline_says_what_to_do(tmp_path, monkeypatch):
     monkeypatch.delenv("LLAMA_CPP_DIR", raising=False)
     monkeypatch.delenv("PIP_FIND_LINKS", raising=False)
     monkeypatch.setenv("TITLETUNE_CACHE", str(tmp_path))
     monkeypatch.setenv("PIP_NO_INDEX", "1")  # a real pip run that cannot reach any index
     with pytest.raises(UserError) as err:
-        gguf_export.find_converter()
+        gguf_export.fetch_converter()
     assert "--llama_cpp_dir" in str(err.value) and "LLAMA_CPP_DIR" in str(err.value)
     assert [p.name for p in tmp_path.iterdir()] == []  # no half-made cache entry
 

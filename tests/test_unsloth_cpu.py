@@ -103,7 +103,7 @@ def test_merged_model_loads_back_and_answers(unsloth_run):
 
 
 def test_ggufs_verified_and_answer_in_llama_cpp(unsloth_run):
-    import llama_cpp
+    from titletune import llamacpp
 
     run_dir, _ = unsloth_run
     report = json.loads((run_dir / "export.json").read_text())
@@ -112,7 +112,7 @@ def test_ggufs_verified_and_answer_in_llama_cpp(unsloth_run):
     for name, entry in files.items():
         assert (run_dir / name).read_bytes()[:4] == b"GGUF"
         assert entry["verify_answer"].strip() and entry["verify_tokens"] > 0  # loaded and answered in llama.cpp
-    llm = llama_cpp.Llama(str(run_dir / "model.q4_k_m.gguf"), n_ctx=512, n_threads=1, n_threads_batch=1, verbose=False)
+    llm = llamacpp.load(run_dir / "model.q4_k_m.gguf", n_ctx=512, threads=1)
     try:
         reply = llm.create_chat_completion(
             messages=[{"role": "user", "content": "What is 'Girls Ballet Tutu Neon Pink'?"}],

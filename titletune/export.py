@@ -23,7 +23,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from titletune import fidelity, files, machine, ollama, prompts
+from titletune import fidelity, files, llamacpp, machine, ollama, prompts
 from titletune.config import FIDELITY_ANSWER_TOKENS, FIDELITY_TOKENS, cache_dir
 from titletune.errors import UserError
 
@@ -102,9 +102,13 @@ def llama_cpp_version() -> str:
         ) from None
 
 
-def find_converter(llama_cpp_dir: str | None = None) -> Path:
-    """convert_hf_to_gguf.py from --llama_cpp_dir, else $LLAMA_CPP_DIR, else the cache, else the sdist of the
-    installed llama-cpp-python (downloaded once with pip; the converter then matches the llama.cpp that loads it)."""
+def find_converter(llama_cpp_dir: str | None = None, fetch: bool = False) -> Path:
+    """convert_hf_to_gguf.py from --llama_cpp_dir, else $LLAMA_CPP_DIR, else the cache, which set-up fills from the
+    sdist of the installed llama-cpp-python (so the converter matches the llama.cpp that loads its files).
+
+    An export never downloads (`fetch` False): fetching runs pip, which prepares the sdist's metadata with the
+    package's own build code, and needs the package index; set-up (`make setup`) does both once, so exports work
+    offline and run no package code."""
     for source, folder in (("--llama_cpp_dir", llama_cpp_dir), ("LLAMA_CPP_DIR", os.environ.get("LLAMA_CPP_DIR"))):
         if folder:
             path = Path(folder).expanduser().resolve() / CONVERTER
@@ -117,7 +121,19 @@ def find_converter(llama_cpp_dir: str | None = None) -> Path:
     cached = cache_dir() / f"llama.cpp-{version}" / CONVERTER
     if cached.is_file():
         return cached
+    if not fetch:
+        raise UserError(
+            f"no llama.cpp converter ({CONVERTER}) in {cached.parent}: set-up fetches it once (make setup, or "
+            "`.venv/bin/python -c 'from titletune import export; export.fetch_converter()'` with the package index "
+            "reachable); or pass --llama_cpp_dir with a llama.cpp checkout, or set LLAMA_CPP_DIR; or --gguf none."
+        )
     return _extract_converter(version, cached.parent)
+
+
+def fetch_converter() -> Path:
+    """Set-up's step: the converter of the installed llama-cpp-python in the cache, downloaded once (needs pip and
+    the package index)."""
+    return find_converter(fetch=True)
 
 
 def _extract_converter(version: str, target: Path) -> Path:
@@ -198,18 +214,17 @@ def quantize(src: str | Path, dst: str | Path, qtype: str) -> Path:
         raise UserError(f"unknown quantization {qtype!r}; valid: {', '.join(QUANT_TYPES)}.")
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, QUANT_TYPES[qtype])
-    # llama.cpp logs every tensor (and, at hidden sizes not divisible by 256, a fallback warning for each) through
-    # llama-cpp-python's logger; errors still get through.
-    llama_log = logging.getLogger("llama-cpp-python")
-    level = llama_log.level
-    llama_log.setLevel(logging.ERROR)
-    try:
-        with files.atomic_path(dst) as tmp:
+    # llama.cpp logs a line per tensor that a K-quant cannot take (at hidden sizes not divisible by 256: most tensors
+    # of the 135M model), at error level; they become one line, and the log is shown only when quantizing fails.
+    with files.atomic_path(dst) as tmp:
+        with llamacpp.captured_log() as lines:
             rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
-            if rc != 0 or not tmp.is_file():
-                raise UserError(f"llama.cpp could not quantize {src.name} to {qtype} (return code {rc}).")
-    finally:
-        llama_log.setLevel(level)
+        if rc != 0 or not tmp.is_file():
+            tail = "\n".join(lines[-6:]) or "no output"
+            raise UserError(f"llama.cpp could not quantize {src.name} to {qtype} (return code {rc}):\n{tail}")
+    summary = llamacpp.fallbacks(lines)
+    if summary:
+        log.info("gguf: %s: %s (expected for small models; real Llama sizes are multiples)", dst.name, summary)
     return dst
 
 
@@ -246,6 +261,7 @@ def export(
     outtype: str = "f16",
     samples: list[fidelity.Sample] | None = None,
     fidelity_tokens: int = FIDELITY_TOKENS,
+    decoding: dict | None = None,
 ) -> dict:
     """merged/ -> model.<outtype>.gguf -> model.<quant>.gguf for each type -> checked in llama.cpp -> Modelfile ->
     export.json. Returns what export.json holds. `outtype` is the 16-bit file the quants are made from; it is always
@@ -253,7 +269,8 @@ def export(
 
     `samples` (the run's products; fidelity.samples) are what each file is measured on against merged/ (see
     fidelity.py): the chat round trip of every 16-bit file, then the parity numbers of every file. None: one built-in
-    example product; []: the round trip on it, and no parity numbers."""
+    example product; []: the round trip on it, and no parity numbers. `decoding` is laid over the Modelfile's
+    PARAMETERs (ollama.PARAMS, the report's greedy decoding): export_run adds the run's answer length."""
     run_dir, merged_dir = Path(run_dir), Path(merged_dir)
     types = parse_gguf_types(",".join(gguf_types))
     if not types:
@@ -318,7 +335,8 @@ def export(
     named = ollama.template_for(chat_template)
     if named is None:
         log.warning("Modelfile: unknown chat format; Ollama will guess the template from the GGUF, or use none")
-    ollama.write_modelfile(run_dir, shipped["name"], system_prompt, stops, template=named[1] if named else None)
+    template = named[1] if named else None
+    ollama.write_modelfile(run_dir, shipped["name"], system_prompt, stops, params=decoding, template=template)
     log.info("Modelfile: FROM ./%s, template %s, stop %s", shipped["name"], named[0] if named else "none", stops)
 
     report = {
@@ -357,6 +375,8 @@ def _write(gguf_type, run_dir: Path, merged_dir: Path, base_type, converter, tok
     if gguf_type in CONVERTER_TYPES:
         try:
             trip = fidelity.round_trip(path, tokenizer, checked, end, stops)
+        except fidelity.EngineCrash:
+            raise  # llama.cpp died, not the file: it stays
         except UserError:
             path.unlink(missing_ok=True)
             raise
@@ -465,6 +485,7 @@ def export_run(run, gguf_types: list[str], export_args, question: str | None = N
                 {"test": run.split("test"), "train": run.split("train")}, export_args.fidelity_samples
             ),
             fidelity_tokens=export_args.fidelity_tokens,
+            decoding=modelfile_decoding(run),
         )
         if (run.dir / "report.json").is_file():  # --export-only: the report's fidelity table follows the new files
             from titletune import evaluate
@@ -474,6 +495,18 @@ def export_run(run, gguf_types: list[str], export_args, question: str | None = N
 
     card.write(run)  # its files, hashes and fidelity table follow the new export
     return run
+
+
+def modelfile_decoding(run) -> dict:
+    """The Modelfile's decoding for a run: the report's (generate.Sampling's defaults), with the run's answer length."""
+    from titletune.generate import Sampling
+
+    sampling = Sampling().for_run(run)
+    return {
+        "temperature": sampling.temperature,
+        "repeat_penalty": sampling.repetition_penalty,
+        "num_predict": sampling.max_new_tokens,
+    }
 
 
 # -------------------------------------------------------------------------------------------------------- helpers

@@ -34,7 +34,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from titletune import machine
+from titletune import llamacpp, machine
 from titletune.errors import UserError
 
 # llama_cpp is imported only in the child (see export.py: libgomp reads OMP_WAIT_POLICY once, when it loads).
@@ -439,11 +439,17 @@ def child(gguf_path: Path, request: dict) -> dict:
     finally:
         os.unlink(f.name)
     if result.returncode != 0:
-        how = f"signal {-result.returncode}" if result.returncode < 0 else f"exit {result.returncode}"
         tail = "\n".join([line for line in result.stderr.strip().splitlines() if line.strip()][-6:]) or "no output"
         names = ", ".join(Path(p).name for p in request.get("paths") or [gguf_path])
-        raise UserError(f"{names} failed in llama.cpp ({how}), so the GGUF export is broken:\n{tail}")
+        crashed = llamacpp.crash(result.returncode)
+        if crashed:  # the engine died, not the file: the export keeps the files and says so
+            raise EngineCrash(f"{crashed} (it was measuring {names}).\n{tail}")
+        raise UserError(f"{names} failed in llama.cpp (exit {result.returncode}), so the GGUF export is broken:\n{tail}")
     return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+class EngineCrash(UserError):
+    """llama.cpp died by a signal while measuring a GGUF: the engine or this machine failed, not the file."""
 
 
 class _Captured(Exception):
@@ -477,7 +483,7 @@ def _main(request_path: str) -> None:
     threads = request["threads"]
     op = request["op"]
     if op == "render":
-        llm = llama_cpp.Llama(model_path=request["path"], vocab_only=True, verbose=False)
+        llm = llamacpp.load(request["path"], vocab_only=True)
         out = {
             "metadata": dict(llm.metadata),
             "chat_format": llm.chat_format if llm.chat_handler is None else "custom handler",
@@ -497,14 +503,7 @@ def _main(request_path: str) -> None:
             out["files"].append(_parity(llama_cpp, {**request, "path": path}, threads))
     elif op == "answer":  # export.read_metadata and export.verify
         messages = request["messages"]
-        llm = llama_cpp.Llama(
-            model_path=request["path"],
-            vocab_only=not messages,
-            n_ctx=2048,
-            n_threads=threads,
-            n_threads_batch=threads,
-            verbose=False,
-        )
+        llm = llamacpp.load(request["path"], threads=threads, vocab_only=not messages)
         out = {"metadata": dict(llm.metadata)}
         if messages:
             started = time.perf_counter()
@@ -535,7 +534,7 @@ def _parity(llama_cpp, request: dict, threads: int) -> dict:
     ref = request["reference"]
     rows, end, max_tokens = ref["rows"], ref["end"], ref["max_tokens"]
     n = len(rows)
-    llm = llama_cpp.Llama(model_path=request["path"], n_ctx=64, verbose=False)  # the weights and the vocabulary
+    llm = llamacpp.load(request["path"], n_ctx=64)  # the weights and the vocabulary
     vocab = llm.n_vocab()
     shared = min(len(r["prompt_ids"]) for r in rows) - 1  # the chat template and system message: evaluated once
     for r in rows[1:]:

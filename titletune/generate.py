@@ -16,7 +16,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from titletune import machine, models, prompts
+from titletune import llamacpp, machine, models, prompts
 from titletune.config import RAG_K
 from titletune.errors import UserError
 from titletune.runs import Run
@@ -300,7 +300,7 @@ class LlamaCppEngine:
         gguf: str | Path | None = None,
         base_gguf: str | Path | None = None,
         threads: int | None = None,
-        n_ctx: int = 2048,
+        n_ctx: int = llamacpp.N_CTX,
     ):
         self.run = run
         self.systems = tuple(systems)
@@ -333,11 +333,7 @@ class LlamaCppEngine:
         return text + 8 * len(conversation) + 8
 
     def _load(self, path: Path):
-        import llama_cpp
-
-        return llama_cpp.Llama(
-            str(path), n_ctx=self.n_ctx, n_threads=self.threads, n_threads_batch=self.threads, verbose=False
-        )
+        return llamacpp.load(path, n_ctx=self.n_ctx, threads=self.threads)
 
     def generate(
         self,

@@ -4,15 +4,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from titletune import files
+from titletune import files, llamacpp
 from titletune.errors import UserError
 
 # End-of-turn tokens of the common chat formats (ChatML, Llama 3, Llama 2/Mistral, Phi-3, Gemma). Ollama stops on
 # the GGUF's EOS by itself; listing the end-of-turn tokens too keeps a model that never emits EOS from running on.
 END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "</s>", "<|end|>", "<end_of_turn>")
 
-# Near-greedy: answers are recalled descriptions, and 0.2 still lets a run that repeats itself get out.
-PARAMS = {"temperature": 0.2, "num_ctx": 2048}
+# The report's decoding (generate.Sampling's defaults), so that `ollama run` answers as the scored model does: greedy
+# (temperature 0; any other value makes answers differ from the report, and from run to run) and no repetition
+# penalty (Ollama before 0.32.10 applies 1.1 when none is given, which changes recalled descriptions and keeps an exact
+# recall from stopping after it). export_run adds num_predict, the run's answer length. The README, "Use the GGUF",
+# says which Ollama versions do what.
+PARAMS = {"temperature": 0, "repeat_penalty": 1, "num_ctx": llamacpp.N_CTX}
 
 # Ollama does not run Jinja. `ollama create` picks a Go template by Levenshtein distance (< 100) between the GGUF's
 # tokenizer.chat_template and the Jinja templates it knows (ollama/ollama template/template.go, Named); with no match
@@ -79,3 +83,24 @@ def write_modelfile(
     path = Path(run_dir) / "Modelfile"
     files.write_atomic(path, "\n".join(lines) + "\n")
     return path
+
+
+def parameters(path: str | Path) -> dict[str, str | list[str]]:
+    """A Modelfile's PARAMETER lines as {name: value} (stop: every value, in order), as `ollama show` lists them."""
+    params: dict = {}
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        if line.startswith("PARAMETER "):
+            _, name, value = line.split(" ", 2)
+            if name == "stop":
+                params.setdefault("stop", []).append(value.strip('"'))
+            else:
+                params[name] = value
+    return params
+
+
+def gguf_name(path: str | Path) -> str | None:
+    """The file a Modelfile's FROM line names, relative to its folder ("./model.q8_0.gguf" -> "model.q8_0.gguf")."""
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        if line.startswith("FROM "):
+            return line[5:].strip().removeprefix("./")
+    return None

@@ -18,15 +18,18 @@ import dataclasses
 import datetime as dt
 import functools
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
 
 import yaml
 
-from titletune import files, models, prompts
+from titletune import files, models, ollama, prompts
 from titletune.config import EMBEDDED, ROOT, cache_dir
 from titletune.errors import UserError
+
+log = logging.getLogger(__name__)
 
 OUTPUTS = ROOT / "outputs"
 CONFIG = "run_config.yaml"
@@ -114,17 +117,24 @@ class Run:
         return models.resolve(str(self.config["base_model"]))
 
     def gguf(self) -> Path:
-        """The GGUF the run ships: the Modelfile's (export.json), else q4_k_m, q8_0, f16, bf16, then any other."""
+        """The GGUF the run ships: the Modelfile's (export.json, else the Modelfile's FROM line); else q4_k_m, q8_0,
+        f16, bf16, then any other, with a warning that names the file taken."""
         modelfile = (read_json(self.dir / "export.json") or {}).get("modelfile")
         shipped = modelfile.get("gguf") if isinstance(modelfile, dict) else None
-        if isinstance(shipped, str) and (self.dir / shipped).is_file() and "/" not in shipped:
+        if not shipped and (self.dir / "Modelfile").is_file():
+            shipped = ollama.gguf_name(self.dir / "Modelfile")
+        if isinstance(shipped, str) and "/" not in shipped and (self.dir / shipped).is_file():
             return self.dir / shipped
-        for kind in GGUF_PREFERENCE:
-            if (self.dir / f"model.{kind}.gguf").is_file():
-                return self.dir / f"model.{kind}.gguf"
-        others = sorted(self.dir.glob("*.gguf"))
-        if others:
-            return others[0]
+        found = [self.dir / f"model.{kind}.gguf" for kind in GGUF_PREFERENCE]
+        found = [path for path in found if path.is_file()] or sorted(self.dir.glob("*.gguf"))
+        if found:
+            log.warning(
+                "%s: neither export.json nor a Modelfile says which GGUF the run ships; using %s (--gguf FILE picks "
+                "another)",
+                self.dir,
+                found[0].name,
+            )
+            return found[0]
         raise UserError(
             f"{self.dir} has no GGUF export; pass --gguf FILE, or export one: "
             f"python train.py --export_only --run {self.dir} --gguf q4_k_m"

@@ -45,12 +45,12 @@ from starlette.exceptions import HTTPException
 from starlette.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.routing import Route
 
-from titletune import generate, models, prompts
+from titletune import generate, llamacpp, models, prompts
 from titletune.config import DataArguments
 from titletune.errors import UserError
 from titletune.runs import Run
 
-N_CTX = 2048  # as infer.py's llama.cpp engine: system prompt, question and the longest preset answer (528) fit
+N_CTX = llamacpp.N_CTX
 MAX_BODY = 1 << 20  # bytes: a whole 2048-token context is ~10 KB of text; a body near 1 MB is not a question
 EXAMPLES = 4  # example questions on the page, from the run's first train products
 KEY_ENV = "TITLETUNE_API_KEY"
@@ -148,10 +148,8 @@ def _chat_formatter(llm):
 
 
 def load_model(name: str, path: Path, threads: int, max_queue: int) -> Model:
-    import llama_cpp
-
     try:
-        llm = llama_cpp.Llama(str(path), n_ctx=N_CTX, n_threads=threads, n_threads_batch=threads, verbose=False)
+        llm = llamacpp.load(path, n_ctx=N_CTX, threads=threads)
     except ValueError as e:  # llama.cpp could not read the file (damaged, or an architecture it does not know)
         raise UserError(f"llama.cpp cannot load {path} as model {name!r} ({e}); re-export it or pass another file.")
     return Model(name, path, llm, max_queue)
