@@ -129,15 +129,17 @@ def test_auto_output_dir_is_rank_zeros_on_every_rank(tmp_path):
         from titletune import runs
         dist.init_process_group("gloo")
         time.sleep(1.2 * dist.get_rank())  # more than a second apart: the timestamps differ
-        print("RUN_DIR", dist.get_rank(), runs.resolve_dir("auto"), flush=True)
+        # each rank writes its own file: torchrun pipes both ranks' stdout into one, where lines can interleave
+        with open({str(tmp_path)!r} + f"/rank{{dist.get_rank()}}.txt", "w") as f:
+            f.write(str(runs.resolve_dir("auto")))
         dist.destroy_process_group()
     """)
     )
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=launch_env())
     assert result.returncode == 0, result.stderr[-3000:]
-    found = dict(line.split()[1:] for line in result.stdout.splitlines() if line.startswith("RUN_DIR"))
-    assert set(found) == {"0", "1"} and found["0"] == found["1"]
+    found = {rank: (tmp_path / f"rank{rank}.txt").read_text() for rank in ("0", "1")}
+    assert found["0"] == found["1"]
     assert Path(found["0"]).parent == runs.OUTPUTS
     assert not Path(found["0"]).exists()  # resolving names the folder; it does not make it
 
