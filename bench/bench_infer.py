@@ -3,6 +3,10 @@
     .venv/bin/python bench/bench_infer.py                                   # 10 engine setups once, ~2 min
     .venv/bin/python bench/bench_infer.py --rounds 2 --gguf_dir /tmp/gguf   # palindromic order, GGUFs kept for reuse
     .venv/bin/python bench/bench_infer.py --model outputs/<run>/merged --configs hf:bf16:2,gguf:q4_k_m:1
+    .venv/bin/python bench/bench_infer.py --configs gguf:q8_0:2,ggufx:q8_0:2 --rounds 4   # the loader's cost
+
+gguf loads as the project does (titletune.llamacpp: no extra buffer types); ggufx as llama.cpp does by default, with
+its AMX or repacked weight layouts where the build has them (on an AMX Xeon, quantized files then crash).
 
 The model is the embedded SmolLM2-135M-Instruct (models.embedded_hf_dir()), or --model (a merged run, which has the
 same shapes). Its GGUFs are made the way train.py makes them: export.convert (llama.cpp's convert_hf_to_gguf.py) to
@@ -41,7 +45,7 @@ sys.path.insert(0, str(ROOT))
 # An optional 4th part of a config picks one; without it, llama.cpp runs as titletune.export runs it (PASSIVE:
 # it measured 1-10 tok/s without it under load) and torch with the short spin bench_train.py found best.
 POLICIES = {"passive": {"OMP_WAIT_POLICY": "PASSIVE"}, "spin": {}, "spin10k": {"GOMP_SPINCOUNT": "10000"}}
-DEFAULT_POLICY = {"gguf": "passive", "hf": "spin10k"}
+DEFAULT_POLICY = {"gguf": "passive", "ggufx": "passive", "hf": "spin10k"}
 DEFAULT_CONFIGS = [
     "hf:fp32:2",
     "hf:bf16:2",
@@ -120,9 +124,10 @@ def run_hf(model_dir: str, dtype_name: str, threads: int, ids: list[int], new: i
     return _summarise([once(new) for _ in range(reps)], new)
 
 
-def run_gguf(path: str, threads: int, ids: list[int], new: int, reps: int) -> dict:
+def run_gguf(path: str, threads: int, ids: list[int], new: int, reps: int, extra_bufts: bool = False) -> dict:
     from titletune import llamacpp
 
+    llamacpp.USE_EXTRA_BUFFER_TYPES = extra_bufts  # ggufx: llama.cpp's own default (AMX/repacked weights where built)
     llm = llamacpp.load(path, threads=threads)
 
     def once(n: int) -> tuple[float, float, float, list[int]]:
@@ -217,18 +222,19 @@ def child() -> None:
     if engine == "hf":
         result = run_hf(request["target"], variant, int(threads), request["ids"], request["new"], request["reps"])
     else:
-        result = run_gguf(request["target"], int(threads), request["ids"], request["new"], request["reps"])
+        extra = engine == "ggufx"
+        result = run_gguf(request["target"], int(threads), request["ids"], request["new"], request["reps"], extra)
     print(json.dumps(result))
 
 
 def check_configs(names: list[str], parser: argparse.ArgumentParser) -> None:
-    types = {"hf": ("fp32", "bf16"), "gguf": ("f16", "q8_0", "q4_k_m")}
+    types = {"hf": ("fp32", "bf16"), "gguf": ("f16", "q8_0", "q4_k_m"), "ggufx": ("f16", "q8_0", "q4_k_m")}
     for name in names:
         parts = name.split(":")
         ok = len(parts) in (3, 4) and parts[0] in types and parts[1] in types[parts[0]] and parts[2].isdigit()
         if not ok or (len(parts) == 4 and parts[3] not in POLICIES):
             parser.error(
-                f"--configs: {name!r} is not ENGINE:TYPE:THREADS[:WAIT] (hf:fp32|bf16, gguf:f16|q8_0|q4_k_m; "
+                f"--configs: {name!r} is not ENGINE:TYPE:THREADS[:WAIT] (hf:fp32|bf16, gguf|ggufx:f16|q8_0|q4_k_m; "
                 f"WAIT: {', '.join(POLICIES)})"
             )
 

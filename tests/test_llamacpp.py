@@ -141,3 +141,20 @@ def test_the_modelfile_pins_the_reports_decoding(trained_run):
     assert int(params["num_ctx"]) == llamacpp.N_CTX
     assert "<|im_end|>" in params["stop"]
     assert ollama.gguf_name(trained_run / "Modelfile") == "model.q4_k_m.gguf"
+
+
+def test_the_model_cards_python_snippet_answers(trained_run):
+    """The card's llama-cpp-python snippet, run as a hub user would run it (plain llama_cpp, no titletune), loads the
+    run's GGUF without extra buffer types and answers."""
+    import re
+
+    card = (trained_run / "README.md").read_text()
+    snippet = next(block for block in re.findall(r"```python\n(.*?)```", card, re.S) if "llama_cpp" in block)
+    assert "use_extra_bufts = False" in snippet
+    check = snippet + "\nassert llm.model_params.use_extra_bufts is False\n"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    result = subprocess.run(
+        [sys.executable, "-c", check], capture_output=True, text=True, timeout=300, env=env, cwd="/", check=False
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip()
