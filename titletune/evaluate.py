@@ -124,7 +124,8 @@ def evaluate_run(run: Run, settings: EvalSettings | None = None, engine=None, ba
                 }
             )
     for item in items:
-        generate.check_length(engine, item["rag_prompt"], settings.sampling.max_new_tokens)
+        entries = len(item["retrieved"])
+        generate.check_length(engine, item["rag_prompt"], settings.sampling.max_new_tokens, entries, settings.rag_k)
 
     timing = {}
     for system, (model, grounded) in GENERATED.items():

@@ -464,8 +464,10 @@ def ask(
     sampling = (sampling or Sampling()).for_run(engine.run)
     hits = [index.search(q, k) for q in questions] if index is not None else None
     grounded = [prompts.rag_messages(ps, q, h) for q, h in zip(questions, hits, strict=True)] if hits else []
-    for conv in conversations + grounded:
+    for conv in conversations:
         check_length(engine, conv, sampling.max_new_tokens)
+    for conv, found in zip(grounded, hits or [], strict=True):
+        check_length(engine, conv, sampling.max_new_tokens, entries=len(found), k=k)
     out: dict[str, list] = {s: engine.generate(conversations, s, sampling, progress=progress) for s in systems}
     if index is not None:
         model = "tuned" if "tuned" in systems else systems[0]
@@ -474,18 +476,30 @@ def ask(
     return out
 
 
-def check_length(engine, conversation: list[dict], max_new_tokens: int) -> None:
+def check_length(
+    engine, conversation: list[dict], max_new_tokens: int, entries: int | None = None, k: int | None = None
+) -> None:
     """Refuse, before generating, a prompt that leaves no room for the answer in the model's context: llama.cpp
-    would raise mid-session, and transformers would spend minutes past its position limit producing garbage."""
+    would raise mid-session, and transformers would spend minutes past its position limit producing garbage.
+
+    entries: for a RAG prompt, how many catalogue entries it holds (k: the --rag-k that asked for them); then the
+    message blames those, since the question alone was checked first."""
     room = engine.context - max_new_tokens
     used = engine.prompt_tokens(conversation)
-    if used > room:
+    if used <= room:
+        return
+    reads = f"this model reads {engine.context:,} tokens including the {max_new_tokens} it may answer with"
+    if entries is None:
         chars = len(conversation[-1]["content"])
         raise UserError(
-            f"the question is too long: {chars:,} characters, {used:,} tokens with the prompt, and this model reads "
-            f"{engine.context:,} tokens including the {max_new_tokens} it may answer with (--max-new-tokens). "
-            "Shorten the question to a product title or a sentence about it."
+            f"the question is too long: {chars:,} characters, {used:,} tokens with the prompt, and {reads} "
+            "(--max-new-tokens). Shorten the question to a product title or a sentence about it."
         )
+    fix = f"lower --rag-k (now {k})" if (k or entries) > 1 else "lower --max-new-tokens"
+    raise UserError(
+        f"the {entries:,} retrieved catalogue entries are too long for the model: with them the prompt takes "
+        f"{used:,} tokens, and {reads} (--max-new-tokens). Fix: {fix}."
+    )
 
 
 def perplexity(nll: float, tokens: int) -> tuple[float | None, float | None]:

@@ -1,7 +1,8 @@
 """Reading products files: JSON lines or a small JSON array, gzipped or not, one raw row at a time.
 
 Every line that gives no row is counted by its reason in a stats Counter, never raised; a file that cannot be read
-at all (missing, empty, a directory, truncated gzip, an oversized array) ends in a UserError that says what to do.
+at all (missing, empty, a directory, a pipe or device, another compression than gzip, truncated gzip, an oversized
+array) ends in a UserError that says what to do.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import gzip
 import io
 import json
 import os
+import stat
 import zlib
 from collections import Counter
 from collections.abc import Iterator
@@ -20,9 +22,20 @@ import orjson
 from titletune.errors import UserError
 
 GZIP_MAGIC = b"\x1f\x8b"
+# Compressions that files come in but this reader does not open, by magic bytes: what each is, and the command that
+# turns it into a file it reads. Without this a zstd file reads as lines of malformed JSON.
+OTHER_COMPRESSIONS = {
+    b"\x28\xb5\x2f\xfd": ("zstd", "zstd -d {path}"),
+    b"\xfd7zXZ\x00": ("xz", "xz -dk {path}"),
+    b"BZh": ("bzip2", "bunzip2 -k {path}"),
+    b"PK\x03\x04": ("zip", "unzip {path}"),
+    b"7z\xbc\xaf\x27\x1c": ("7z", "7z x {path}"),
+}
+SUPPORTED = "JSON lines or a JSON array, plain or gzip-compressed (.gz)"
 BOM = b"\xef\xbb\xbf"
 ARRAY_LIMIT = 200 * 1024**2  # a JSON array must be parsed whole; past this, ask for JSON lines instead
 PROGRESS_MIN_BYTES = 64 * 1024**2  # smaller files finish before a progress bar says anything useful
+LINE_PROBE = 1024**2  # bytes of a line read at once when telling JSON lines from an array
 
 
 def check_path(path: str | Path) -> Path:
@@ -37,11 +50,40 @@ def check_path(path: str | Path) -> Path:
         raise UserError(
             f"--data {path} is a directory, not a file.{inside} Pass the file itself, e.g. {path}/trn.json."
         )
+    if not path.is_file():
+        # The input is read more than once (sniffed, keyed for the cache by its size and ends, read in parallel by
+        # byte ranges), so a pipe or a device, whose size reads as 0, cannot be read; say so rather than "empty".
+        raise UserError(
+            f"data file {path} is {_kind(path)}, not a regular file, and data is read from regular files only (it is "
+            f"read more than once). Save the stream to a file first, e.g. `cat > trn.json`, and pass that; supported: "
+            f"{SUPPORTED}."
+        )
     if path.stat().st_size == 0:
         raise UserError(f"data file {path} is empty (0 bytes); re-download it or {hint}.")
     if not os.access(path, os.R_OK):
         raise UserError(f"data file {path} is not readable by this user; fix its permissions (chmod a+r {path}).")
+    with open(path, "rb") as f:
+        head = f.read(8)
+    for magic, (name, command) in OTHER_COMPRESSIONS.items():
+        if head.startswith(magic):
+            raise UserError(
+                f"data file {path} is {name}-compressed, and {name} is not supported; decompress it with "
+                f"`{command.format(path=path)}` (or recompress it with gzip) and pass that. Supported: {SUPPORTED}."
+            )
     return path
+
+
+def _kind(path: Path) -> str:
+    mode = path.stat().st_mode
+    if stat.S_ISFIFO(mode):
+        return "a pipe (FIFO)"
+    if stat.S_ISCHR(mode):
+        return "a character device"
+    if stat.S_ISBLK(mode):
+        return "a block device"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "not a file"
 
 
 def is_gzip(path: Path) -> bool:
@@ -89,7 +131,8 @@ _MALFORMED = object()  # ... and for a line that is not JSON, already counted in
 
 def _parse_slow(line: bytes, number: int, stats: Counter) -> object:
     """A line orjson refused: a BOM, a blank line, bad UTF-8 or a lone surrogate escape (repaired, counted in
-    stats["bad_utf8"], kept), or broken JSON (counted in stats["malformed_json"], _MALFORMED)."""
+    stats["bad_utf8"], kept), or broken JSON or JSON nested too deep to parse (counted in stats["malformed_json"],
+    _MALFORMED)."""
     if number == 1 and line.startswith(BOM):
         line = line[len(BOM) :]
         try:
@@ -103,7 +146,7 @@ def _parse_slow(line: bytes, number: int, stats: Counter) -> object:
     try:
         # The stdlib also takes the lone surrogate escapes that orjson refuses; clean_text repairs them.
         obj = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: "[[[[..." past ~1,000 levels, which orjson refuses too
         stats["malformed_json"] += 1
         return _MALFORMED
     stats["bad_utf8"] += 1
@@ -188,8 +231,14 @@ def iter_products(
     stats = Counter() if stats is None else stats
     path = check_path(path)
     if sniff(path) == b"[":
-        yield from _iter_array(path, title_field, content_field, stats)
-        return
+        items = _load_array(path)
+        if items is not None:
+            for number, obj in enumerate(items, 1):
+                stats["rows_read"] += 1
+                row = _row(obj, number, title_field, content_field, stats)
+                if row is not None:
+                    yield row
+            return
     size = path.stat().st_size
     read_before = stats["rows_read"]
     raw, stream = _open(path)
@@ -217,7 +266,9 @@ def iter_products(
         )
 
 
-def _iter_array(path: Path, title_field: str, content_field: str, stats: Counter) -> Iterator[dict]:
+def _load_array(path: Path) -> list | None:
+    """The items of a file that starts with '[', or None when it is JSON lines whose first line merely starts with
+    '[' (a broken row, such as "[[[[..."), to be read line by line with that line counted."""
     raw, stream = _open(path)
     try:
         data = stream.read(ARRAY_LIMIT + 1)
@@ -227,28 +278,60 @@ def _iter_array(path: Path, title_field: str, content_field: str, stats: Counter
         stream.close()
         raw.close()
     if len(data) > ARRAY_LIMIT:
+        del data
+        if _json_lines_after_first(path):
+            return None
         raise UserError(
             f"{path} is one JSON array over {ARRAY_LIMIT // 1024**2} MB, too big to load whole. Convert it to JSON "
             f"lines (one object per line), e.g. `jq -c '.[]' {path.name} > {path.stem}.jsonl`, and pass that."
         )
+    error = None
     try:
         items = orjson.loads(data.removeprefix(BOM))
     except orjson.JSONDecodeError as e:
-        raise UserError(
-            f"{path} starts with '[' but is not valid JSON ({e}); fix it or convert it to JSON lines."
-        ) from None
+        error = e
     del data
+    if error is not None:
+        if _json_lines_after_first(path):
+            return None
+        raise UserError(f"{path} starts with '[' but is not valid JSON ({error}); fix it or convert it to JSON lines.")
     if not isinstance(items, list):
         raise UserError(
             f"{path} starts with '[' but is not a JSON array; convert it to JSON lines, one object a line."
         )
     if not items:
         raise UserError(f"data file {path} is an empty JSON array; pass a file with products.")
-    for number, obj in enumerate(items, 1):
-        stats["rows_read"] += 1
-        row = _row(obj, number, title_field, content_field, stats)
-        if row is not None:
-            yield row
+    return items
+
+
+def _json_lines_after_first(path: Path) -> bool:
+    """Whether most of lines 2-101 are JSON objects each: JSON lines, not an array pretty-printed over lines (whose
+    objects end in commas). Bounded memory: a line, which may be a whole array, is read at most 1 MB at a time."""
+    raw, stream = _open(path)
+    objects = lines = 0
+    try:
+        _skip_line(stream)
+        while lines < 100 and (line := stream.readline(LINE_PROBE)):
+            if not line.endswith(b"\n") and len(line) == LINE_PROBE:  # longer than any row: not one
+                _skip_line(stream)
+                lines += 1
+            elif line.strip():
+                lines += 1
+                try:
+                    objects += type(orjson.loads(line)) is dict
+                except orjson.JSONDecodeError:
+                    pass
+    except (OSError, EOFError, zlib.error):
+        return False
+    finally:
+        stream.close()
+        raw.close()
+    return lines > 0 and objects * 2 >= lines
+
+
+def _skip_line(stream) -> None:
+    while (part := stream.readline(LINE_PROBE)) and not part.endswith(b"\n"):
+        pass
 
 
 def first_fields(path: Path) -> list[str]:

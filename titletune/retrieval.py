@@ -6,6 +6,7 @@ reads only the posting lists of its terms, so it serves the full 1.4M-product ca
 (bench/README.md). An index is built once, streamed in batches, written under a temporary name and renamed, and reused:
 - over a run's training products (the default): <run>/rag/train.sqlite;
 - over any trn-format file (--rag-index FILE): <cache>/rag/<key>.sqlite, keyed by the file and the data settings.
+An index found cut short or damaged on reuse is rebuilt, with a warning.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import hashlib
 import json
 import logging
 import sqlite3
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -33,6 +35,7 @@ MAX_TERMS = 32  # a question longer than this is cut: FTS5 cost grows with the O
 # fast at any query) from losing words that merely repeat among a few hundred titles.
 FREQUENT_SHARE, FREQUENT_FLOOR = 0.1, 1000
 FORMAT = 3  # bump when the schema, the cleaning or FREQUENT_* change, so old indexes are rebuilt
+SQLITE_MAGIC = b"SQLite format 3\x00"
 
 
 class Index:
@@ -40,8 +43,15 @@ class Index:
 
     def __init__(self, path: Path, source: str):
         self.path, self.source = Path(path), source
-        self.db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, check_same_thread=False)
-        self.frequent = dict(self.db.execute("SELECT term, doc FROM frequent"))  # a few dozen words at full size
+        # as_uri() percent-escapes the path: in a bare "file:" URI a '?' or '#' in a folder name ends the path, and
+        # SQLite would open (and create) another file.
+        uri = f"{self.path.resolve().as_uri()}?mode=ro"
+        self.db = sqlite3.connect(uri, uri=True, check_same_thread=False)
+        try:
+            self.frequent = dict(self.db.execute("SELECT term, doc FROM frequent"))  # a few dozen words at full size
+        except BaseException:
+            self.db.close()
+            raise
 
     def __len__(self) -> int:
         return self.db.execute("SELECT count(*) FROM products").fetchone()[0]
@@ -52,10 +62,16 @@ class Index:
         query = match_query(text, self.frequent)
         if not query:
             return []
-        rows = self.db.execute(
-            "SELECT pid, title, content FROM products WHERE products MATCH ? ORDER BY bm25(products, 0, ?, ?) LIMIT ?",
-            (query, *WEIGHTS, k),
-        ).fetchall()
+        try:
+            rows = self.db.execute(
+                "SELECT pid, title, content FROM products WHERE products MATCH ? ORDER BY bm25(products, 0, ?, ?) "
+                "LIMIT ?",
+                (query, *WEIGHTS, k),
+            ).fetchall()
+        except sqlite3.DatabaseError as e:  # damage inside the file, past what opening it checks
+            raise UserError(
+                f"the search index {self.path} is damaged ({e}); delete it and run again, and it is rebuilt."
+            ) from None
         return [{"id": pid, "title": title, "content": content} for pid, title, content in rows]
 
     def close(self) -> None:
@@ -115,16 +131,67 @@ def build(target: Path, products: Iterable[tuple[str, str, str]]) -> int:
     return count
 
 
+def diagnose(path: Path) -> str | None:
+    """Why the index file at `path` cannot be used (cut short, not SQLite, tables missing), or None when it can.
+    Cheap at any size: the header, the file size it records, and the small `frequent` table."""
+    try:
+        with open(path, "rb") as f:
+            header = f.read(100)
+        size = path.stat().st_size
+    except OSError as e:
+        return str(e)
+    if len(header) < 100 or not header.startswith(SQLITE_MAGIC):
+        return "not an SQLite database"
+    page_size = int.from_bytes(header[16:18], "big")
+    pages = int.from_bytes(header[28:32], "big")
+    # The page count in the header is valid when its change counter matches (SQLite 3.7+ always writes it so).
+    expected = (65536 if page_size == 1 else page_size) * pages
+    if header[24:28] == header[92:96] and size < expected:
+        return f"cut short: {size:,} of {expected:,} bytes"
+    try:
+        Index(path, "").close()
+    except sqlite3.DatabaseError as e:
+        return str(e)
+    return None
+
+
+def _reusable(target: Path) -> bool:
+    """Whether an index built before is there and sound; a damaged one is removed, with a warning, to be rebuilt."""
+    if not target.exists():
+        return False
+    found = diagnose(target)
+    if found is None:
+        return True
+    log.warning("rag: the search index %s is damaged (%s); rebuilding it", target, found)
+    target.unlink()
+    return False
+
+
 def for_rows(folder: Path, name: str, rows: list[dict]) -> Index:
     """The index of a run's split rows ({"id", "title", "content"}), built beside them on first use."""
-    target = Path(folder) / f"{name}.sqlite"
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():  # ours to write (README: "What a run leaves"), so replaced
+        log.warning("rag: %s is a file, not the index folder; rebuilding the index there", folder)
+        folder.unlink()
+    target = folder / f"{name}.sqlite"
     stamp = target.with_suffix(".json")
     ids = hashlib.blake2b("\n".join(str(r["id"]) for r in rows).encode(), digest_size=8).hexdigest()
     want = {"format": FORMAT, "rows": len(rows), "ids": ids}
-    if not (target.is_file() and stamp.is_file() and json.loads(stamp.read_text()) == want):
+    if not (_reusable(target) and _read_stamp(stamp) == want):
         build(target, ((str(r["id"]), r["title"], r["content"]) for r in rows))
         files.write_atomic(stamp, json.dumps(want))
     return Index(target, f"{len(rows):,} {name} products of the run")
+
+
+def _read_stamp(path: Path) -> object:
+    """What the index beside `path` was built from; None when that is unknown (and so it is rebuilt)."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        log.warning("rag: %s is damaged (%s); rebuilding the index", path, e)
+        return None
 
 
 def for_file(path: str | Path, data: dict, cache: Path) -> Index:
@@ -137,7 +204,7 @@ def for_file(path: str | Path, data: dict, cache: Path) -> Index:
     key = {"format": FORMAT, "file": [str(path), stat.st_size, stat.st_mtime_ns], "data": data}
     name = hashlib.blake2b(json.dumps(key, sort_keys=True).encode(), digest_size=8).hexdigest()
     target = Path(cache) / f"{name}.sqlite"
-    if not target.is_file():
+    if not _reusable(target):
         log.info("rag: indexing %s (once; cached as %s)", path, target)
         try:
             count = build(target, _products(path, data))
@@ -153,9 +220,11 @@ def _products(path: Path, data: dict) -> Iterator[tuple[str, str, str]]:
     from titletune.text import truncate
 
     seen: set[int] = set()
-    for row in iter_products(path, data["title_field"], data["content_field"], progress=True):
+    counts: Counter = Counter()
+    for row in iter_products(path, data["title_field"], data["content_field"], stats=counts, progress=True):
         got = clean_product(row, int(data["min_content_chars"]))
         if isinstance(got, str):
+            counts[got] += 1
             continue
         title, key, content = got
         rank = hashes(key, 0)[0]  # dedupe as training does: one 64-bit hash per distinct title_key
@@ -163,3 +232,20 @@ def _products(path: Path, data: dict) -> Iterator[tuple[str, str, str]]:
             continue
         seen.add(rank)
         yield str(row["id"]), title, truncate(content, int(data["max_content_chars"]))
+    if not seen:  # raised inside build(), so no empty index is cached
+        raise UserError(_no_products(path, data, counts))
+
+
+_NOT_DROPS = ("bad_utf8", "blank_lines")  # counted while reading, but the row is kept or there was none
+
+
+def _no_products(path: Path, data: dict, counts: Counter) -> str:
+    read = counts.pop("rows_read", 0)
+    reasons = ", ".join(
+        f"{n:,} {reason.replace('_', ' ')}" for reason, n in counts.most_common() if n and reason not in _NOT_DROPS
+    )
+    return (
+        f"--rag-index {path} holds no product to index ({read:,} lines read; dropped: {reasons or 'none'}). "
+        f"Pass a catalogue file: JSON lines (or a JSON array) of objects with the fields {data['title_field']!r} and "
+        f"{data['content_field']!r}, plain or gzip-compressed, like data/sample_trn.json."
+    )
