@@ -91,9 +91,7 @@ def main(args: argparse.Namespace) -> None:
         return evaluate(args, run)
     args.sampling.check()
     systems = (args.only,) if args.only else generate.SYSTEMS
-    engine = generate.load_engine(
-        run, args.engine, systems, args.use_merged, args.gguf, args.base_gguf, args.threads, args.dtype
-    )
+    engine = generate.load_engine(run, args.engine, systems, *_engine_options(args))
     if args.rag:
         from titletune import retrieval
 
@@ -218,9 +216,7 @@ def evaluate(args: argparse.Namespace, run) -> None:
         sampling=args.sampling,
     )
     settings.check()
-    engine = generate.load_engine(
-        run, args.engine, generate.SYSTEMS, args.use_merged, args.gguf, args.base_gguf, args.threads, args.dtype
-    )
+    engine = generate.load_engine(run, args.engine, generate.SYSTEMS, *_engine_options(args))
     report = ev.evaluate_run(run, settings, engine=engine)
     print(ev.summary(report))
     print(f"wrote {run.dir / 'report.md'}, report.json, report.png")
@@ -255,6 +251,11 @@ def serve(args: argparse.Namespace) -> None:
     app = server.app(served, key)
     print(server.banner(served, f"http://{_url_host(args.host)}:{args.port}", key), flush=True)
     server.run(app, served, sock)
+
+
+def _engine_options(args: argparse.Namespace) -> tuple:
+    """generate.load_engine's arguments after the systems, from the flags."""
+    return args.use_merged, args.gguf, args.base_gguf, args.threads, args.dtype, args.trust_remote_code
 
 
 def _url_host(host: str) -> str:

@@ -35,7 +35,8 @@ def parse(argv: list[str]):
     # --resume continues the same run: its own settings are the defaults, and only flags given now change them.
     original = None
     if "--resume" in argv:
-        original = runs.resume_settings(runs.resolve_dir(config.requested(argv, "output_dir", "auto")))
+        resumed = runs.resolve_dir(config.requested(argv, "output_dir", "auto"))
+        original = runs.resume_settings(resumed)
     if cuda and original is None and "--config" not in argv and not any(a in argv for a in ("-h", "--help")):
         argv = ["--config", str(GPU_CONFIG), *argv]
     # The backend once the config is known, so a preset's `backend:` counts; unsloth is imported here, once.
@@ -65,6 +66,7 @@ def parse(argv: list[str]):
     given = config.given(argv)
     if original:  # recorded in run_config.yaml by main(): what this resume changed, [old, new]
         script_args.resume_changes = runs.resume_changes(original, parsed, given)
+        runs.note_ignored_trust(resumed, flag=parsed[-1].trust_remote_code)  # not resumed: only this command's flag
     return parsed
 
 
@@ -77,7 +79,8 @@ def main(script_args, model_args, data_args, export_args, training_args):
     if script_args.export_only:
         if not script_args.run:
             raise UserError("--export-only needs --run <run folder>, e.g. --run outputs/run-20261122-101500")
-        return export.export_run(runs.load(script_args.run), gguf_types, export_args).dir
+        run = runs.load(script_args.run)
+        return export.export_run(run, gguf_types, export_args, trust_remote_code=training_args.trust_remote_code).dir
     backend.check(model_args, export_args)
     training.check_args(training_args)
     if not script_args.resume:  # a bad --data fails before a run folder exists that infer.py would take as the latest
@@ -145,16 +148,17 @@ def main(script_args, model_args, data_args, export_args, training_args):
         log.info("merged model in %s", run_dir / "merged")
     run = runs.load(run_dir)
     if gguf_types:
-        export.export_run(run, gguf_types, export_args, question=question)
+        export.export_run(run, gguf_types, export_args, question, training_args.trust_remote_code)
 
     # 4. The before/after report.
     if script_args.eval_samples > 0:
-        from titletune import evaluate
+        from titletune import evaluate, generate
 
         settings = evaluate.EvalSettings(
             script_args.eval_samples, rag_k=script_args.rag_k, rag_index=script_args.rag_index
         )
-        evaluate.evaluate_run(run, settings)
+        engine = generate.load_engine(run, trust_remote_code=training_args.trust_remote_code)
+        evaluate.evaluate_run(run, settings, engine=engine)
     card.write(run)  # last, so it describes every file the run ends with (export and evaluation write it too)
     log.info("done: %s  (try: python infer.py --run %s %s)", run_dir, shlex.quote(str(run_dir)), shlex.quote(question))
     return run_dir

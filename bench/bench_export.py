@@ -43,7 +43,7 @@ def child(run_dir: str, out_dir: str, gguf: str, samples: int) -> dict:
     chosen = fidelity.samples({"test": run.split("test"), "train": run.split("train")}, samples)
     started = time.perf_counter()
     merged = Path(out_dir) / "merged"  # train.py's export stage starts with the merge: timed as part of it
-    hf.merge(None, tokenizer, run.base_model, run.adapter, merged, run.trust_remote_code)
+    hf.merge(None, tokenizer, run.base_model, run.adapter, merged, run.trust_remote_code(False))
     merge_s = time.perf_counter() - started
     report = export.export(
         out_dir,

@@ -171,9 +171,11 @@ def test_files_and_fidelity_match_export_json(trained_run, text):
         assert numbers(row["perplexity (merged/)"]) == [f["perplexity"], f["perplexity_merged"]]
         assert numbers(row["tokens/s"]) == [f["tokens_per_second"]]
     usage = section(text, "## How to use")
-    assert f"ollama create titletune -f {trained_run / 'Modelfile'}" in usage
-    assert f"llama-cli -m {trained_run / 'model.q4_k_m.gguf'} -cnv" in usage
-    assert f"python infer.py --run {trained_run} " in usage
+    # Paths relative to the run folder: the card names no folder of the machine it was written on.
+    assert "ollama create titletune -f Modelfile" in usage
+    assert "llama-cli -m model.q4_k_m.gguf -cnv -nr" in usage and 'Llama(model_path="model.q4_k_m.gguf"' in usage
+    assert f"python infer.py --run path/to/{trained_run.name} " in usage and 'run = "."' in usage
+    assert str(trained_run.parent) not in text
 
 
 def _linked_copy(run: Path, target: Path) -> Path:
@@ -240,7 +242,7 @@ def test_missing_sources_say_so_and_a_local_base_keeps_its_license(trained_run, 
         "No GGUF yet",
     ):
         assert line in text
-    assert f"the base model in `{base}`" in text
+    assert "the base model in `path/to/base`" in text and str(tmp_path) not in text
 
     # The real catalogue file is named as its dataset.
     (run_dir / "data").mkdir()

@@ -368,15 +368,49 @@ os.remove(out + ".unedited")
     ids=["chat-template", "eos-id", "pre-tokenizer"],
 )
 def test_a_broken_gguf_fails_the_export_with_its_cause(
-    edit, message, editing_converter, merged, tokenizer, tmp_path, monkeypatch
+    edit, message, editing_converter, run, merged, tokenizer, tmp_path, monkeypatch
 ):
+    """A re-export whose files fail the check publishes none of them: the previous export's GGUFs (the very names
+    the failed one wrote), Modelfile and export.json stay, untouched, and nothing else is left in the folder."""
     monkeypatch.setenv("EDIT_GGUF", json.dumps(edit))
     out = tmp_path / "run"
+    out.mkdir()
+    previous = ["model.f16.gguf", "model.q4_k_m.gguf", "Modelfile", "export.json"]
+    for name in previous:
+        (out / name).hardlink_to(run[0] / name)  # the same inode: a file replaced by the export would not be
     with pytest.raises(UserError, match=message):
         gguf_export.export(
             out, merged, ["q4_k_m"], SYSTEM, tokenizer, llama_cpp_dir=str(editing_converter), samples=products(2)
         )
-    assert [p.name for p in out.iterdir()] == []  # no GGUF under a final name, no export.json
+    assert sorted(p.name for p in out.iterdir()) == sorted(previous)  # no staging folder, no temp file
+    assert all((out / name).samefile(run[0] / name) for name in previous)
+
+
+def test_llama_cpp_crashing_keeps_the_files_unpublished_and_says_so(run, merged, tokenizer, tmp_path, monkeypatch):
+    """A llama.cpp child killed by SIGILL (what its AMX path does on some Xeons; here a sitecustomize on the child's
+    path sends it) fails the export as llama.cpp's crash, not the file's: the files written so far are kept in
+    gguf-unchecked/, and the previous export stays published, untouched."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        "import os, signal\n"
+        "if b'titletune.fidelity' in open('/proc/self/cmdline', 'rb').read():\n"
+        "    os.kill(os.getpid(), signal.SIGILL)\n"
+    )
+    monkeypatch.setenv("PYTHONPATH", str(hook))
+    out = tmp_path / "run"
+    out.mkdir()
+    previous = ["model.f16.gguf", "model.q4_k_m.gguf", "Modelfile", "export.json"]
+    for name in previous:
+        (out / name).hardlink_to(run[0] / name)
+    with pytest.raises(fidelity.EngineCrash) as err:
+        gguf_export.export(out, merged, ["q4_k_m"], SYSTEM, tokenizer, samples=products(2))
+    message = str(err.value)
+    assert "SIGILL" in message and "illegal instruction" in message and "--export-only" in message
+    assert sorted(p.name for p in out.iterdir()) == sorted([*previous, gguf_export.UNCHECKED])
+    assert all((out / name).samefile(run[0] / name) for name in previous)
+    kept = out / gguf_export.UNCHECKED / "model.f16.gguf"
+    assert kept.read_bytes()[:4] == b"GGUF"
 
 
 def test_both_engines_give_the_same_greedy_answer_on_the_f16_file(trained_run):

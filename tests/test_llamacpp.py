@@ -82,10 +82,10 @@ def test_the_runs_quantized_files_answer_a_long_prompt(trained_run):
 @pytest.mark.parametrize(
     ("returncode", "words"),
     [
-        (-signal.SIGILL, ["SIGILL", "illegal instruction", "not the cause", "--force-reinstall"]),
+        (-signal.SIGILL, ["SIGILL", "illegal instruction", "is not the cause", "--force-reinstall"]),
         (128 + signal.SIGILL, ["SIGILL", "illegal instruction"]),
         (-signal.SIGKILL, ["SIGKILL", "memory"]),
-        (-signal.SIGSEGV, ["SIGSEGV", "stay where they are"]),
+        (-signal.SIGSEGV, ["llama.cpp crashed", "SIGSEGV"]),
     ],
 )
 def test_a_crash_is_named_by_its_signal(returncode, words):
@@ -117,7 +117,6 @@ def test_a_child_killed_by_sigill_is_an_engine_crash_and_the_file_stays(tmp_path
         fidelity.child(gguf, {"op": "answer", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4})
     message = str(err.value)
     assert "SIGILL" in message and "illegal instruction" in message and "model.q4_1.gguf" in message
-    assert "stay where they are" in message
     assert gguf.exists()
 
 
@@ -154,7 +153,7 @@ def test_the_model_cards_python_snippet_answers(trained_run):
     check = snippet + "\nassert llm.model_params.use_extra_bufts is False\n"
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     result = subprocess.run(
-        [sys.executable, "-c", check], capture_output=True, text=True, timeout=300, env=env, cwd="/", check=False
+        [sys.executable, "-c", check], capture_output=True, text=True, timeout=300, env=env, cwd=trained_run, check=False
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip()

@@ -77,7 +77,7 @@ def test_trust_remote_code_is_never_a_literal_true():
         and isinstance(value, ast.Constant)
         and value.value is not False
     ]
-    assert not bad, f"trust_remote_code must come from the run's config (--trust-remote-code), not a literal: {bad}"
+    assert not bad, f"trust_remote_code must come from the command's --trust-remote-code, not a literal: {bad}"
 
 
 @pytest.mark.parametrize("flag, expected", [([], False), (["--trust-remote-code"], True)])

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from titletune import evaluate, export, fidelity, files, models
 from titletune.errors import UserError
-from titletune.runs import Run, read_json
+from titletune.runs import OUTPUTS, Run, read_json
 
 log = logging.getLogger(__name__)
 
@@ -340,13 +340,14 @@ def _how_to(run: Run, src: dict) -> list[str]:
     system, question = _system(run), _example_question(run, src)
     turns = [*([{"role": "system", "content": system}] if system else []), {"role": "user", "content": question}]
     messages = ["messages = [", *(f"    {json.dumps(turn, ensure_ascii=False)}," for turn in turns), "]"]
-    base = base_id(run) or str(run.config["base_model"])
+    base = base_id(run) or _local(str(run.config["base_model"]))
     here = _here(run)
     lines = [
         "## How to use",
         "",
         "Ask in the chat format of training: the system prompt above, then the question; the evaluation decodes "
-        "greedily.",
+        "greedily. Paths are relative to the run folder (the card names no folder of the machine it was written "
+        "on); `infer.py` runs in the titletune checkout.",
         "",
         "transformers + peft (base, then the adapter):",
         "",
@@ -354,7 +355,7 @@ def _how_to(run: Run, src: dict) -> list[str]:
         "from peft import PeftModel",
         "from transformers import AutoModelForCausalLM, AutoTokenizer",
         "",
-        f"run = {json.dumps(str(run.dir))}",
+        'run = "."  # the run folder',
         'tokenizer = AutoTokenizer.from_pretrained(f"{run}/adapter")',
         f"base = AutoModelForCausalLM.from_pretrained({json.dumps(base)})",
         'model = PeftModel.from_pretrained(base, f"{run}/adapter")',
@@ -384,7 +385,7 @@ def _how_to(run: Run, src: dict) -> list[str]:
     lines.append("")
     ggufs = src["ggufs"]
     if ggufs:
-        gguf = shlex.quote(str(run.gguf()))
+        gguf = shlex.quote(run.gguf().name)
         lines += [
             "llama.cpp, with the chat template inside the GGUF:",
             "",
@@ -409,7 +410,7 @@ def _how_to(run: Run, src: dict) -> list[str]:
             "",
             "",
             "low.llama_model_default_params = no_repack",
-            f"llm = llama_cpp.Llama(model_path={json.dumps(str(run.gguf()))}, n_ctx=2048)",
+            f"llm = llama_cpp.Llama(model_path={json.dumps(run.gguf().name)}, n_ctx=2048)",
             *messages,
             'print(llm.create_chat_completion(messages, temperature=0)["choices"][0]["message"]["content"])',
             "```",
@@ -420,7 +421,7 @@ def _how_to(run: Run, src: dict) -> list[str]:
                 "Ollama (the Modelfile names the GGUF, the chat template, the system prompt and the stop tokens):",
                 "",
                 "```bash",
-                f"ollama create titletune -f {shlex.quote(str(run.dir / 'Modelfile'))}",
+                "ollama create titletune -f Modelfile",
                 f"ollama run titletune {shlex.quote(question)}",
                 "```",
                 "",
@@ -460,12 +461,23 @@ def _example_question(run: Run, src: dict) -> str:
 
 
 def _here(run: Run) -> str:
-    return shlex.quote(str(run.dir))
+    """The run folder as infer.py is told it from the checkout: outputs/<run> there, else path/to/<run>."""
+    inside = run.dir.resolve().parent == OUTPUTS.resolve()
+    return shlex.quote(f"{OUTPUTS.name if inside else 'path/to'}/{run.dir.name}")
+
+
+def _local(path: str) -> str:
+    """A local folder by its name only: path/to/<name>."""
+    return f"path/to/{Path(path).name}"
 
 
 def _base_name(run: Run) -> str:
     name = base_id(run)
-    return f"[{name}](https://huggingface.co/{name})" if name else f"the base model in `{run.config['base_model']}`"
+    return (
+        f"[{name}](https://huggingface.co/{name})"
+        if name
+        else f"the base model in `{_local(run.config['base_model'])}`"
+    )
 
 
 def _mean(cell: dict) -> str:

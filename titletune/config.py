@@ -47,6 +47,15 @@ SERVE_MAX_QUEUE = 16
 # ends there (finish_reason "length"). 120 s holds the longest answer a preset asks for (528 tokens) at ~5 tokens/s,
 # an 8B q4_k_m on a laptop CPU, and stays under the 5-minute read timeouts of common HTTP clients.
 SERVE_TIMEOUT = 120.0
+# Seconds a connection has to send its request headers (from opening it, or from its previous answer), and again its
+# body. uvicorn itself has no such limit, and counts every open connection toward its limit: 128 sockets that never
+# sent a byte locked every client out. Browsers, curl and OpenAI clients send a request at once; 10 s is room for a
+# slow network, not for a client that sends nothing.
+SERVE_HEADER_TIMEOUT = 10.0
+# Open connections the server keeps (uvicorn's limit_concurrency; beyond it 503): both models' queues (2 x (1 + 16)
+# requests) and the page's loads fit many times over, and sockets that send nothing are closed after
+# SERVE_HEADER_TIMEOUT. Under the usual 1,024 open files a process may hold.
+SERVE_CONNECTIONS = 512
 
 # TRL's defaults we change, each with its reason (measured numbers: bench/README.md).
 DEFAULTS = {
@@ -258,6 +267,13 @@ class InferArguments:
         metadata={
             "help": "Compute dtype of --engine transformers. auto: as the run trained (bf16 on a CPU with native "
             "bf16 when training used it: faster); float32 gives the same numbers as llama.cpp on the f16 GGUF."
+        },
+    )
+    trust_remote_code: bool = field(
+        default=False,
+        metadata={
+            "help": "Run Python code that comes with the model (auto_map in its config.json or tokenizer_config.json) "
+            "with --engine transformers. Only this flag turns it on: a run folder's own trust_remote_code is ignored."
         },
     )
 

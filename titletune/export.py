@@ -1,8 +1,9 @@
 """GGUF export: llama.cpp's converter, quantization, a question asked in llama.cpp, and an Ollama Modelfile.
 
 merged/ (HF safetensors) -> model.f16.gguf (convert_hf_to_gguf.py) -> model.<quant>.gguf (llama_model_quantize).
-Every file is written under a hidden temporary name in its final folder and renamed when complete, so a crash never
-leaves a half-written file under a final name.
+An export is written into a hidden staging folder in the run folder (STAGING) and published only when every file
+passed its checks: the GGUFs, then the Modelfile, then export.json, each renamed into place. So a failed or killed
+export leaves no GGUF under a final name, and the previous export's files stay as they were.
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ SDIST_ROOT = "vendor/llama.cpp/"
 # sdist (C++ sources, vocab test files) it never touches.
 SDIST_PARTS = (CONVERTER, "conversion/", "gguf-py/", "models/templates/")
 
+UNCHECKED = "gguf-unchecked"  # where an export whose llama.cpp crashed leaves the files it wrote (see _staging)
+STAGING = ".export.partial"  # in the run folder: os.replace stays on one file system, so publishing copies nothing
 CONVERTER_TYPES = ("f16", "bf16")  # written by convert_hf_to_gguf.py straight from the merged weights
 QUANT_TYPES = {  # written by llama.cpp from the 16-bit file; values are llama_cpp.LLAMA_FTYPE_* names
     "q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0",
@@ -284,7 +287,6 @@ def export(
     run_dir.mkdir(parents=True, exist_ok=True)
     for stale in run_dir.glob(files.STALE + ".gguf"):  # left by a run that was killed mid-write
         stale.unlink(missing_ok=True)
-
     chat_template = getattr(tokenizer, "chat_template", None)
     if not isinstance(chat_template, str) or not chat_template:
         # Without tokenizer.chat_template in the GGUF, llama.cpp silently falls back to the llama-2 prompt format.
@@ -294,68 +296,99 @@ def export(
     example = [fidelity.Sample("example", prompts.chat(system_prompt, EXAMPLE[0]), EXAMPLE[1])]
     checked = list(samples) if samples else example  # the round trip always has a conversation to render
     measured = example if samples is None else list(samples)
-    end, _, _ = fidelity.end_token(tokenizer, checked[0])
-    stops = ollama.stop_tokens(tokenizer)
-    written = []
-    with tempfile.TemporaryDirectory(prefix=".fidelity-", dir=run_dir) as tmp, ThreadPoolExecutor(1) as side:
-        # merged/'s side of the fidelity check needs only merged/, so it runs while the converter writes the 16-bit
-        # file, on the cores the converter leaves (it is mostly one process reading and writing).
-        reference = None
-        if measured:
-            ref_end, rows = fidelity.prepare(tokenizer, measured, FIDELITY_ANSWER_TOKENS)
-            threads = max(1, machine.cpus() - 1)
-            reference = side.submit(fidelity.reference, merged_dir, ref_end, rows, fidelity_tokens, Path(tmp), threads)
+    with _staging(run_dir) as staging:  # published when the block succeeds
+        end, _, _ = fidelity.end_token(tokenizer, checked[0])
+        stops = ollama.stop_tokens(tokenizer)
+        written = []
+        with tempfile.TemporaryDirectory(prefix=".fidelity-", dir=staging) as tmp, ThreadPoolExecutor(1) as side:
+            # merged/'s side of the fidelity check needs only merged/, so it runs while the converter writes the
+            # 16-bit file, on the cores the converter leaves (it is mostly one process reading and writing).
+            reference = None
+            if measured:
+                ref_end, rows = fidelity.prepare(tokenizer, measured, FIDELITY_ANSWER_TOKENS)
+                threads = max(1, machine.cpus() - 1)
+                reference = side.submit(
+                    fidelity.reference, merged_dir, ref_end, rows, fidelity_tokens, Path(tmp), threads
+                )
 
-        def write(gguf_type: str) -> dict:
-            return _write(gguf_type, run_dir, merged_dir, base_type, converter, tokenizer, checked, end, stops)
+            def write(gguf_type: str) -> dict:
+                return _write(gguf_type, staging, merged_dir, base_type, converter, tokenizer, checked, end, stops)
 
-        merged_numbers = None
-        if reference is not None:
-            merged_numbers = _write_and_measure(write, reference, ordered, run_dir, written, verify)
-        else:
-            written += [write(gguf_type) for gguf_type in ordered]
-            if verify:
-                for entry in written:
-                    got = _llama(run_dir / entry["name"], messages=messages, max_tokens=48)
-                    entry.update(
-                        verify_answer=got["answer"],
-                        verify_tokens=got["tokens"],
-                        verify_seconds=round(got["seconds"], 2),
-                    )
-                    log.info(
-                        "verify: %s, %d tokens at %.0f tok/s: %r",
-                        entry["name"],
-                        got["tokens"],
-                        got["tokens"] / max(got["seconds"], 1e-9),
-                        got["answer"][:100],
-                    )
+            merged_numbers = None
+            if reference is not None:
+                merged_numbers = _write_and_measure(write, reference, ordered, staging, written, verify)
+            else:
+                written += [write(gguf_type) for gguf_type in ordered]
+                if verify:
+                    for entry in written:
+                        got = _llama(staging / entry["name"], messages=messages, max_tokens=48)
+                        entry.update(
+                            verify_answer=got["answer"],
+                            verify_tokens=got["tokens"],
+                            verify_seconds=round(got["seconds"], 2),
+                        )
+                        log.info(
+                            "verify: %s, %d tokens at %.0f tok/s: %r",
+                            entry["name"],
+                            got["tokens"],
+                            got["tokens"] / max(got["seconds"], 1e-9),
+                            got["answer"][:100],
+                        )
 
-    # Ollama gets the first type asked for (--gguf q8_0,q4_k_m ships q8_0, and the fidelity table shows why).
-    shipped = next(entry for kind in types for entry in written if entry["type"] == kind)
-    named = ollama.template_for(chat_template)
-    if named is None:
-        log.warning("Modelfile: unknown chat format; Ollama will guess the template from the GGUF, or use none")
-    template = named[1] if named else None
-    ollama.write_modelfile(run_dir, shipped["name"], system_prompt, stops, params=decoding, template=template)
-    log.info("Modelfile: FROM ./%s, template %s, stop %s", shipped["name"], named[0] if named else "none", stops)
+        # Ollama gets the first type asked for (--gguf q8_0,q4_k_m ships q8_0, and the fidelity table shows why).
+        shipped = next(entry for kind in types for entry in written if entry["type"] == kind)
+        named = ollama.template_for(chat_template)
+        if named is None:
+            log.warning("Modelfile: unknown chat format; Ollama will guess the template from the GGUF, or use none")
+        template = named[1] if named else None
+        ollama.write_modelfile(staging, shipped["name"], system_prompt, stops, params=decoding, template=template)
+        log.info("Modelfile: FROM ./%s, template %s, stop %s", shipped["name"], named[0] if named else "none", stops)
 
-    report = {
-        "llama_cpp_python": llama_cpp_version(),
-        "converter": str(converter),
-        "merged_dir": str(merged_dir),
-        "question": messages,
-        "modelfile": {
-            "name": "Modelfile",
-            "gguf": shipped["name"],
-            "template": named[0] if named else None,
-            "stop": stops,
-        },
-        "files": written,
-    }
-    if merged_numbers:
-        report["fidelity_merged"] = merged_numbers
-    files.write_atomic(run_dir / "export.json", json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+        report = {
+            "llama_cpp_python": llama_cpp_version(),
+            "converter": str(converter),
+            "merged_dir": str(merged_dir),
+            "question": messages,
+            "modelfile": {
+                "name": "Modelfile",
+                "gguf": shipped["name"],
+                "template": named[0] if named else None,
+                "stop": stops,
+            },
+            "files": written,
+        }
+        if merged_numbers:
+            report["fidelity_merged"] = merged_numbers
+        files.write_atomic(staging / "export.json", json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     return report
+
+
+@contextlib.contextmanager
+def _staging(run_dir: Path):
+    """A staging folder in the run folder for one export. When the block succeeds its GGUFs are published, then the
+    Modelfile that names one of them, then export.json, which describes them all (each an os.replace); a GGUF type
+    this export did not write stays as it was. On any failure nothing is published. The folder is removed either way.
+    """
+    staging = run_dir / STAGING
+    shutil.rmtree(staging, ignore_errors=True)  # left by an export that was killed
+    staging.mkdir()
+    try:
+        try:
+            yield staging
+        except fidelity.EngineCrash as e:  # llama.cpp died, not a file: keep what was written, unpublished
+            kept = run_dir / UNCHECKED
+            shutil.rmtree(kept, ignore_errors=True)
+            os.replace(staging, kept)
+            raise fidelity.EngineCrash(
+                f"{e}\nThe files written so far are kept, unchecked, in {kept}; once llama.cpp runs here, "
+                f"`python train.py --export-only --run {run_dir}` exports and checks them again."
+            ) from None
+        names = [path.name for path in sorted(staging.glob("*.gguf"))]
+        for name in [*names, "Modelfile", "export.json"]:
+            os.replace(staging / name, run_dir / name)
+        log.info("export: published %s, Modelfile and export.json", ", ".join(names))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _write(gguf_type, run_dir: Path, merged_dir: Path, base_type, converter, tokenizer, checked, end, stops) -> dict:
@@ -373,13 +406,7 @@ def _write(gguf_type, run_dir: Path, merged_dir: Path, base_type, converter, tok
     log.info("gguf: %s from %s, %.0f MB in %.1f s", path.name, source, path.stat().st_size / 1e6, seconds)
     checked_at = time.perf_counter()
     if gguf_type in CONVERTER_TYPES:
-        try:
-            trip = fidelity.round_trip(path, tokenizer, checked, end, stops)
-        except fidelity.EngineCrash:
-            raise  # llama.cpp died, not the file: it stays
-        except UserError:
-            path.unlink(missing_ok=True)
-            raise
+        trip = fidelity.round_trip(path, tokenizer, checked, end, stops)  # a failure: export() drops the staging
         log.info(
             "check: %s renders %d conversations as transformers does (%s), answers end on %s, a stop",
             path.name,
@@ -425,7 +452,7 @@ def _write_and_measure(write, reference, ordered, run_dir: Path, written: list[d
 def _fidelity(run_dir: Path, ref: dict, parity, written: list[dict], verify: bool) -> dict:
     """Every written file measured against merged/'s reference (`parity`, a fidelity.Parity started on each), into
     its export.json entry; its answer to the run's first train question goes in as verify_* when `verify`. A 16-bit
-    file unlike merged/ fails the export and removes every file written; a quant far from it is a warning."""
+    file unlike merged/ fails the export (export() drops every file written); a quant far from it is a warning."""
     measured = parity.results()
     failure = None
     for entry, numbers in zip(written, measured, strict=True):
@@ -451,16 +478,15 @@ def _fidelity(run_dir: Path, ref: dict, parity, written: list[dict], verify: boo
             log.warning("fidelity: %s", warning)
             numbers["warning"] = warning
     if failure:
-        for other in written:
-            (run_dir / other["name"]).unlink(missing_ok=True)
         raise failure
     return {k: ref[k] for k in ("seconds", "tokens_per_second")}
 
 
-def export_run(run, gguf_types: list[str], export_args, question: str | None = None):
+def export_run(run, gguf_types: list[str], export_args, question: str | None = None, trust_remote_code: bool = False):
     """A run's GGUF files, Modelfile and export.json, from its merged/ (merged first from adapter/ when missing:
     the base in 16-bit + the adapter, which needs no unsloth). Each GGUF is loaded in llama.cpp and asked `question`,
-    through the run's own system prompt; then the run's card (card.py) again. Returns the run."""
+    through the run's own system prompt; then the run's card (card.py) again. Returns the run. trust_remote_code: the
+    command's own --trust-remote-code, for the merge (Run.trust_remote_code: never the run folder's)."""
     from transformers import AutoTokenizer
 
     if not run.trained:
@@ -470,7 +496,7 @@ def export_run(run, gguf_types: list[str], export_args, question: str | None = N
         from titletune.backends import hf
 
         with files.staged_dir(run.merged) as staged:
-            hf.merge(None, tokenizer, run.base_model, run.adapter, staged, run.trust_remote_code)
+            hf.merge(None, tokenizer, run.base_model, run.adapter, staged, run.trust_remote_code(trust_remote_code))
     if gguf_types:
         export(
             run.dir,

@@ -5,18 +5,18 @@ Two engines with the same small surface (`generate`, and `loss` where the engine
   with the adapter switched off (`disable_adapter()`), so the model is loaded once. Or the run's merged/ folder.
 - `LlamaCppEngine`: GGUF files through llama-cpp-python, which renders the chat template embedded in the GGUF.
 Questions always go through the run's own prompts/ (system prompt included) and the tokenizer's chat template,
-exactly as in training.
+exactly as in training. Before any template renders them, every message is rebuilt from its role and content and the
+content is made plain text for that model's own special tokens (specials.py).
 """
 
 from __future__ import annotations
 
-import json
-import math
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from titletune import llamacpp, machine, models, prompts
+from titletune import llamacpp, machine, models, prompts, specials
 from titletune.config import RAG_K
 from titletune.errors import UserError
 from titletune.runs import Run
@@ -88,7 +88,14 @@ class TransformersEngine:
     name = "transformers"
     supports_loss = True
 
-    def __init__(self, run: Run, systems: tuple[str, ...] = SYSTEMS, use_merged: bool = False, dtype: str = "auto"):
+    def __init__(
+        self,
+        run: Run,
+        systems: tuple[str, ...] = SYSTEMS,
+        use_merged: bool = False,
+        dtype: str = "auto",
+        trust_remote_code: bool = False,
+    ):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -96,7 +103,7 @@ class TransformersEngine:
         self.systems = tuple(systems)
         self.max_length = run.max_length
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        trust = run.trust_remote_code
+        trust = run.trust_remote_code(trust_remote_code)  # infer.py's --trust-remote-code; never the run folder's
         base_name = run.base_model
         adapter_dir, merged_dir = run.adapter, run.merged
 
@@ -143,6 +150,7 @@ class TransformersEngine:
         else:
             self.base = load_model(base_name)
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, trust_remote_code=trust)
+        self.specials = specials.from_tokenizer(self.tokenizer)
         model = self.tuned if self.tuned is not None else self.base
         # Stop at every end token the model or tokenizer names: an instruct model's end-of-turn token
         # (<|im_end|>, <|eot_id|>) is often only in generation_config, and without it generation never stops.
@@ -177,7 +185,7 @@ class TransformersEngine:
 
     def _render(self, conversations: list[list[dict]]):
         return self.tokenizer.apply_chat_template(
-            conversations,
+            [self.specials.messages(conversation) for conversation in conversations],
             add_generation_prompt=True,
             tokenize=True,
             return_dict=True,
@@ -279,7 +287,10 @@ class TransformersEngine:
 
     def _ids(self, messages: list[dict], add_generation_prompt: bool) -> list[int]:
         enc = self.tokenizer.apply_chat_template(
-            messages, add_generation_prompt=add_generation_prompt, tokenize=True, return_dict=True
+            self.specials.messages(messages),
+            add_generation_prompt=add_generation_prompt,
+            tokenize=True,
+            return_dict=True,
         )
         return list(enc["input_ids"])
 
@@ -320,6 +331,7 @@ class LlamaCppEngine:
                     "pass --base-gguf FILE, or --only tuned, or --engine transformers."
                 )
         self.llms = {system: self._load(path) for system, path in self.paths.items()}
+        self.specials = {system: specials.from_llama(llm) for system, llm in self.llms.items()}
 
     @property
     def context(self) -> int:
@@ -328,7 +340,8 @@ class LlamaCppEngine:
     def prompt_tokens(self, conversation: list[dict]) -> int:
         """The messages' tokens in the GGUF's own vocabulary, plus a few per message for the chat template's
         markers. Text is tokenized as text (special=False), as llama.cpp's chat path does with message content."""
-        llm = next(iter(self.llms.values()))
+        system, llm = next(iter(self.llms.items()))
+        conversation = self.specials[system].messages(conversation)
         text = sum(len(llm.tokenize(m["content"].encode(), add_bos=False, special=False)) for m in conversation)
         return text + 8 * len(conversation) + 8
 
@@ -354,7 +367,8 @@ class LlamaCppEngine:
         answers = []
         for conv in _tqdm(conversations, desc=f"{system} answers", disable=not progress):
             out = llm.create_chat_completion(
-                messages=conv,
+                # Made plain before rendering: llama-cpp-python tokenizes the rendered prompt, specials parsed.
+                messages=self.specials[system].messages(conv),
                 max_tokens=sampling.max_new_tokens,
                 temperature=sampling.temperature,  # 0 = greedy in llama.cpp
                 top_p=sampling.top_p,
@@ -365,46 +379,6 @@ class LlamaCppEngine:
             )
             answers.append((out["choices"][0]["message"]["content"] or "").strip())
         return answers
-
-
-class PlainTextChat:
-    """ASGI middleware for the OpenAI-compatible server: the text of every chat message is made plain text
-    (prompts.defang) before llama.cpp renders the chat template, so a question holding "<|im_end|>" cannot close its
-    turn and open a spoofed one. Raw /v1/completions prompts are the caller's own template and pass untouched."""
-
-    def __init__(self, app):
-        self.app = app
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["method"] != "POST" or not scope["path"].endswith("/chat/completions"):
-            return await self.app(scope, receive, send)
-        chunks, more = [], True
-        while more:
-            message = await receive()
-            chunks.append(message.get("body", b""))
-            more = message.get("more_body", False)
-        body = self.defang(b"".join(chunks))
-        replayed = False
-
-        async def replay():
-            nonlocal replayed
-            if replayed:
-                return await receive()  # the client's disconnect, later
-            replayed = True
-            return {"type": "http.request", "body": body, "more_body": False}
-
-        await self.app(scope, replay, send)
-
-    @staticmethod
-    def defang(body: bytes) -> bytes:
-        try:
-            request = json.loads(body)
-        except ValueError:
-            return body  # the server answers malformed JSON itself
-        for message in request.get("messages") or [] if isinstance(request, dict) else []:
-            if isinstance(message, dict) and isinstance(message.get("content"), str):
-                message["content"] = prompts.defang(message["content"])
-        return json.dumps(request).encode()
 
 
 def check_gguf(path: str | Path) -> Path:
@@ -431,15 +405,17 @@ def load_engine(
     base_gguf: str | Path | None = None,
     threads: int | None = None,
     dtype: str = "auto",
+    trust_remote_code: bool = False,
 ):
-    """TransformersEngine or LlamaCppEngine for a run, loading only what `systems` needs."""
+    """TransformersEngine or LlamaCppEngine for a run, loading only what `systems` needs. trust_remote_code: the
+    command's own --trust-remote-code (a GGUF runs no Python, so only transformers reads it)."""
     bad = [s for s in systems if s not in SYSTEMS]
     if bad or not systems:
         raise UserError(f"systems must be among {SYSTEMS}, got {systems}.")
     if engine == "transformers":
         if gguf or base_gguf:
             raise UserError("--gguf/--base-gguf need --engine llamacpp.")
-        return TransformersEngine(run, systems=systems, use_merged=use_merged, dtype=dtype)
+        return TransformersEngine(run, systems, use_merged, dtype, trust_remote_code)
     if engine == "llamacpp":
         if use_merged:
             raise UserError("--use-merged needs --engine transformers; with llamacpp pass --gguf FILE.")

@@ -123,14 +123,13 @@ def crash(returncode: int) -> str | None:
     if number == signal.SIGILL:
         return (
             f"llama.cpp crashed with {name} (illegal instruction): its build ran an instruction this CPU or virtual "
-            "machine does not run. The GGUF files are not the cause and stay where they are. This happens when "
-            "llama-cpp-python was built on another CPU (a copied .venv or pip's wheel cache from another machine): "
-            "rebuild it here with `.venv/bin/python -m pip install --force-reinstall --no-cache-dir --no-deps "
-            "llama-cpp-python==0.3.36`"
+            "machine does not run, so the GGUF file is not the cause. This happens when llama-cpp-python was built "
+            "on another CPU (a copied .venv, or pip's wheel cache from another machine): rebuild it here with "
+            "`.venv/bin/python -m pip install --force-reinstall --no-cache-dir --no-deps llama-cpp-python==0.3.36`"
         )
     if number == signal.SIGKILL:
         return (
-            f"llama.cpp was killed ({name}), most often by the kernel when memory ran out; the GGUF files stay where "
-            "they are. Close other programs or use a smaller quant, and run the command again"
+            f"llama.cpp was killed ({name}), most often by the kernel when memory ran out: close other programs or "
+            "use a smaller quant, and run the command again"
         )
-    return f"llama.cpp crashed ({name}); the GGUF files stay where they are"
+    return f"llama.cpp crashed ({name})"

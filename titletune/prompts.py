@@ -24,14 +24,37 @@ RAG_FILES = ("rag.txt", "rag_entry.txt")
 RAG_SLOTS = {"rag.txt": ("{context}", "{question}"), "rag_entry.txt": ("{title}", "{content}")}
 DEFAULT_SET = Path(__file__).resolve().parent.parent / "prompts" / "qa"
 
-# Chat-control markers of the common template families: ChatML and Llama 3 (<|im_start|>, <|im_end|>, <|eot_id|>,
-# <|start_header_id|>, <|endoftext|>, ...), SentencePiece's <s> </s> <unk> <pad>, and Mistral / Llama 2's [INST]
-# [/INST] <<SYS>>. In a title, a description or a question, a tokenizer turns them into control ids: an end of turn
-# mid-answer in training, or a spoofed assistant turn at inference. A zero-width space after the first character
-# leaves them readable and makes them plain text for every tokenizer.
-_MARKER = re.compile(r"<\|[^|<>\s]{1,40}\|>|</?s>|<unk>|<pad>|\[/?INST\]|<</?SYS>>")
+# Chat-control markers of the common template families, for text rendered before any tokenizer is at hand (data
+# preparation): ChatML, Llama 3, Phi and Qwen (<|im_start|>, <|eot_id|>, <|endoftext|>, <|reserved_special_token_0|>),
+# DeepSeek's full-width bars (<｜User｜>, <｜begin▁of▁sentence｜>), SentencePiece's <s> </s> <unk> <pad>, Gemma's
+# turns and <unusedN>, StarCoder's (SmolLM2's) <file_sep> <filename> <jupyter_code> ..., Qwen's tool and think tags,
+# Llama 2's [INST] <<SYS>>, and Mistral v3 / Tekken's [TOOL_CALLS] [AVAILABLE_TOOLS] [SYSTEM_PROMPT] [control_8] ....
+# In a title, a description or a question, a tokenizer turns them into control ids: an end of turn mid-answer in
+# training, or a spoofed turn at inference. A zero-width space after the first character leaves them readable and
+# makes them plain text for every tokenizer. Bracketed words are listed one by one: "[DVD]" in a title is not a marker.
+# At inference and in training the model's own tokenizer adds every special token it has (specials.py).
+_STARCODER = (  # SmolLM2's vocabulary comes from StarCoder
+    "file_sep|filename|reponame|repo_name|gh_stars|issue_start|issue_comment|issue_closed|jupyter_start|jupyter_text"
+    "|jupyter_code|jupyter_output|jupyter_script|empty_output|fim_prefix|fim_middle|fim_suffix|fim_pad|commit_before"
+    "|commit_msg|commit_after"
+)
+_MISTRAL = (  # v3 and Tekken control tokens, besides [control_N]
+    "INST|TOOL_CALLS|AVAILABLE_TOOLS|TOOL_RESULTS|SYSTEM_PROMPT|TOOL_CONTENT|IMG|IMG_BREAK|IMG_END|PREFIX|MIDDLE"
+    "|SUFFIX|THINK|ARGS|CALL_ID"
+)
+_FAMILIES = (  # (first character, the rest as a regex)
+    ("<", r"\|[^|<>\s]{1,40}\|>"),
+    ("<", "\uff5c[^\uff5c<>\\s]{1,40}\uff5c>"),
+    ("<", r"/?s>|unk>|pad>|mask>|bos>|eos>|unused\d{1,4}>|(?:start|end)_of_(?:turn|image)>"),
+    ("<", f"(?:{_STARCODER})>"),
+    ("<", r"/?(?:tool_call|tool_response|think)>"),
+    ("<", r"</?SYS>>"),
+    ("[", f"/?(?:{_MISTRAL})\\]|control_\\d{{1,4}}\\]"),
+)
+_MARKER = re.compile("|".join(re.escape(first) + f"(?:{rest})" for first, rest in _FAMILIES))
 ZWSP = "\u200b"
-DEFANGED = re.compile(("(?:<|\\[)" + ZWSP + r"(?:\|[^|<>\s]{1,40}\|>|/?s>|unk>|pad>|/?INST\]|</?SYS>>)").encode())
+# A marker defang made plain, for counting the products that had one (prepare's notes.chat_markers).
+DEFANGED = re.compile("|".join(re.escape(first) + ZWSP + f"(?:{rest})" for first, rest in _FAMILIES))
 
 
 @dataclass(frozen=True)
@@ -105,7 +128,7 @@ def held_out_question(prompts: PromptSet, title: str, key: str, seed: int) -> st
 
 def defang(text: str) -> str:
     """Text with every chat-control marker made plain text (see _MARKER); other text is returned as it is."""
-    if "<" not in text and "[" not in text:
+    if "<" not in text and "[" not in text:  # most titles and descriptions: no regex
         return text
     return _MARKER.sub(lambda m: m.group(0)[0] + ZWSP + m.group(0)[1:], text)
 

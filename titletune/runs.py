@@ -76,9 +76,13 @@ class Run:
     def max_length(self) -> int:
         return int(self.config.get("max_length") or 2048)
 
-    @property
-    def trust_remote_code(self) -> bool:
-        return bool(self.config.get("trust_remote_code", False))  # only when the run itself opted in
+    def trust_remote_code(self, flag: bool) -> bool:
+        """Whether to run Python code that comes with the model (auto_map in a config.json or tokenizer_config.json):
+        only when the command that loads it was given --trust-remote-code (`flag`). The run folder's own
+        trust_remote_code never counts: a run folder from elsewhere could ship code in adapter/ or merged/ and a
+        run_config.yaml that turns it on. When the folder says true, one line says it was ignored."""
+        note_ignored_trust(self.dir, self.config, flag)
+        return flag
 
     @property
     def data_settings(self) -> dict:
@@ -301,7 +305,8 @@ SECTIONS = ("script", "model", "data", "export", "training")  # the argument dat
 # Not carried into a resumed run: where it is (given again), which stages to run this time (a --prepare-only run is
 # resumed to train), and every *_token field, which TrainingArguments.to_dict() writes masked ("<EOS_TOKEN>"), so
 # run_config.yaml does not hold its value (they keep their defaults).
-NOT_RESUMED = ("output_dir", "resume", "overwrite", "prepare_only", "export_only", "run")
+# trust_remote_code neither: only the resume command's own --trust-remote-code turns it on (Run.trust_remote_code).
+NOT_RESUMED = ("output_dir", "resume", "overwrite", "prepare_only", "export_only", "run", "trust_remote_code")
 
 
 def resume_settings(run_dir: str | Path) -> dict | None:
@@ -315,6 +320,18 @@ def resume_settings(run_dir: str | Path) -> dict | None:
         values = (config.get(section) or {}).items()
         flat.update({k: v for k, v in values if k not in NOT_RESUMED and not k.endswith("_token")})
     return flat
+
+
+def note_ignored_trust(run_dir: Path, config: dict | None = None, flag: bool = False) -> None:
+    """One line when a run folder's config says trust_remote_code: true and the command was not given the flag."""
+    config = _read(Path(run_dir)) if config is None else config
+    said = [config.get("trust_remote_code"), *((config.get(s) or {}).get("trust_remote_code") for s in SECTIONS)]
+    if any(value is True for value in said) and not flag:
+        log.warning(
+            "%s says trust_remote_code: true; ignored, a run folder cannot turn on code execution. To run the Python "
+            "code that comes with this model, pass --trust-remote-code.",
+            Path(run_dir) / CONFIG,
+        )
 
 
 def resume_changes(original: dict, parsed: tuple, given: set[str]) -> dict:

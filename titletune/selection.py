@@ -97,7 +97,8 @@ class SplitWriter:
             self.last_train = sorted([*self.last_train, (u, self.counts["train"])], reverse=True)[:2]
         self.counts[split] += 1
         self.truncated += truncated
-        if b"\xe2\x80\x8b" in line and prompts_lib.DEFANGED.search(line):  # a marker made plain text (prompts.defang)
+        # A marker made plain text (prompts.defang); decoded only in the rare row that holds a zero-width space.
+        if b"\xe2\x80\x8b" in line and prompts_lib.DEFANGED.search(line.decode("utf-8", "replace")):
             self.markers += 1
 
     def close(self) -> dict[str, int]:

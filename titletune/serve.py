@@ -14,21 +14,30 @@ and yields OpenAI-format chunks itself, so this module only adds routes, checks 
 
 Limits (defaults and their reasons in config.py): at most --max-queue requests wait per model, beyond that 503 at
 once; every request ends within --request-timeout seconds of arriving (still waiting: 503; generating: cut there,
-finish_reason "length"). Bodies over MAX_BODY get 413.
+finish_reason "length"). Bodies over MAX_BODY get 413. The work a request causes before it is queued is bounded:
+messages longer than any N_CTX tokens could be are refused by their length, and the rest are tokenized only as far as
+it takes to know whether they fit (check_room). A connection has SERVE_HEADER_TIMEOUT seconds to send its request
+headers and as long for the body, so idle sockets cannot hold uvicorn's connection limit.
 Safety: binds 127.0.0.1 unless told otherwise; any other address needs an API key, and with a key every route but the
 page itself needs "Authorization: Bearer <key>". Without a key, requests must name a loopback host (no DNS
-rebinding) and POST JSON (a cross-site form or no-cors fetch cannot make the server generate).
+rebinding) and POST JSON (a cross-site form or no-cors fetch cannot make the server generate). Every message is
+rebuilt from its role and content, and the content made plain text for the model's own special tokens (specials.py)
+before the chat template renders it. Every response carries a Content-Security-Policy that lets the page run only its
+own inline script and style, and may not be framed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import hashlib
 import hmac
 import ipaddress
 import json
 import math
 import os
+import re
 import shlex
 import socket
 import threading
@@ -45,8 +54,8 @@ from starlette.exceptions import HTTPException
 from starlette.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.routing import Route
 
-from titletune import generate, llamacpp, models, prompts
-from titletune.config import DataArguments
+from titletune import generate, llamacpp, models, prompts, specials
+from titletune.config import SERVE_CONNECTIONS, SERVE_HEADER_TIMEOUT, DataArguments
 from titletune.errors import UserError
 from titletune.runs import Run
 
@@ -87,6 +96,9 @@ class Model:
         self.lock = asyncio.Lock()
         self.waiting = 0
         self._format = _chat_formatter(llm)
+        self.specials = specials.from_llama(llm)
+        # Bytes of the longest token: text of n bytes is at least n / longest tokens, whatever it holds.
+        self.longest = max(len(llm.detokenize([i], special=True)) for i in range(llm.n_vocab()))
 
     @contextlib.asynccontextmanager
     async def turn(self, deadline: float):
@@ -121,12 +133,32 @@ class Model:
 
     def prompt_tokens(self, messages: list[dict]) -> int:
         """Tokens llama.cpp evaluates for these messages: the GGUF's chat template rendered, as
-        create_chat_completion renders it; without a template, the text plus a few tokens per message."""
+        create_chat_completion renders it; without a template, the text plus a few tokens per message. Messages over
+        N_CTX tokens are counted only until that is certain: then a lower bound of at least N_CTX."""
+        rough = 0
+        for message in messages:
+            rough += self.count_upto(message["content"], N_CTX - rough)
+            if rough >= N_CTX:
+                return rough
         if self._format is not None:
             text = self._format(messages=messages).prompt
             return len(self.llm.tokenize(text.encode(), add_bos=False, special=True))
         text = sum(len(self.llm.tokenize(m["content"].encode(), add_bos=False)) for m in messages)
         return text + 8 * len(messages) + 8
+
+    def count_upto(self, text: str, limit: int) -> int:
+        """The tokens of `text` (specials parsed, as in a rendered prompt), exactly while they are at most `limit`;
+        beyond it a count over `limit` of a prefix. Prefixes of about 4 characters a token, doubled while they fit,
+        each ending before a space (a word is then tokenized as in the whole text): the work stays about that of
+        tokenizing `limit` tokens, however long the text."""
+        size = 4 * limit + 64
+        while size < len(text):
+            cut = text.rfind(" ", size // 2, size)
+            n = len(self.llm.tokenize(text[: cut if cut > 0 else size].encode(), add_bos=False, special=True))
+            if n > limit:
+                return n
+            size *= 2
+        return len(self.llm.tokenize(text.encode(), add_bos=False, special=True))
 
     def count(self, text: str) -> int:
         # The answer re-tokenized: chunks are not tokens (llama.cpp holds back partial UTF-8 and stop-string prefixes).
@@ -216,7 +248,8 @@ def load(
         max_tokens = sampling.for_run(run).max_new_tokens
     else:
         max_tokens = DataArguments.max_content_chars // 4 + generate.ANSWER_TEMPLATE_TOKENS
-    return Served(loaded, base_missing, ps.system, examples(run), max_tokens, timeout, str(run.dir) if run else None)
+    # The run by its folder's name: the page and its JSON show no path of this machine.
+    return Served(loaded, base_missing, ps.system, examples(run), max_tokens, timeout, run.dir.name if run else None)
 
 
 def examples(run: Run | None, n: int = EXAMPLES) -> list[str]:
@@ -274,6 +307,9 @@ def parse(body: bytes, max_tokens: int) -> Chat:
                 f"messages[{i}] must be {{'role': one of {', '.join(ROLES)}, 'content': a string}}.",
                 param="messages",
             )
+    # Role and content only: a chat template renders tool_calls, name or function_call as turns of their own (Llama
+    # 3.1's writes an assistant's tool_calls as a <|python_tag|> call), which the caller must not be able to inject.
+    messages = [{"role": m["role"], "content": m["content"]} for m in messages]
     options = {"temperature": generate.Sampling.temperature, "top_p": generate.Sampling.top_p}
     options.update(top_k=generate.Sampling.top_k, min_p=0.0, repeat_penalty=generate.Sampling.repetition_penalty)
     options["max_tokens"] = max_tokens
@@ -301,14 +337,27 @@ def parse(body: bytes, max_tokens: int) -> Chat:
 
 
 def check_room(model: Model, chat: Chat) -> int:
-    """The prompt's tokens; ApiError(400) when the prompt and max_tokens do not fit the context (llama.cpp itself
-    would silently shorten max_tokens, or raise)."""
+    """Make the messages plain text for the model's special tokens (chat.messages is replaced) and return the prompt's
+    tokens; ApiError(400) when the prompt and max_tokens do not fit the context (llama.cpp itself would silently
+    shorten max_tokens, or raise), or when a content still reads as a special token. The work is bounded: messages
+    longer than N_CTX of the vocabulary's longest tokens are refused by their length alone, longer ones are counted
+    only as far as fits (Model.prompt_tokens), and only messages that fit are tokenized whole, to check them."""
+    chars = sum(len(m["content"]) for m in chat.messages)
+    if chars > N_CTX * model.longest:
+        raise ApiError(
+            400,
+            f"the messages are {chars:,} characters, more than any {N_CTX} tokens of this model hold; the model reads "
+            f"at most {N_CTX} tokens. Shorten them.",
+            param="messages",
+            code="context_length_exceeded",
+        )
+    chat.messages = [{"role": m["role"], "content": model.specials.plain(m["content"])} for m in chat.messages]
     used = model.prompt_tokens(chat.messages)
     wanted = chat.options["max_tokens"]
     if used >= N_CTX:
         raise ApiError(
             400,
-            f"the messages are {used} tokens; the model reads at most {N_CTX}. Shorten them.",
+            f"the messages are at least {used} tokens; the model reads at most {N_CTX}. Shorten them.",
             param="messages",
             code="context_length_exceeded",
         )
@@ -320,6 +369,11 @@ def check_room(model: Model, chat: Chat) -> int:
             param="max_tokens",
             code="context_length_exceeded",
         )
+    for message in chat.messages:
+        try:
+            model.specials.check(message["content"])
+        except UserError as e:
+            raise ApiError(400, str(e), param="messages") from None
     return used
 
 
@@ -439,8 +493,7 @@ def _event(obj: dict) -> str:
 
 
 def app(served: Served, api_key: str | None = None):
-    """The ASGI app: Guard (key, host, body size) -> generate.PlainTextChat (chat markers in messages become plain
-    text) -> the routes."""
+    """The ASGI app: Guard (key, host, body size and time, security headers) -> the routes."""
     page = PAGE.read_text(encoding="utf-8")
 
     async def index(request):
@@ -516,7 +569,29 @@ def app(served: Served, api_key: str | None = None):
     ]
     handlers = {ApiError: api_error, HTTPException: http_error, Exception: server_error}
     inner = Starlette(routes=routes, exception_handlers=handlers)
-    return Guard(generate.PlainTextChat(inner), api_key)
+    return Guard(inner, api_key, security_headers(page))
+
+
+def security_headers(page: str) -> list[tuple[bytes, bytes]]:
+    """Headers for every response. The page's own inline script and style are allowed by their SHA-256, nothing else
+    inline (no 'unsafe-inline'): text that found its way into the page could run no script. It may not be framed
+    (clickjacking), its type is not sniffed, and no Referer leaves it."""
+
+    def hashes(tag: str) -> str:
+        bodies = re.findall(rf"<{tag}(?:\s[^>]*)?>(.*?)</{tag}>", page, re.DOTALL)
+        digests = (base64.b64encode(hashlib.sha256(body.encode()).digest()).decode() for body in bodies)
+        return " ".join(f"'sha256-{digest}'" for digest in digests) or "'none'"
+
+    policy = (
+        f"default-src 'self'; script-src {hashes('script')}; style-src {hashes('style')}; img-src 'self' data:; "
+        "object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+    )
+    return [
+        (b"content-security-policy", policy.encode()),
+        (b"x-frame-options", b"DENY"),
+        (b"x-content-type-options", b"nosniff"),
+        (b"referrer-policy", b"no-referrer"),
+    ]
 
 
 class Stream(StreamingResponse):
@@ -536,15 +611,24 @@ class Stream(StreamingResponse):
 
 
 class Guard:
-    """ASGI middleware in front of everything: the API key, the Host header and the body size."""
+    """ASGI middleware in front of everything: the API key, the Host header, the body's size and time, and the
+    security headers on every response."""
 
-    def __init__(self, app, api_key: str | None):
+    def __init__(self, app, api_key: str | None, extra_headers: list[tuple[bytes, bytes]] = ()):
         self.app = app
         self.key = f"Bearer {api_key}".encode() if api_key else None
+        self.extra = list(extra_headers)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        reply = send
+
+        async def send(message):
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), *self.extra]}
+            await reply(message)
+
         headers = dict(scope["headers"])
         if self.key is None and not is_loopback(_hostname(headers.get(b"host", b"").decode("latin-1"))):
             # Without a key the server is bound to loopback; a page whose name resolves to 127.0.0.1 (DNS rebinding)
@@ -565,17 +649,20 @@ class Guard:
                     send, 415, "send the body as JSON, with the header 'Content-Type: application/json'."
                 )
             chunks, size, more = [], 0, True
-            while more:
-                message = await receive()
-                if message["type"] == "http.disconnect":
-                    return
-                chunks.append(message.get("body", b""))
-                size += len(chunks[-1])
-                if size > MAX_BODY:
-                    return await _reply(
-                        send, 413, f"the request body is over {MAX_BODY:,} bytes; a question is far less."
-                    )
-                more = message.get("more_body", False)
+            with anyio.move_on_after(SERVE_HEADER_TIMEOUT) as reading:  # a body sent byte by byte holds no socket
+                while more:
+                    message = await receive()
+                    if message["type"] == "http.disconnect":
+                        return
+                    chunks.append(message.get("body", b""))
+                    size += len(chunks[-1])
+                    if size > MAX_BODY:
+                        return await _reply(
+                            send, 413, f"the request body is over {MAX_BODY:,} bytes; a question is far less."
+                        )
+                    more = message.get("more_body", False)
+            if reading.cancelled_caught:
+                return await _reply(send, 408, f"the request body took over {SERVE_HEADER_TIMEOUT:.0f} s to arrive.")
             receive = _replay(b"".join(chunks), receive)
         await self.app(scope, receive, send)
 
@@ -676,9 +763,61 @@ def run(app, served: Served, sock: socket.socket) -> None:
             served.closing.set()
             super().handle_exit(sig, frame)
 
-    # Beyond 128 open connections uvicorn answers 503 itself: idle sockets cannot pile up below the per-model queues.
-    config = uvicorn.Config(app, log_level="warning", limit_concurrency=128, timeout_graceful_shutdown=10)
+    config = uvicorn.Config(
+        app,
+        log_level="warning",
+        http=_protocol(),
+        limit_concurrency=SERVE_CONNECTIONS,  # beyond it uvicorn answers 503 itself; open connections count
+        timeout_keep_alive=5,  # seconds an idle kept-alive connection stays open (uvicorn's default, said here)
+        h11_max_incomplete_event_size=16 * 1024,  # request line + headers; more gets 400 (h11's default, said here)
+        timeout_graceful_shutdown=10,
+    )
     Server(config).run(sockets=[sock])
+
+
+def _protocol():
+    """uvicorn's h11 protocol with a time limit on the request headers. uvicorn has none: a connection that sends
+    nothing, or a header a byte at a time, stays open for good, and every one counts toward limit_concurrency, so 128
+    idle sockets used to lock out every client. Here a connection is closed when its request headers are not complete
+    SERVE_HEADER_TIMEOUT seconds after it opened or after its previous answer."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class Protocol(H11Protocol):
+        header_timer: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._arm()
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            if self.conn.their_state is not h11.IDLE:  # the headers are in: a request is under way
+                self._disarm()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._arm()  # a kept-alive connection: the next request's headers get the same time
+
+        def connection_lost(self, exc) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+        def _arm(self) -> None:
+            self._disarm()
+            self.header_timer = self.loop.call_later(SERVE_HEADER_TIMEOUT, self._expire)
+
+        def _disarm(self) -> None:
+            if self.header_timer is not None:
+                self.header_timer.cancel()
+                self.header_timer = None
+
+        def _expire(self) -> None:
+            self.header_timer = None
+            if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+                self.transport.close()
+
+    return Protocol
 
 
 def banner(served: Served, url: str, key: str | None) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -52,6 +53,7 @@ def fit(
     model, tokenizer = backend.load(
         base_model, model_args, training_args.trust_remote_code, training_args.max_length, bf16=training_args.bf16
     )
+    train_rows, val_rows = plain_rows(tokenizer, run_dir, train_rows, val_rows)
     model = backend.add_lora(model, model_args, training_args)
     trainable, total = model.get_nb_trainable_parameters()
     log.info(
@@ -214,6 +216,33 @@ def load_datasets(run_dir: Path, prompt_set=None, passes: int = 1, seed: int = 4
         loaded["train"] = concatenate_datasets(copies)
     loaded = {split: ds.select_columns(["prompt", "completion"]) for split, ds in loaded.items()}
     return loaded["train"], loaded.get("val")
+
+
+def plain_rows(tokenizer, run_dir: Path, train_ds, eval_ds) -> tuple:
+    """The datasets with every special token of the model's own tokenizer made plain text in the messages
+    (specials.py). Data preparation made the common families' markers plain already, without a tokenizer; a product
+    that holds another special token of this one is rare, so the split files are searched first (orjson, seconds for
+    the whole catalogue) and the rows are mapped only when one does."""
+    import orjson
+
+    from titletune import specials
+
+    guard = specials.from_tokenizer(tokenizer)
+    found = 0
+    for split in ("train", "val"):
+        path = Path(run_dir) / "data" / f"{split}.jsonl"
+        with open(path, "rb") if path.is_file() else contextlib.nullcontext(()) as lines:
+            for line in lines:
+                row = orjson.loads(line) if line.strip() else {}
+                found += any(guard.search(m["content"]) for m in row.get("prompt", []) + row.get("completion", []))
+    if not found:
+        return train_ds, eval_ds
+    log.info("%d products hold special tokens of the model's tokenizer: made plain text", found)
+
+    def plain(row: dict) -> dict:
+        return {key: guard.messages(row[key], check_all=False) for key in ("prompt", "completion")}
+
+    return tuple(None if ds is None else ds.map(plain, desc="special tokens made plain") for ds in (train_ds, eval_ds))
 
 
 def build_trainer(model, tokenizer, train_ds, eval_ds, training_args, run_dir: Path):
