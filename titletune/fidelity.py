@@ -442,9 +442,10 @@ def child(gguf_path: Path, request: dict) -> dict:
         tail = "\n".join([line for line in result.stderr.strip().splitlines() if line.strip()][-6:]) or "no output"
         names = ", ".join(Path(p).name for p in request.get("paths") or [gguf_path])
         crashed = llamacpp.crash(result.returncode)
-        if crashed:  # the engine died, not the file: the export keeps the files and says so
+        if crashed and llamacpp.not_the_file(result.returncode):  # the export keeps the files and says so
             raise EngineCrash(f"{crashed} (it was measuring {names}).\n{tail}")
-        raise UserError(f"{names} failed in llama.cpp (exit {result.returncode}), so the GGUF export is broken:\n{tail}")
+        how = crashed or f"exit {result.returncode}"  # llama.cpp aborts on some broken files (SIGABRT)
+        raise UserError(f"{names} failed in llama.cpp ({how}), so the GGUF export is broken:\n{tail}")
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 

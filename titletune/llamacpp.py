@@ -133,3 +133,11 @@ def crash(returncode: int) -> str | None:
             "use a smaller quant, and run the command again"
         )
     return f"llama.cpp crashed ({name})"
+
+
+def not_the_file(returncode: int) -> bool:
+    """Whether a llama.cpp child's death says nothing about the file it read: an illegal instruction (the build and
+    the CPU) or SIGKILL (the kernel, out of memory). llama.cpp aborts (SIGABRT) on some broken files, so other signals
+    stay the file's failure."""
+    number = -returncode if returncode < 0 else returncode - 128
+    return number in (signal.SIGILL, signal.SIGKILL)
