@@ -9,9 +9,11 @@ Each backend trains in its own subprocess, through the same code as train.py: ti
 add_lora, then training.build_trainer (TRL's SFTTrainer on prompt/completion rows from prepare.prepare). The unsloth
 child imports unsloth before trl, transformers and peft (backends.load_backend does it first); the hf child never
 imports it, because unsloth patches transformers for the whole process. Both load the base in 4-bit (bnb nf4), LoRA
-r=16 on all 7 projections, batch 4, the GPU preset's max_length (configs/llama3_2_3b_qlora.yaml), adamw_8bit,
-bf16 (fp16 where the GPU lacks it), gradient checkpointing on (hf: torch's; unsloth: its own "unsloth" mode, as in
-train.py). `--warmup` untimed steps, then `--steps` timed ones.
+r=16 on all 7 projections, with the 3B preset's settings (configs/llama3_2_3b_qlora.yaml over titletune/config.py's
+defaults): batch 4 x 4 accumulation, max_length 1024, adamw_8bit, gradient checkpointing on (hf: torch's; unsloth: its
+own "unsloth" mode, as in train.py); bf16 (fp16 where the GPU lacks it). `--warmup` untimed steps, then `--steps` timed
+ones. `--model` takes a hub id or a local folder: bench/gpu_check.py passes random-weight models of the presets' shapes
+(speed and memory do not depend on the weights).
 
 Reported: non-pad tokens trained per second (TRL's num_tokens), seconds per step, and peak VRAM:
 torch.cuda.max_memory_allocated (tensors) and max_memory_reserved (what the caching allocator held, closer to what
@@ -39,9 +41,12 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 
 def gpu_preset() -> dict:
+    """The 3B preset laid over the defaults, as train.py lays it (the preset holds only what it changes)."""
     import yaml
 
-    return yaml.safe_load((ROOT / "configs" / "llama3_2_3b_qlora.yaml").read_text())
+    from titletune.config import DEFAULTS
+
+    return {**DEFAULTS, **yaml.safe_load((ROOT / "configs" / "llama3_2_3b_qlora.yaml").read_text())}
 
 
 # ------------------------------------------------------------------------------------------------ one backend
@@ -81,14 +86,14 @@ def measure(backend_name: str, data_dir: str, args: argparse.Namespace) -> dict:
         output_dir=out,
         max_steps=steps,
         per_device_train_batch_size=args.batch_size,
-        gradient_accumulation_steps=1,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
         learning_rate=2e-4,
         lr_scheduler_type="constant",
-        optim="adamw_8bit" if cuda else "adamw_torch",
+        optim=args.optim if cuda else "adamw_torch",
         bf16=bf16,
         fp16=cuda and not bf16,
         use_cpu=not cuda,
-        gradient_checkpointing=cuda,
+        gradient_checkpointing=cuda and args.gradient_checkpointing,
         max_length=args.max_length,
         logging_steps=1,
         save_strategy="no",
@@ -170,7 +175,8 @@ def prepare_rows(args: argparse.Namespace) -> str:
 
 def run_child(backend: str, data_dir: str, args: argparse.Namespace) -> dict:
     cmd = [sys.executable, __file__, "--measure", backend, "--data_dir", data_dir]
-    for flag in ("model", "steps", "warmup", "batch_size", "max_length"):
+    cmd += ["--gradient_checkpointing", str(args.gradient_checkpointing).lower()]
+    for flag in ("model", "steps", "warmup", "batch_size", "gradient_accumulation_steps", "max_length", "optim"):
         cmd += [f"--{flag}", str(getattr(args, flag))]
     if args.smoke_cpu:
         cmd.append("--smoke_cpu")
@@ -226,7 +232,17 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (CUDA kernels, allocator)")
     parser.add_argument("--rounds", type=int, default=1, help="runs per backend; odd rounds go in reverse order")
     parser.add_argument("--batch_size", type=int, default=preset["per_device_train_batch_size"])
+    parser.add_argument(
+        "--gradient_accumulation_steps", type=int, default=preset["gradient_accumulation_steps"], help="per step"
+    )
     parser.add_argument("--max_length", type=int, default=preset["max_length"])
+    parser.add_argument("--optim", default=preset["optim"], help="on CUDA; the CPU smoke check uses adamw_torch")
+    parser.add_argument(
+        "--gradient_checkpointing",
+        type=lambda v: v.lower() in ("true", "1", "yes"),
+        default=bool(preset["gradient_checkpointing"]),
+        help="hf: torch's; unsloth always uses its own offloaded one, as train.py does",
+    )
     parser.add_argument("--json", help="also write every run here")
     parser.add_argument(
         "--smoke_cpu",
@@ -246,6 +262,7 @@ def main() -> None:
         parser.error(f"--backends: unknown {', '.join(bad)}; choose from {', '.join(BACKENDS)}")
     if args.smoke_cpu:
         names, args.model, args.steps, args.warmup, args.max_length = ["hf"], "embedded", 1, 1, 256
+        args.gradient_accumulation_steps = 1
     else:
         import torch  # only torch here: the unsloth child must import unsloth before transformers
 
@@ -275,7 +292,8 @@ def main() -> None:
     base = "16-bit base (smoke check)" if args.smoke_cpu else "4-bit nf4 base"
     print(
         f"\n{args.model} on {ok.get('device', '?')}: {base}, LoRA r=16 on 7 projections, batch "
-        f"{args.batch_size}, max_length {args.max_length}, {args.warmup} warm-up + {args.steps} timed steps, "
+        f"{args.batch_size} x {args.gradient_accumulation_steps} accumulation, max_length {args.max_length}, "
+        f"{args.optim}, {args.warmup} warm-up + {args.steps} timed steps, "
         f"{args.rounds} round(s); {json.dumps(ok.get('versions', {}))}\n"
     )
     print("\n".join(table(runs)))

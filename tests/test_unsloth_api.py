@@ -2,7 +2,8 @@
 CPU loader (unsloth_zoo.cpu) alike, since FastLanguageModel is a different class on each device.
 
 The source is read from the installed packages with ast and never imported: importing unsloth patches
-transformers for the whole test session. The installed versions must be the pinned ones.
+transformers for the whole test session. The installed versions must be the pinned ones. The last tests check what
+the CUDA path (bench/gpu_check.py) relies on in the pinned Unsloth, transformers and bitsandbytes the same way.
 """
 
 from __future__ import annotations
@@ -131,3 +132,51 @@ def test_unsloth_is_imported_only_by_its_backend():
 def _line_of_backend_import() -> int:
     source = (ROOT / "titletune" / "backends" / "__init__.py").read_text()
     return next(i for i, line in enumerate(source.splitlines(), 1) if line.strip().startswith("import unsloth"))
+
+
+# ------------------------------------------------------------------ what the CUDA path relies on (bench/gpu_check.py)
+
+
+def pinned_source(module: str, relative: str) -> str:
+    """A file of an installed package (transformers, bitsandbytes: pinned in requirements-cpu.txt), found by spec."""
+    import importlib.util
+
+    return (Path(importlib.util.find_spec(module).origin).parent / relative).read_text(encoding="utf-8")
+
+
+def test_bitsandbytes_config_keywords_exist():
+    """BitsAndBytesConfig takes **kwargs, so a misspelt keyword would be dropped with a log line, not refused."""
+    params = function_params(
+        pinned_source("transformers", "utils/quantization_config.py"), "__init__", "BitsAndBytesConfig"
+    )
+    for path in (ROOT / "titletune" / "backends" / "hf.py", ROOT / "bench" / "gpu_check.py"):
+        calls = [
+            node
+            for node in ast.walk(ast.parse(path.read_text()))
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "BitsAndBytesConfig"
+        ]
+        assert calls, path
+        for call in calls:
+            ours = {k.arg for k in call.keywords if k.arg}
+            assert ours <= params, (path.name, ours - params)
+
+
+def test_what_gpu_check_reads_of_unsloth_is_there(unsloth_source):
+    """gpu_check tells Unsloth's CUDA path from its CPU backend by these, and checks the merge against the adapter
+    on the dequantized 4-bit base, quantized as Unsloth's loader does (nested)."""
+    assert "Fast {model_patcher.__name__[4:-5]} patching" in unsloth_source["unsloth/models/llama.py"]
+    assert "no GPU found" in unsloth_source["unsloth/_cpu_init.py"]
+    assert "_IS_CPU_BACKEND = True" in unsloth_source["unsloth/__init__.py"]
+    save = unsloth_source["unsloth/save.py"].replace(" ", "")
+    merge = save[save.index("def_merge_lora(") : save.index("deffast_save_pickle(")]
+    assert "W=fast_dequantize(W,quant_state)" in merge and "W.addmm_(" in merge
+    llama = unsloth_source["unsloth/models/llama.py"].replace(" ", "")
+    assert "bnb_4bit_use_double_quant=True," in llama and 'bnb_4bit_quant_type="nf4",' in llama
+
+
+def test_bitsandbytes_loads_the_cuda130_library_for_any_cuda_13():
+    """The GPU check ships only libbitsandbytes_cuda130.so: bitsandbytes takes the highest packaged library of the
+    same major version at or below the runtime's (13.2 -> 13.0), never another major."""
+    source = pinned_source("bitsandbytes", "cextension.py")
+    assert "lower = [v for v in available if v[0] == runtime_version[0] and v < runtime_version]" in source
+    assert "selected = max(lower)" in source
