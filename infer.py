@@ -25,13 +25,14 @@ import argparse
 import dataclasses
 import json
 import logging
+import shlex
 import shutil
 import sys
 import textwrap
 from pathlib import Path
 
 from titletune.config import RAG_K
-from titletune.errors import UserError, cli
+from titletune.errors import UserError, cli, full_disk_is_user_error
 
 EXAMPLES = "examples:\n" + "\n".join(line for line in __doc__.splitlines() if line.startswith("    python "))
 SIDE_BY_SIDE_MIN = 80  # narrower terminals get stacked blocks: two 38-column answers are hard to read
@@ -202,7 +203,7 @@ def loop(engine, systems, sampling, args) -> None:
 
 def evaluate(args: argparse.Namespace, run) -> None:
     from titletune import evaluate as ev
-    from titletune import generate
+    from titletune import generate, lock
 
     if args.only:
         raise UserError("--evaluate compares base and tuned; leave out --only.")
@@ -216,8 +217,10 @@ def evaluate(args: argparse.Namespace, run) -> None:
         sampling=args.sampling,
     )
     settings.check()
-    engine = generate.load_engine(run, args.engine, generate.SYSTEMS, *_engine_options(args))
-    report = ev.evaluate_run(run, settings, engine=engine)
+    again = f"evaluate again: python infer.py --run {shlex.quote(str(run.dir))} --evaluate"
+    with full_disk_is_user_error(run.dir, lambda: again), lock.held(run.dir):  # it writes report.* and the card
+        engine = generate.load_engine(run, args.engine, generate.SYSTEMS, *_engine_options(args))
+        report = ev.evaluate_run(run, settings, engine=engine)
     print(ev.summary(report))
     print(f"wrote {run.dir / 'report.md'}, report.json, report.png")
 

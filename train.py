@@ -16,13 +16,15 @@ Stages: data -> model -> SFTTrainer -> adapter -> merge -> GGUF + Modelfile -> e
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shlex
+import signal
 import sys
 
-from titletune import backends, config, logs, machine, models, runs
+from titletune import backends, config, logs, machine, models, prepare, prompts, resume, runs
 from titletune.config import DEFAULTS, GPU_CONFIG, DataArguments, ExportArguments, ScriptArguments
-from titletune.errors import UserError, cli
+from titletune.errors import UserError, cli, full_disk_is_user_error
 
 log = logging.getLogger("titletune")
 
@@ -36,7 +38,7 @@ def parse(argv: list[str]):
     original = None
     if "--resume" in argv:
         resumed = runs.resolve_dir(config.requested(argv, "output_dir", "auto"))
-        original = runs.resume_settings(resumed)
+        original = resume.settings(resumed)
     if cuda and original is None and "--config" not in argv and not any(a in argv for a in ("-h", "--help")):
         argv = ["--config", str(GPU_CONFIG), *argv]
     # The backend once the config is known, so a preset's `backend:` counts; unsloth is imported here, once.
@@ -65,73 +67,105 @@ def parse(argv: list[str]):
     script_args.backend = backend
     given = config.given(argv)
     if original:  # recorded in run_config.yaml by main(): what this resume changed, [old, new]
-        script_args.resume_changes = runs.resume_changes(original, parsed, given)
+        script_args.resume_changes = resume.changes(original, parsed, given)
         runs.note_ignored_trust(resumed, flag=parsed[-1].trust_remote_code)  # not resumed: only this command's flag
     return parsed
 
 
 @cli
 def main(script_args, model_args, data_args, export_args, training_args):
-    from titletune import card, export, files, prepare, prompts, training
+    from titletune import export, training
 
+    args = (script_args, model_args, data_args, export_args, training_args)
     backend = backends.load_backend(script_args.backend)  # already imported by parse(): returns the module
     gguf_types = export.check_args(export_args)
     if script_args.export_only:
-        if not script_args.run:
-            raise UserError("--export-only needs --run <run folder>, e.g. --run outputs/run-20261122-101500")
-        run = runs.load(script_args.run)
-        return export.export_run(run, gguf_types, export_args, trust_remote_code=training_args.trust_remote_code).dir
-    backend.check(model_args, export_args)
-    training.check_args(training_args)
-    if not script_args.resume:  # a bad --data fails before a run folder exists that infer.py would take as the latest
-        prepare.check_args(data_args)
-        prepare.check_path(data_args.data)
+        return export_only(script_args.run, gguf_types, export_args, training_args.trust_remote_code)
     run_dir = runs.resolve_dir(training_args.output_dir)  # under several processes, the same folder on every rank
     training_args.output_dir = str(run_dir)
+    prompt_set, base_model = check(backend, run_dir, gguf_types, *args)
     main_process = training_args.process_index == 0
-    new_run = main_process and not script_args.resume
+    # The main process makes and locks the run folder (runs.claimed); under accelerate/torchrun the others wait.
+    claimed = runs.claimed(run_dir, script_args.overwrite, script_args.resume) if main_process else None
+    with full_disk_is_user_error(run_dir, lambda: _go_on(run_dir)), claimed or contextlib.nullcontext() as claim:
+        # 1. Run folder and data.
+        with training_args.main_process_first(desc="run folder and data"):
+            if main_process:
+                log.info("run folder %s (backend %s)", run_dir, script_args.backend)
+                if script_args.resume:
+                    changed = getattr(script_args, "resume_changes", {})
+                    resume.record(run_dir, changed)
+                    log.info("resume: the run's own settings%s", f", changed: {changed}" if changed else ", unchanged")
+                else:
+                    runs.save_config(run_dir, base_model, *args)
+                    prompts.save(prompt_set, run_dir)
+                    prepare.prepare_cached(data_args, training_args.seed, run_dir, prompt_set)
+        if script_args.prepare_only:
+            log.info("prepared data in %s/data (--prepare-only: stopping here)", run_dir)
+            return run_dir
 
-    # 1. Run folder and data. Under accelerate/torchrun the main process makes them; the others wait.
-    with training_args.main_process_first(desc="run folder and data"):
-        if main_process:
-            runs.create(run_dir, script_args.overwrite, script_args.resume)
-            log.info("run folder %s (backend %s)", run_dir, script_args.backend)
-            if script_args.resume:
-                changed = getattr(script_args, "resume_changes", {})
-                runs.record_resume(run_dir, changed)
-                log.info("resume: the run's own settings%s", f", changed: {changed}" if changed else ", unchanged")
-        # A new run that fails here must not look like a run: infer.py takes the newest; reruns need --overwrite.
-        with runs.removed_on_failure(run_dir, enabled=new_run):
-            # A resumed run reuses its own prompts and splits, so the data and its order are exactly the same.
-            prompt_set = prompts.load(run_dir / "prompts" if script_args.resume else data_args.prompts)
-            base_model = models.resolve(model_args.model_name_or_path)
-            if new_run:
-                runs.save_config(run_dir, base_model, script_args, model_args, data_args, export_args, training_args)
-                prompts.save(prompt_set, run_dir)
-                prepare.prepare_cached(data_args, training_args.seed, run_dir, prompt_set)
-    if script_args.prepare_only:
-        log.info("prepared data in %s/data (--prepare-only: stopping here)", run_dir)
-        return run_dir
-
-    # 2. Model, LoRA, SFTTrainer. A failure before the first checkpoint removes the new run folder.
-    with runs.removed_on_failure(run_dir, enabled=new_run):
+        # 2. Model, LoRA, SFTTrainer. A new run that fails before its first checkpoint is removed (runs.claimed).
+        on_save = training.OnSave(resume.identity(resume.flat(args)), first=claim.drop_previous if claim else None)
         fitted = training.fit(
-            backend, base_model, model_args, training_args, run_dir, script_args.resume, prompt_set, data_args.passes
-        )
-    training.save_adapter(fitted, run_dir)
-    if fitted.outcome.interrupted:
-        if fitted.trainer.is_world_process_zero():
-            card.write(runs.load(run_dir))  # of the adapter saved so far; the resumed run writes it again
-        log.warning(
-            "interrupted at step %d. Continue with: python train.py --output-dir %s --resume",
-            fitted.outcome.steps,
-            run_dir,
-        )
-        sys.exit(130)
-    if not fitted.trainer.is_world_process_zero():
-        return run_dir  # merge, export and evaluation happen once, on the main process
+            backend, base_model, model_args, training_args, run_dir, script_args.resume, prompt_set,
+            data_args.passes, callbacks=(on_save,),
+        )  # fmt: skip
+        training.save_adapter(fitted, run_dir)
+        if fitted.outcome.interrupted:
+            stopped(fitted, run_dir)
+        if not fitted.trainer.is_world_process_zero():
+            return run_dir  # merge, export and evaluation happen once, on the main process
 
-    # 3. Merge, GGUF + Modelfile.
+        # 3. Merge, GGUF + Modelfile, the before/after report and the model card.
+        return finish(fitted, backend, base_model, run_dir, gguf_types, script_args, export_args, training_args)
+
+
+def check(backend, run_dir, gguf_types, script_args, model_args, data_args, export_args, training_args):
+    """Every check that can be made before anything is written: the flags, the run folder, a resume's changes, the
+    data, the prompt set, the model, and what the stages after training will need (preflight.py). A failure here
+    leaves every folder as it was. Returns the prompt set and the base model."""
+    from titletune import preflight, training
+
+    backend.check(model_args, export_args)
+    training.check_args(training_args)
+    runs.check_target(run_dir, script_args.overwrite, script_args.resume)
+    if script_args.resume:  # a resumed run reuses its own prompts and splits: the same data in the same order
+        resume.check_changes(run_dir, getattr(script_args, "resume_changes", {}))
+        resume.check_checkpoints(
+            run_dir, resume.flat((script_args, model_args, data_args, export_args, training_args))
+        )
+        prompt_set = prompts.load(run_dir / "prompts")
+    else:
+        prepare.check_args(data_args)
+        prepare.check_path(data_args.data)
+        prompt_set = prompts.load(data_args.prompts)
+    base_model = models.resolve(model_args.model_name_or_path)
+    if not script_args.prepare_only:
+        preflight.check(prompt_set, base_model, script_args, export_args, training_args, gguf_types)
+    return prompt_set, base_model
+
+
+def stopped(fitted, run_dir) -> None:
+    """Ctrl-C or SIGTERM stopped training after a step: the adapter so far is saved; say how to go on, and exit
+    130 or 143 as a process killed by that signal would."""
+    from titletune import card
+
+    if fitted.trainer.is_world_process_zero():
+        card.write(runs.load(run_dir))  # of the adapter saved so far; the resumed run writes it again
+    signum = fitted.outcome.stop_signal or signal.SIGINT
+    log.warning(
+        "interrupted at step %d (%s). Continue with: python train.py --output-dir %s --resume",
+        fitted.outcome.steps,
+        signal.Signals(signum).name,
+        run_dir,
+    )
+    sys.exit(128 + signum)
+
+
+def finish(fitted, backend, base_model, run_dir, gguf_types, script_args, export_args, training_args):
+    """Merge, GGUF + Modelfile, the before/after report and the model card, on the main process."""
+    from titletune import card, export, files
+
     question = fitted.question or "What is ...?"
     if export_args.merge or gguf_types:
         with files.staged_dir(run_dir / "merged") as staged:  # a merge cut short leaves no merged/ to export from
@@ -149,8 +183,6 @@ def main(script_args, model_args, data_args, export_args, training_args):
     run = runs.load(run_dir)
     if gguf_types:
         export.export_run(run, gguf_types, export_args, question, training_args.trust_remote_code)
-
-    # 4. The before/after report.
     if script_args.eval_samples > 0:
         from titletune import evaluate, generate
 
@@ -162,6 +194,25 @@ def main(script_args, model_args, data_args, export_args, training_args):
     card.write(run)  # last, so it describes every file the run ends with (export and evaluation write it too)
     log.info("done: %s  (try: python infer.py --run %s %s)", run_dir, shlex.quote(str(run_dir)), shlex.quote(question))
     return run_dir
+
+
+def export_only(run_dir: str | None, gguf_types: list[str], export_args, trust_remote_code: bool = False):
+    """--export-only: merge (when merged/ is missing), GGUF, Modelfile and card of a finished run, under its lock."""
+    from titletune import export, lock
+
+    if not run_dir:
+        raise UserError("--export-only needs --run <run folder>, e.g. --run outputs/run-20261122-101500")
+    run = runs.load(run_dir)
+    again = f"export again: python train.py --export-only --run {shlex.quote(str(run.dir))}"
+    with full_disk_is_user_error(run.dir, lambda: again), lock.held(run.dir):
+        return export.export_run(run, gguf_types, export_args, trust_remote_code=trust_remote_code).dir
+
+
+def _go_on(run_dir) -> str:
+    """After a full disk: continue the run if it saved something to continue from, else run it again."""
+    if (run_dir / "adapter").is_dir() or any(run_dir.glob("checkpoint-*")):
+        return f"continue the run with: python train.py --output-dir {shlex.quote(str(run_dir))} --resume"
+    return "run the same command again"
 
 
 if __name__ == "__main__":

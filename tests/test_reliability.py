@@ -15,7 +15,8 @@ CLI and model:
     infer.py --engine llamacpp --gguf missing.gguf
                                      exit 2 "GGUF file ... does not exist; check the path ... or leave --gguf out ..."
 Covered elsewhere: --backend unsloth with a 4-bit base on CPU (test_unsloth_cpu.py); --resume without a checkpoint, an existing --output-dir, kill -9
-then --resume, Ctrl-C (test_train.py); a crash during GGUF conversion or quantization (test_export.py).
+then --resume, Ctrl-C (test_train.py); a crash during GGUF conversion or quantization (test_export.py); run folders
+under --overwrite, a second command, --resume changes, SIGTERM and a full disk (test_reliability_runs.py).
 """
 
 from __future__ import annotations

@@ -86,12 +86,23 @@ def check_args(export_args) -> list[str]:
         problems.append(f"--fidelity-samples must be >= 0 (0 skips the numbers), got {export_args.fidelity_samples}")
     if export_args.fidelity_tokens < 1:
         problems.append(f"--fidelity-tokens must be >= 1, got {export_args.fidelity_tokens}")
+    if not (export_args.gguf or "").replace(",", "").strip():  # "" or ",": not 'none', and no type either
+        problems.append(
+            f"--gguf {export_args.gguf!r} names no GGUF type; give types such as --gguf q8_0,q4_k_m, or --gguf none "
+            "to skip GGUF"
+        )
     if problems:
         raise UserError("; ".join(problems) + ".")
     return parse_gguf_types(export_args.gguf)
 
 
 # ------------------------------------------------------------------------------------------------------ converter
+
+
+def check_sentencepiece() -> None:
+    if importlib.util.find_spec("sentencepiece") is None:
+        # The converter imports it for every Llama-family model, even one with no tokenizer.model.
+        raise UserError("the GGUF converter needs sentencepiece: pip install sentencepiece==0.2.3 (or --gguf none).")
 
 
 def llama_cpp_version() -> str:
@@ -186,9 +197,7 @@ def convert(merged_dir: str | Path, out_path: str | Path, outtype: str = "f16", 
         raise UserError(f"convert: outtype must be one of {', '.join(CONVERTER_TYPES)}, got {outtype!r}.")
     if not (merged_dir / "config.json").is_file():
         raise UserError(f"{merged_dir} is not a merged model folder (no config.json); nothing to convert to GGUF.")
-    if importlib.util.find_spec("sentencepiece") is None:
-        # The converter imports it for every Llama-family model, even one with no tokenizer.model.
-        raise UserError("the GGUF converter needs sentencepiece: pip install sentencepiece==0.2.3 (or --gguf none).")
+    check_sentencepiece()
     converter = Path(converter) if converter else find_converter()
     env = dict(os.environ)
     env.pop("NO_LOCAL_GGUF", None)  # it would make the converter import PyPI's gguf, which is too old for it

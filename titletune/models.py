@@ -9,6 +9,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from titletune import files
 from titletune.config import EMBEDDED, cache_dir
 from titletune.errors import UserError
 
@@ -63,7 +64,9 @@ def embedded_hf_dir() -> Path:
         if target.exists():  # another process finished first
             shutil.rmtree(tmp)
         else:
+            files.sync(tmp)
             os.replace(tmp, target)
+            files.sync_dir(target.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -62,6 +62,15 @@ def template_for(chat_template: str | None) -> tuple[str, str] | None:
     return None
 
 
+def check_system(system_prompt: str) -> None:
+    """A system prompt the Modelfile can hold: its SYSTEM string is delimited by triple quotes."""
+    if '"""' in system_prompt:
+        raise UserError(
+            'the system prompt (system.txt of the prompt set) contains """, which ends the Ollama Modelfile\'s SYSTEM '
+            "string early; remove it, or pass --gguf none to write no GGUF and no Modelfile."
+        )
+
+
 def write_modelfile(
     run_dir: str | Path,
     gguf_name: str,
@@ -71,8 +80,9 @@ def write_modelfile(
     template: str | None = None,
 ) -> Path:
     """<run_dir>/Modelfile for `ollama create <name> -f Modelfile`; FROM is relative to the Modelfile's folder."""
-    if '"""' in system_prompt or (template and '"""' in template):
-        raise UserError('the system prompt contains """, which ends a Modelfile string early; remove it.')
+    check_system(system_prompt)
+    if template and '"""' in template:
+        raise UserError('the chat template contains """, which ends the Modelfile\'s TEMPLATE string early.')
     lines = [f"FROM ./{gguf_name}", ""]
     if template:
         lines += [f'TEMPLATE """{template}"""', ""]

@@ -209,6 +209,7 @@ def prepare_cached(
             except OSError:  # another process finished the same entry first; its files are the same
                 if not all((entry / name).is_file() for name in CACHE_FILES):
                     raise
+            files.sync_dir(entry.parent)
         finally:
             shutil.rmtree(build, ignore_errors=True)
         log.info("data prep: cached as %s (%s)", key, entry)

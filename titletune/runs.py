@@ -1,14 +1,15 @@
 """Run folders: one per training run, holding everything infer.py, the evaluation and export need.
 
 A finished run is loaded once, as a `Run` (its config, prompt set, base model and the paths of its adapter, merged
-model and GGUF files), and that object is what generate, evaluate, export and infer.py are given. `_read` is the only
-code that opens run_config.yaml.
+model and GGUF files), and that object is what generate, evaluate, export and infer.py are given. `read_config` is the
+only code that opens run_config.yaml.
 
     <run>/run_config.yaml  every resolved argument     <run>/prompts/   the prompt set it was trained with
     <run>/data/            splits, stats, EDA           <run>/adapter/   LoRA adapter + tokenizer
     <run>/merged/          base + adapter, 16-bit       <run>/model.<type>.gguf, Modelfile, export.json
     <run>/report.{json,md,png}  the evaluation          <run>/train_log.jsonl, loss.png, checkpoint-*/
     <run>/README.md        the model card (card.py), also in adapter/ and merged/
+    <run>/.lock            while a command writes to the run (lock.py)
 """
 
 from __future__ import annotations
@@ -21,11 +22,12 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import yaml
 
-from titletune import files, models, ollama, prompts
+from titletune import files, lock, models, ollama, prompts
 from titletune.config import EMBEDDED, ROOT, cache_dir
 from titletune.errors import UserError
 
@@ -171,14 +173,15 @@ def load(run_dir: str | Path) -> Run:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise UserError(f"run folder {run_dir} does not exist; pass a run in outputs/, or train: python train.py")
-    return Run(run_dir, _read(run_dir))
+    return Run(run_dir, read_config(run_dir))
 
 
 def latest(outputs_dir: str | Path = OUTPUTS) -> Run:
     """The newest finished run in outputs_dir: of the folders holding a trained adapter, the one whose
     run_config.yaml was written last. A run that failed or stopped before its adapter was saved is passed over."""
     outputs_dir = Path(outputs_dir)
-    configs = sorted(outputs_dir.glob(f"*/{CONFIG}"), key=lambda p: p.stat().st_mtime)
+    found = [c for c in outputs_dir.glob(f"*/{CONFIG}") if not c.parent.name.startswith(".")]  # not a run put aside
+    configs = sorted(found, key=lambda p: p.stat().st_mtime)
     finished = [c.parent for c in configs if (c.parent / "adapter" / "adapter_config.json").is_file()]
     if finished:
         return load(finished[-1])
@@ -196,14 +199,23 @@ def load_or_latest(run_dir: str | Path | None, outputs_dir: str | Path = OUTPUTS
 
 
 def resolve_dir(output_dir: str | None) -> Path:
-    """'auto' (or nothing) -> outputs/<timestamp>; anything else as given.
+    """'auto' (or nothing) -> outputs/<timestamp> (with -2, -3, ... when taken); anything else as given.
 
     Under several processes (accelerate launch, torchrun) every rank gets rank 0's timestamp: their clocks are read
     seconds apart, and each rank computing its own would split one run across several folders.
     """
     if not output_dir or output_dir == "auto":
-        return OUTPUTS / _from_rank_zero(dt.datetime.now().strftime("run-%Y%m%d-%H%M%S"))
+        return OUTPUTS / _from_rank_zero(unused_name(OUTPUTS, dt.datetime.now().strftime("run-%Y%m%d-%H%M%S")))
     return Path(output_dir).expanduser().resolve()
+
+
+def unused_name(parent: Path, name: str) -> str:
+    """`name`, or name-2, name-3, ... when it is taken: a timestamp has one-second resolution."""
+    taken, n = name, 1
+    while (parent / taken).exists():
+        n += 1
+        taken = f"{name}-{n}"
+    return taken
 
 
 def _from_rank_zero(value: str) -> str:
@@ -222,45 +234,123 @@ def _from_rank_zero(value: str) -> str:
     return box[0]
 
 
-def create(run_dir: Path, overwrite: bool, resume: bool) -> Path:
-    """Make the run folder. An existing non-empty folder is refused unless --overwrite or --resume says otherwise."""
+def check_target(run_dir: Path, overwrite: bool, resume: bool) -> None:
+    """Refuse, before anything is written, a run folder this command may not use: a file, a folder with files in it
+    (unless --resume, or --overwrite of a titletune run), or no run to --resume."""
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"--output_dir {run_dir} is a file; give a folder.")
-    busy = run_dir.is_dir() and any(run_dir.iterdir())
+    busy = _busy(run_dir)
     if resume:
         if not busy:
             raise UserError(f"--resume: {run_dir} holds no run to resume. Run without --resume to start it.")
-        return run_dir
-    if busy and overwrite:
         if not (run_dir / CONFIG).is_file():
-            # Refuse to delete a folder we did not make: a typo must not wipe someone's files.
-            raise UserError(f"--overwrite: {run_dir} is not a titletune run (no {CONFIG}); remove it yourself.")
-        shutil.rmtree(run_dir)
-    elif busy:
+            raise UserError(f"--resume: {run_dir} is not a titletune run (no {CONFIG}); pass the run's own folder.")
+        if not any(run_dir.glob("checkpoint-*")):
+            raise UserError(f"--resume: no checkpoint-* folder in {run_dir}. Run without --resume to start afresh.")
+        return
+    if not busy:
+        return
+    if not overwrite:
         raise UserError(
             f"--output_dir {run_dir} already exists and is not empty. Pass --overwrite to replace it, "
             "--resume to continue it, or choose another --output_dir."
         )
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:  # a parent is a regular file, no permission, read-only disk
-        raise UserError(
-            f"cannot create --output_dir {run_dir}: {e.strerror or e}. Choose another --output_dir."
-        ) from e
-    return run_dir
+    if not (run_dir / CONFIG).is_file():
+        # Refuse to replace a folder we did not make: a typo must not wipe someone's files.
+        raise UserError(f"--overwrite: {run_dir} is not a titletune run (no {CONFIG}); remove it yourself.")
+
+
+def _busy(run_dir: Path) -> bool:
+    return run_dir.is_dir() and any(p.name != lock.NAME for p in run_dir.iterdir())
+
+
+@dataclasses.dataclass
+class Claim:
+    """A run folder this process writes to (`claimed`): its lock, and the run that --overwrite moved aside, kept
+    until the new run has saved a checkpoint or finished."""
+
+    dir: Path
+    lock: Path
+    new: bool
+    previous: Path | None = None
+
+    def saved(self) -> bool:
+        return (self.dir / "adapter").exists() or any(self.dir.glob("checkpoint-*"))
+
+    def drop_previous(self) -> None:
+        """The new run has something to resume from: the run it replaces goes."""
+        if self.previous is not None:
+            shutil.rmtree(self.previous, ignore_errors=True)
+            log.info("--overwrite: removed the previous run (%s)", self.previous.name)
+            self.previous = None
+
+    def restore_previous(self) -> None:
+        """The new run failed before saving anything: the run it was to replace comes back, as it was."""
+        if self.previous is None:
+            return
+        if self.dir.exists():  # the failed run could not be removed: the old one stays where it is, and is named
+            log.warning("--overwrite: the new run failed; the previous run is in %s", self.previous)
+            return
+        os.rename(self.previous, self.dir)
+        log.warning(
+            "--overwrite: the new run failed before its first checkpoint; %s holds the previous run again", self.dir
+        )
+        self.previous = None
 
 
 @contextlib.contextmanager
-def removed_on_failure(run_dir: Path, enabled: bool = True):
-    """Remove the run folder if the block fails before training saved anything (no checkpoint, no adapter): such a
-    folder cannot be resumed or served, and would otherwise look like the newest run and block a rerun."""
+def claimed(run_dir: Path, overwrite: bool, resume: bool) -> Iterator[Claim]:
+    """The run folder, made (or, with --overwrite, made anew) and locked for the block (lock.py).
+
+    A new run that fails before it saved anything (no checkpoint, no adapter) is removed: it could not be resumed or
+    served, and would look like the newest run and block a rerun. --overwrite moves the old run aside to
+    .<name>.old-<time> beside it, and removes it once the new run has saved its first checkpoint (Claim.drop_previous,
+    called by training) or finished; a new run that fails before that gets the old run back, untouched.
+    """
+    claim = create(run_dir, overwrite, resume)
     try:
-        yield
+        yield claim
+        claim.drop_previous()
     except BaseException:
-        saved = (run_dir / "adapter").exists() or any(run_dir.glob("checkpoint-*"))
-        if enabled and not saved:
+        if claim.new and not claim.saved():
             shutil.rmtree(run_dir, ignore_errors=True)
+            claim.restore_previous()
+        else:
+            claim.drop_previous()
         raise
+    finally:
+        lock.release(claim.lock)
+
+
+def create(run_dir: Path, overwrite: bool, resume: bool) -> Claim:
+    """Make and lock the run folder (check_target says what is allowed); --overwrite moves the old run aside."""
+    check_target(run_dir, overwrite, resume)
+    if resume:
+        return Claim(run_dir, lock.acquire(run_dir), new=False)
+    previous = None
+    if _busy(run_dir):  # --overwrite of a run: no other command may be writing to it either
+        old_lock = lock.acquire(run_dir)
+        previous = run_dir.with_name(f".{run_dir.name}.old-{dt.datetime.now():%Y%m%d-%H%M%S}-{os.getpid()}")
+        os.rename(run_dir, previous)
+        old_lock = previous / lock.NAME
+    try:
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:  # a parent is a regular file, no permission, read-only disk
+            raise UserError(
+                f"cannot create --output_dir {run_dir}: {e.strerror or e}. Choose another --output_dir."
+            ) from e
+        claim = Claim(run_dir, lock.acquire(run_dir), new=True, previous=previous)
+    except BaseException:
+        if previous is not None:
+            shutil.rmtree(run_dir, ignore_errors=True)
+            os.rename(previous, run_dir)
+            lock.release(run_dir / lock.NAME)
+        raise
+    if previous is not None:
+        lock.release(old_lock)  # the old run goes back (if it does) as it was, without our lock
+        log.info("--overwrite: moved the previous run aside to %s until this one saves a checkpoint", previous.name)
+    return claim
 
 
 def as_dict(obj) -> dict:
@@ -284,7 +374,7 @@ def save_config(run_dir: Path, base_model: str, script, model, data, export, tra
     return files.write_atomic(run_dir / CONFIG, yaml.safe_dump(plain(config), sort_keys=False, allow_unicode=True))
 
 
-def _read(run_dir: Path) -> dict:
+def read_config(run_dir: Path) -> dict:
     """run_config.yaml of a run folder, as a dict: the one place that opens it."""
     path = run_dir / CONFIG
     if not path.is_file():
@@ -302,29 +392,9 @@ def _read(run_dir: Path) -> dict:
 
 
 SECTIONS = ("script", "model", "data", "export", "training")  # the argument dataclasses, as save_config writes them
-# Not carried into a resumed run: where it is (given again), which stages to run this time (a --prepare-only run is
-# resumed to train), and every *_token field, which TrainingArguments.to_dict() writes masked ("<EOS_TOKEN>"), so
-# run_config.yaml does not hold its value (they keep their defaults).
-# trust_remote_code neither: only the resume command's own --trust-remote-code turns it on (Run.trust_remote_code).
-NOT_RESUMED = ("output_dir", "resume", "overwrite", "prepare_only", "export_only", "run", "trust_remote_code")
-
-
-def resume_settings(run_dir: str | Path) -> dict | None:
-    """Every argument the run was started with, flat (flag name -> value), for --resume to start from; None when
-    the folder holds no run_config.yaml (then --resume fails later, with its own message)."""
-    if not (Path(run_dir) / CONFIG).is_file():
-        return None
-    config = _read(Path(run_dir))
-    flat = {"backend": config.get("backend")}
-    for section in SECTIONS:
-        values = (config.get(section) or {}).items()
-        flat.update({k: v for k, v in values if k not in NOT_RESUMED and not k.endswith("_token")})
-    return flat
-
-
 def note_ignored_trust(run_dir: Path, config: dict | None = None, flag: bool = False) -> None:
     """One line when a run folder's config says trust_remote_code: true and the command was not given the flag."""
-    config = _read(Path(run_dir)) if config is None else config
+    config = read_config(Path(run_dir)) if config is None else config
     said = [config.get("trust_remote_code"), *((config.get(s) or {}).get("trust_remote_code") for s in SECTIONS)]
     if any(value is True for value in said) and not flag:
         log.warning(
@@ -332,24 +402,6 @@ def note_ignored_trust(run_dir: Path, config: dict | None = None, flag: bool = F
             "code that comes with this model, pass --trust-remote-code.",
             Path(run_dir) / CONFIG,
         )
-
-
-def resume_changes(original: dict, parsed: tuple, given: set[str]) -> dict:
-    """The settings given now that differ from the run's own: {name: [old, new]}."""
-    now = {k: v for args in parsed for k, v in as_dict(args).items()}
-    changed = {k: [original.get(k), now[k]] for k in sorted(given) if k in now and k in original}
-    return {k: v for k, v in changed.items() if plain(v[0]) != plain(v[1])}
-
-
-def record_resume(run_dir: Path, changed: dict) -> Path | None:
-    """Append one entry to run_config.yaml's `resumes`: the flags this resume gave with a new value, [old, new].
-    Nothing else in the file changes: a resumed run is the same run. A folder without the file has nothing to
-    resume (training.train then says so)."""
-    if not (run_dir / CONFIG).is_file():
-        return None
-    config = _read(run_dir)
-    config["resumes"] = [*(config.get("resumes") or []), {"changed": changed}]
-    return files.write_atomic(run_dir / CONFIG, yaml.safe_dump(plain(config), sort_keys=False, allow_unicode=True))
 
 
 def plain(value):

@@ -113,7 +113,9 @@ class SplitWriter:
                 f"{self.counts['test']}): raise --max_samples, or pass --val_size 0 --test_size 0 to train on them all."
             )
         for split in SPLITS:
+            files.sync(self.tmp[split])  # on disk before the rename (files.py)
             os.replace(self.tmp[split], self.folder / f"{split}.jsonl")
+        files.sync_dir(self.folder)
         return {s: self.counts[s] for s in SPLITS}
 
     def abort(self) -> None:
@@ -266,11 +268,13 @@ def _count_lines(task: tuple[str, int, int]) -> int:
     return data.count(b"\n") + (1 if data and not data.endswith(b"\n") else 0)
 
 
-def _ignore_sigint() -> None:
-    """Worker initializer: Ctrl-C is the main process's to handle (it stops the pool and cleans up)."""
+def _worker_signals() -> None:
+    """Worker initializer: Ctrl-C is the main process's to handle (it stops the pool and cleans up), and SIGTERM
+    ends a worker at once, as it did before the fork copied the main process's handler (errors.cli)."""
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _chunk_worker(task: dict) -> dict:
@@ -349,7 +353,7 @@ def select_parallel(
     # fork on Linux, as torch's DataLoader does: a worker runs only titletune's data code, never torch, and needs no
     # `if __name__ == "__main__"` guard in the caller's script. The pool starts before the progress bar's thread.
     method = "fork" if sys.platform == "linux" else "spawn"
-    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method), initializer=_ignore_sigint)
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method), initializer=_worker_signals)
     finished = False
     bar = None
     if size >= PROGRESS_MIN_BYTES:

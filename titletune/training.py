@@ -10,11 +10,12 @@ import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 from transformers import TrainerCallback
 from trl import SFTTrainer
 
-from titletune.errors import UserError
+from titletune.errors import Terminated, UserError
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +29,7 @@ class Outcome:
     first_loss: float | None
     last_loss: float | None
     train_runtime: float | None
+    stop_signal: int | None = None  # what stopped it: signal.SIGINT (Ctrl-C) or signal.SIGTERM
 
 
 @dataclass
@@ -42,11 +44,19 @@ class Fitted:
 
 
 def fit(
-    backend, base_model: str, model_args, training_args, run_dir: Path, resume: bool, prompt_set=None, passes: int = 1
+    backend,
+    base_model: str,
+    model_args,
+    training_args,
+    run_dir: Path,
+    resume: bool,
+    prompt_set=None,
+    passes: int = 1,
+    callbacks: tuple = (),
 ) -> Fitted:
     """Model -> LoRA -> SFTTrainer -> train (or resume), on the run's prepared splits, each train product `passes`
     times in as many phrasings (see load_datasets). The backend decides how the model is loaded and wrapped;
-    everything after that is shared."""
+    everything after that is shared. `callbacks` are added to the Trainer's (e.g. OnSave)."""
     # memory-mapped Arrow, not Python lists
     train_rows, val_rows = load_datasets(run_dir, prompt_set, passes, training_args.seed)
     products = len(train_rows) // max(1, passes)
@@ -77,6 +87,8 @@ def fit(
         a.world_size,
         per_step,
     )
+    for callback in callbacks:
+        trainer.add_callback(callback)
     outcome = train(trainer, run_dir, resume)
     log.info(
         "trained %d steps in %.0f s: loss %s -> %s",
@@ -122,29 +134,56 @@ class JsonlLog(TrainerCallback):
                 f.write(json.dumps({"step": state.global_step, "epoch": state.epoch, **logs}) + "\n")
 
 
-class StopOnSigint(TrainerCallback):
-    """First Ctrl-C: finish the current step, save a checkpoint, stop. Second Ctrl-C: abort at once."""
+class StopOnSignal(TrainerCallback):
+    """First Ctrl-C or SIGTERM (kill, docker stop, a job scheduler's notice): finish the current step, save a
+    checkpoint, stop. A second one: abort at once."""
+
+    SIGNALS: ClassVar[dict] = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}
 
     def __init__(self):
-        self.requested = False
-        self.previous = signal.getsignal(signal.SIGINT)
+        self.requested: int | None = None  # the signal received
+        self.previous = {signum: signal.getsignal(signum) for signum in self.SIGNALS}
 
     def install(self):
-        signal.signal(signal.SIGINT, self._handle)
+        for signum in self.SIGNALS:
+            signal.signal(signum, self._handle)
 
     def uninstall(self):
-        signal.signal(signal.SIGINT, self.previous)
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
 
     def _handle(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        print("\nCtrl-C: stopping after this step and saving the adapter (Ctrl-C again to abort).", file=sys.stderr)
+        if self.requested is not None:
+            raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
+        self.requested = signum
+        name = self.SIGNALS[signum]
+        print(f"\n{name}: stopping after this step and saving the adapter ({name} again to abort).", file=sys.stderr)
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.requested:
+        if self.requested is not None:
             control.should_training_stop = True
             control.should_save = True
+
+
+class OnSave(TrainerCallback):
+    """After each checkpoint is saved: the run's identity into it (resume.mark, checked by a later --resume), and
+    `first()` once, after the first (--overwrite then removes the run this one replaces)."""
+
+    def __init__(self, identity: dict, first=None):
+        self.identity = identity
+        self.first = first
+
+    def on_save(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        from titletune import resume
+
+        checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if checkpoint.is_dir():
+            resume.mark(checkpoint, self.identity)
+        if self.first is not None:
+            self.first, first = None, self.first
+            first()
 
 
 def check_args(training_args) -> None:
@@ -291,7 +330,7 @@ def train(trainer, run_dir: Path, resume: bool) -> Outcome:
         if checkpoint is None:
             raise UserError(f"--resume: no checkpoint-* folder in {run_dir}. Run without --resume to start afresh.")
         log.info("resuming from %s", checkpoint)
-    stopper = StopOnSigint()
+    stopper = StopOnSignal()
     trainer.add_callback(JsonlLog(run_dir / "train_log.jsonl"))
     trainer.add_callback(stopper)
     stopper.install()
@@ -307,10 +346,11 @@ def train(trainer, run_dir: Path, resume: bool) -> Outcome:
     losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
     return Outcome(
         steps=trainer.state.global_step,
-        interrupted=stopper.requested,
+        interrupted=stopper.requested is not None,
         first_loss=losses[0] if losses else None,
         last_loss=losses[-1] if losses else None,
         train_runtime=runtime,
+        stop_signal=stopper.requested,
     )
 
 
