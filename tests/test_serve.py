@@ -264,6 +264,7 @@ def test_a_greedy_question_answers_the_same_after_other_requests(server):
     [
         (None, b'{"model": "tuned", "messages": [', {}, 400, "not valid JSON", None),
         (None, b'["a list"]', {}, 400, "JSON object", None),
+        (None, b"[" * 1100, {}, 400, "nested too deeply", None),
         (chat("gpt-4o", "Hi"), None, {}, 404, "'gpt-4o' is not served here; use one of: tuned", "model_not_found"),
         (chat("tuned", "Hi", max_tokens=5000), None, {}, 400, "max_tokens 5000 does not fit", LONG),
         (chat("tuned", "Hi", max_tokens=0), None, {}, 400, "'max_tokens' must be a whole number >= 1", None),

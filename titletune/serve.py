@@ -295,6 +295,8 @@ def parse(body: bytes, max_tokens: int) -> Chat:
         request = json.loads(body)
     except (ValueError, UnicodeDecodeError) as e:
         raise ApiError(400, f"the request body is not valid JSON ({e}).") from None
+    except RecursionError:  # a kilobyte of "[" nests deeper than the JSON parser goes
+        raise ApiError(400, "the request body is not valid JSON (nested too deeply).") from None
     if not isinstance(request, dict):
         raise ApiError(400, "the request body must be a JSON object with 'model' and 'messages'.")
     messages = request.get("messages")
