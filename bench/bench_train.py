@@ -3,6 +3,7 @@
     .venv/bin/python bench/bench_train.py                                 # 8 configurations once, 3-5 min
     .venv/bin/python bench/bench_train.py --steps 8 --rounds 2            # order A..H then H..A, ~12 min
     .venv/bin/python bench/bench_train.py --configs default,padded_full --rounds 4 --json /tmp/train.json
+    .venv/bin/python bench/bench_train.py --configs default --profile     # where a step's CPU time goes
 
 Every configuration trains the embedded SmolLM2-135M-Instruct (models.embedded_hf_dir()) with LoRA r=16 on all 7
 projections, batch 4, on rows rendered from data/sample_trn.json exactly as train.py renders them (prepare.prepare with
@@ -181,6 +182,28 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+# Where a step's CPU time goes (--profile): torch.profiler's self CPU time per op, in these groups, first match wins.
+PROFILE_GROUPS = (
+    ("matmul", ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::linear", "mkldnn")),
+    ("attention", ("scaled_dot_product", "flash_attention")),
+    ("casts and copies", ("aten::copy_", "aten::_to_copy", "aten::to", "aten::clone", "aten::contiguous")),
+    ("softmax and loss", ("softmax", "nll_loss", "cross_entropy", "logsumexp")),
+    ("optimizer", ("_foreach", "adam", "Optimizer")),
+    ("elementwise", ("aten::mul", "aten::add", "aten::sub", "aten::div", "aten::silu", "aten::neg", "aten::pow",
+                     "aten::rsqrt", "aten::mean", "aten::cat", "aten::sum", "aten::where", "aten::fill_")),
+)
+
+
+def profile_shares(prof) -> dict[str, float]:
+    """Each PROFILE_GROUPS group's share of the profiled self CPU time, plus "other"."""
+    totals: dict[str, float] = {}
+    for event in prof.key_averages():
+        group = next((g for g, keys in PROFILE_GROUPS if any(k in event.key for k in keys)), "other")
+        totals[group] = totals.get(group, 0.0) + event.self_cpu_time_total
+    whole = sum(totals.values()) or 1.0
+    return {g: round(t / whole, 3) for g, t in sorted(totals.items(), key=lambda kv: -kv[1])}
+
+
 def sequence_lengths(kwargs: dict) -> list[int]:
     """Lengths of the real sequences in one batch: from the attention mask, or from position_ids restarting at 0."""
     mask = kwargs.get("attention_mask")
@@ -277,12 +300,18 @@ def measure(name: str, data_dir: str, args: argparse.Namespace) -> dict:
     model.register_forward_pre_hook(count, with_kwargs=True)
     clock: dict[int, tuple[float, float]] = {}
 
+    profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) if args.profile else None
+
     class Clock(TrainerCallback):
         def on_train_begin(self, targs, state, control, **kw):
             clock[0] = (time.perf_counter(), time.process_time())
 
         def on_step_end(self, targs, state, control, **kw):
             clock[state.global_step] = (time.perf_counter(), time.process_time())
+            if profiler is not None and state.global_step == args.warmup:  # the timed steps, profiled
+                profiler.__enter__()
+            if profiler is not None and state.global_step == steps:
+                profiler.__exit__(None, None, None)
 
     trainer.add_callback(Clock())
     load_before = load_average()
@@ -317,6 +346,7 @@ def measure(name: str, data_dir: str, args: argparse.Namespace) -> dict:
         "omp_env": omp_env,
         "threads": torch.get_num_threads(),
         "bf16": training_args.bf16,
+        **({"profile": profile_shares(profiler)} if profiler is not None else {}),
     }
 
 
@@ -348,6 +378,7 @@ def run_child(name: str, data_dir: str, args: argparse.Namespace) -> dict:
     cmd = [sys.executable, __file__, "--measure", name, "--data_dir", data_dir]
     for flag in ("steps", "warmup", "threads", "batch_size", "max_length", "lora_r"):
         cmd += [f"--{flag}", str(getattr(args, flag))]
+    cmd += ["--profile"] if args.profile else []
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONWARNINGS="ignore", **WAIT)
     for key in UNSET:
         env.pop(key, None)
@@ -457,6 +488,12 @@ def main() -> None:
     parser.add_argument("--lora_r", type=int, default=16)
     parser.add_argument("--data", default=str(ROOT / "data" / "sample_trn.json"))
     parser.add_argument("--json", help="also write every run and peak measurement here")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="profile the timed steps (torch.profiler) and print where the CPU time goes; slows them, so read the "
+        "speed from a run without it",
+    )
     parser.add_argument("--measure", choices=list(CONFIGS), help=argparse.SUPPRESS)
     parser.add_argument("--data_dir", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -510,6 +547,9 @@ def main() -> None:
     print("\n".join(summarise(runs, measured)))
     print()
     print("\n".join(per_run(runs)))
+    for r in runs:
+        if r.get("profile"):
+            print(f"profile {r['config']}: " + ", ".join(f"{g} {v:.0%}" for g, v in r["profile"].items()))
     if args.json:
         Path(args.json).write_text(json.dumps({"runs": runs, "peaks": measured, "dims": dims}, indent=1))
 
