@@ -274,5 +274,5 @@ if __name__ == "__main__":
     from titletune.models import disable_telemetry
 
     disable_telemetry()  # before transformers and huggingface_hub are imported
-    logs.setup(logging.WARNING)  # infer.py prints its answers; the log keeps to warnings
+    logs.setup(logging.WARNING, plain=True)  # infer.py prints its answers; the log keeps to warnings
     main(parse_args())

@@ -72,13 +72,13 @@ def test_a_run_folder_cannot_turn_on_its_own_code(tmp_path, monkeypatch):
 
 def test_resume_and_export_take_trust_only_from_their_own_command(tmp_path, caplog):
     """--resume starts from the run's own settings, all but trust_remote_code; Run.trust_remote_code is the flag."""
-    from titletune import runs
+    from titletune import resume, runs
 
     run_dir, _ = shipping_run(tmp_path)
     config = yaml.safe_load((run_dir / "run_config.yaml").read_text())
     config.update(script={}, data={"max_content_chars": 240}, export={})
     (run_dir / "run_config.yaml").write_text(yaml.safe_dump(config))
-    assert "trust_remote_code" not in runs.resume_settings(run_dir)
+    assert "trust_remote_code" not in resume.settings(run_dir)
     run = runs.load(run_dir)
     with caplog.at_level("WARNING", logger="titletune.runs"):
         assert run.trust_remote_code(False) is False

@@ -50,6 +50,7 @@ def make_run(root: Path, base_model: str = "embedded") -> Path:
     rows = [{"id": pid, "title": title, "content": content} for pid, title, content in PRODUCTS]
     (run / "data" / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     (run / "model.q4_k_m.gguf").symlink_to(models.embedded_gguf())
+    (run / "Modelfile").write_text("FROM ./model.q4_k_m.gguf\n", encoding="utf-8")  # the file the run ships
     return run
 
 

@@ -16,12 +16,14 @@ QUIET = (
 )
 
 
-def setup(level: int = logging.INFO) -> None:
+def setup(level: int = logging.INFO, plain: bool = False) -> None:
     """Timestamped `name: message` lines at `level`; no per-stage progress bars of datasets (one per map: tokenizing,
     labels, truncating, each pass) or of transformers' weight loading, which print dozens of lines before training
-    starts. The Trainer's own progress bar and ours stay. A user's own HF_*_PROGRESS_BARS setting wins."""
+    starts. The Trainer's own progress bar and ours stay. A user's own HF_*_PROGRESS_BARS setting wins. `plain`:
+    the message alone (infer.py, whose output is its answers)."""
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' "Loading weights" follows it
-    logging.basicConfig(format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S", level=level)
+    layout = "%(message)s" if plain else "%(asctime)s %(name)s: %(message)s"
+    logging.basicConfig(format=layout, datefmt="%H:%M:%S", level=level)
     for name in QUIET:
         logging.getLogger(name).setLevel(logging.ERROR)
