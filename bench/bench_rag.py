@@ -6,8 +6,13 @@
 The file is bench_data.py's synthetic trn.json (shaped like the real one: 33% empty contents, 5.6% empty titles, ~3%
 repeated titles). The build runs in its own subprocess, which reports its wall time and peak RSS (VmHWM); the index's
 size on disk is the SQLite file's. Then --queries questions, phrased as training asks them about products sampled
-from the file, are timed one by one (top --k), cold cache first; the report gives p50, p95 and max, and the share
-of questions whose own product comes first.
+from the file, are timed one by one (top --k), cold cache first: with Index.search (the title first, then the broad
+query) and then, on the first --old-queries of the same questions and the same index, with Index.search_any (the
+broad query alone, which was the whole search of index FORMAT 3). For each the report gives p50, p95 and max, and
+the share of questions whose own product comes first; for search, how many needed the broad query (fallbacks).
+search is also timed on the same questions with each title's words in reverse order (search_reversed): no title is
+then named exactly, so this measures step 2, the AND query over the titles index.
+The broad query takes about a second a question at full size on 2 cores: --old-queries 200 shortens the run.
 """
 
 from __future__ import annotations
@@ -57,11 +62,44 @@ def cpu_name() -> str:
         return platform.processor() or "unknown"
 
 
+def cpu_info() -> dict:
+    """The CPU's model name and family, and which of the wide vector extensions it has."""
+    field: dict[str, str] = {}
+    try:
+        for line in open("/proc/cpuinfo"):
+            name, _, value = line.partition(":")
+            field.setdefault(name.strip(), value.strip())
+    except OSError:
+        pass
+    flags = set(field.get("flags", "").split())
+    wide = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16") if f in flags]
+    return {"cpu": cpu_name(), "cpu_family": field.get("cpu family"), "cpu_flags": wide}
+
+
+def measure(search, questions: list[tuple[str, str]], k: int) -> dict:
+    """Each question timed alone; the share whose own product (its title: titles are deduplicated) comes first."""
+    times, first = [], 0
+    for question, title in questions:
+        started = time.perf_counter()
+        hits = search(question, k)
+        times.append((time.perf_counter() - started) * 1000)
+        first += bool(hits) and hits[0]["title"] == title
+    times.sort()
+    return {
+        "queries": len(times),
+        "query_ms_p50": round(statistics.median(times), 2),
+        "query_ms_p95": round(times[int(0.95 * (len(times) - 1))], 2),
+        "query_ms_max": round(times[-1], 2),
+        "own_title_first": round(first / max(1, len(times)), 3),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lines", type=int, default=2_248_619, help="rows of the synthetic file, if it is written")
     parser.add_argument("--data", default="/tmp/trn_synth.json", help="the synthetic trn.json (written if missing)")
     parser.add_argument("--queries", type=int, default=1000, help="questions timed")
+    parser.add_argument("--old-queries", type=int, help="questions also timed with search_any (default: all; 0: none)")
     parser.add_argument("--k", type=int, default=1, help="entries per query (RAG_K, the default --rag-k)")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -100,17 +138,19 @@ def main() -> None:
                 picked[j] = (str(row["id"]), got[0])
         ps = prompts.load(ROOT / "prompts" / "qa")
         index = retrieval.Index(Path(built["path"]), path.name)
-        times, first = [], 0
-        for pid, title in picked:
-            question = prompts.question(ps, title, pid, 42)
-            started = time.perf_counter()
-            hits = index.search(question, args.k)
-            times.append((time.perf_counter() - started) * 1000)
-            first += bool(hits) and hits[0]["title"] == title
+        questions = [(prompts.question(ps, title, pid, 42), title) for pid, title in picked]
+        old = len(questions) if args.old_queries is None else args.old_queries
+        timed = {"search": measure(index.search, questions, args.k)}
+        timed["search"]["fallbacks"] = index.fallbacks
+        index.fallbacks = 0
+        reversed_ = [(prompts.question(ps, " ".join(title.split()[::-1]), pid, 42), title) for pid, title in picked]
+        timed["search_reversed"] = measure(index.search, reversed_, args.k)
+        timed["search_reversed"]["fallbacks"] = index.fallbacks
+        if old > 0:
+            timed["search_any"] = measure(index.search_any, questions[:old], args.k)
         index.close()
-    times.sort()
     result = {
-        "cpu": cpu_name(),
+        **cpu_info(),
         "load_before": [round(x, 2) for x in load],
         "load_after": [round(x, 2) for x in os.getloadavg()],
         "file": str(path),
@@ -118,13 +158,9 @@ def main() -> None:
         "rows_indexed": built["rows"],
         "build_s": built["seconds"],
         "build_peak_rss_mb": built["peak_rss_mb"],
-        "index_gb": round(size / 1e9, 2),
-        "queries": len(times),
+        "index_mb": round(size / 1e6, 1),
         "k": args.k,
-        "query_ms_p50": round(statistics.median(times), 2),
-        "query_ms_p95": round(times[int(0.95 * (len(times) - 1))], 2),
-        "query_ms_max": round(times[-1], 2),
-        "own_title_first": round(first / max(1, len(times)), 3),
+        **timed,
     }
     print(json.dumps(result, indent=2))
 

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
+import sqlite3
 
 import pytest
 from conftest import ROOT, SAMPLE
 
-from titletune import metrics, prompts, retrieval
+from titletune import metrics, prompts, retrieval, text
 from titletune.errors import UserError
 
 REFS = [
@@ -81,6 +83,100 @@ def test_index_finds_the_product_a_question_names(tmp_path):
     for hostile in ('"', "tutu AND", "NEAR(", "pink*", "col:tutu", "-ballet", "a OR OR b", "\x00"):
         index.search(hostile, 3)
     index.close()
+
+
+TUTUS = [
+    {"id": "pink", "title": "Girls Ballet Tutu Neon Pink", "content": "A tulle skirt with an elastic waist."},
+    {"id": "blue", "title": "Girls Ballet Tutu Neon Blue", "content": "Neon pink trim on blue tulle, pink bows."},
+    {"id": "pink4", "title": "Girls Ballet Tutu Neon Pink Size 4", "content": "The pink tutu in size 4, ages 3 to 4."},
+    {"id": "tutu", "title": "Girls Ballet Tutu", "content": "A plain white tutu for ballet class."},
+    {"id": "war", "title": "The Art of War", "content": "Sun Tzu's treatise on strategy, translated."},
+    {"id": "war2", "title": "Art of War", "content": "A pocket edition of the classic."},
+    {"id": "mug", "title": "Ceramic Coffee Mug With Lid", "content": "A 12 ounce mug with a bamboo lid."},
+]
+
+
+def test_every_phrasing_finds_its_own_product_among_near_duplicate_titles(tmp_path):
+    """Each question phrasing of prompts/qa, about each of titles that differ by a word, finds that title first,
+    from the title tables alone (no broad query), and the same way in an index built again."""
+    index = retrieval.for_rows(tmp_path / "a", "train", TUTUS)
+    ps = prompts.load(ROOT / "prompts" / "qa")
+    assert len(ps.questions) == 8 and len(ps.held_out) == 3
+    for product in TUTUS:
+        for phrasing in ps.questions + ps.held_out:
+            question = phrasing.replace("{title}", product["title"])
+            assert index.search(question, 1)[0]["id"] == product["id"], question
+    assert index.fallbacks == 0
+    # The top k: the title named, then the titles that hold all of its words, closest first, then the broad query.
+    assert [h["id"] for h in index.search('What is "Girls Ballet Tutu Neon Pink"?', 3)] == ["pink", "pink4", "blue"]
+    assert [h["id"] for h in index.search("What is 'Girls Ballet Tutu'?", 4)] == ["tutu", "pink", "blue", "pink4"]
+    assert index.fallbacks == 1  # the first: one title holds all of its words besides its own
+    again = retrieval.for_rows(tmp_path / "b", "train", TUTUS)
+    for question in ("Tell me about Girls Ballet Tutu.", "pink tutu", "What is 'Neon'?", "strategy of war"):
+        assert again.search(question, 4) == index.search(question, 4)
+
+
+def test_a_title_named_loosely_is_found_by_its_words(tmp_path):
+    """No title is named exactly: the products whose title holds every word named, the closest title first."""
+    index = retrieval.for_rows(tmp_path, "train", TUTUS)
+    question = "Tell me about the Neon Pink Girls Ballet Tutu."  # words in another order
+    assert index.search(question, 1)[0]["id"] == "pink"
+    assert index.search_any(question, 1)[0]["id"] == "pink4"  # what the broad query alone gives: a longer title
+    # Without quote marks, "The" could be phrasing or title: the title that holds more of the question wins ...
+    assert index.search("Tell me about The Art of War.", 1)[0]["id"] == "war"
+    assert index.search_any("Tell me about The Art of War.", 1)[0]["id"] == "war2"
+    # ... and quote marks settle it.
+    assert index.search("What is 'Art of War'?", 1)[0]["id"] == "war2"
+    assert index.search("What is 'The Art of War'?", 1)[0]["id"] == "war"
+    assert index.fallbacks == 0
+
+
+def test_without_the_title_words_the_broad_query_answers(tmp_path):
+    index = retrieval.for_rows(tmp_path, "train", TUTUS)
+    assert index.search("mug bamboo lid", 1)[0]["id"] == "mug"  # "bamboo" is in no title: descriptions are read
+    assert index.search("What is 'Sun Tzu strategy'?", 1)[0]["id"] == "war"  # a title that is not there
+    assert index.fallbacks == 2
+    assert index.search("zzzz qqqq", 3) == [] and index.search("What is 'zzzz'?", 3) == []
+
+
+def test_the_title_a_question_names():
+    """Quote marks first (an apostrophe is not one), else the question without the phrasing at its ends."""
+    assert retrieval.quoted("What is 'Women's Shoes'?") == "Women's Shoes"
+    assert retrieval.quoted('What is "Kids\' Toys"?') == "Kids' Toys"
+    assert retrieval.quoted("Tell me about Kids' Toys and Women's Shoes.") is None
+    assert retrieval.quoted("What is \u201cCurly Quotes\u201d?") == "Curly Quotes"
+    named = retrieval.Named("Tell me about The Art of War.")
+    assert named.terms == ["art", "of", "war"]
+    # Guesses at the title whole, up to REGAIN phrasing words put back on each side, the longest first.
+    assert named.keys == ["me about the art of war", "about the art of war", "the art of war", "art of war"]
+    assert retrieval.Named("What is 'The Art of War'?").keys == ["the art of war"]
+    assert retrieval.Named("Tell me more.").terms == ["tell", "me", "more"]  # all phrasing: taken whole
+    # Every word the question phrasings of prompts/qa put around a title is one the search drops at the ends.
+    for name in ("user.txt", "heldout.txt"):
+        for line in (ROOT / "prompts" / "qa" / name).read_text().splitlines():
+            assert set(text.title_key(line.replace("{title}", " ")).split()) <= retrieval.PHRASING, line
+
+
+def test_an_index_of_the_previous_format_is_rebuilt(tmp_path, caplog):
+    """A run's index from before the title tables (FORMAT 3: products and frequent only) is rebuilt, not used, and
+    not reported as damaged."""
+    retrieval.for_rows(tmp_path, "train", TUTUS).close()
+    target, stamp = tmp_path / "train.sqlite", tmp_path / "train.json"
+    target.unlink()
+    db = sqlite3.connect(target)
+    db.execute("CREATE VIRTUAL TABLE products USING fts5(pid UNINDEXED, title, content)")
+    db.executemany("INSERT INTO products VALUES (?, ?, ?)", [(r["id"], r["title"], r["content"]) for r in TUTUS])
+    db.execute("CREATE TABLE frequent(term TEXT PRIMARY KEY, doc INTEGER) WITHOUT ROWID")
+    db.commit()
+    db.close()
+    stamp.write_text(json.dumps({**json.loads(stamp.read_text()), "format": 3}))
+    assert retrieval.diagnose(target) == "no such table: titles"
+    with caplog.at_level(logging.WARNING, logger="titletune.retrieval"):
+        index = retrieval.for_rows(tmp_path, "train", TUTUS)
+    assert caplog.records == []
+    assert json.loads(stamp.read_text())["format"] == retrieval.FORMAT == 4
+    assert index.search("Tell me about the Neon Pink Girls Ballet Tutu.", 1)[0]["id"] == "pink"
+    assert index.fallbacks == 0
 
 
 def test_words_in_most_products_are_left_out_of_a_query(tmp_path):

@@ -1,12 +1,22 @@
-"""Catalogue search: an SQLite FTS5 index over product titles and descriptions, ranked by bm25().
+"""Catalogue search: SQLite FTS5 indexes over product titles and descriptions, and an exact-title table.
 
 One path for both of its uses: the retrieval baseline answers with the best match's description word for word, and
-RAG puts the top k entries into the prompt. FTS5 ships with Python's sqlite3; its index lives on disk and a query
-reads only the posting lists of its terms, so it serves the full 1.4M-product catalogue in bounded memory
-(bench/README.md). An index is built once, streamed in batches, written under a temporary name and renamed, and reused:
+RAG puts the top k entries into the prompt. A question names a product by its title ("What is 'X'?", "Tell me about
+X."), so a search tries, until it has k entries:
+1. the title it names (the quoted part, else the question without the phrasing words at its ends), looked up whole
+   in a table of title keys: one b-tree lookup per guess, whatever the catalogue's size;
+2. the products whose title holds every word of that title: an AND query over an FTS5 index of the titles alone,
+   which skips through posting lists rather than walking them, shortest title first, the first few put in order by
+   how exactly their title is the one named;
+3. any word of the question in titles or descriptions, by bm25() (the search of FORMAT 3, `search_any`): for a
+   question that names no title or a product not in the catalogue. Its cost grows with the catalogue, as it walks
+   every posting list of the question's words.
+FTS5 ships with Python's sqlite3; the index lives on disk and a query reads only the b-tree pages and posting lists
+it needs, so it serves the full 1.4M-product catalogue in bounded memory (bench/README.md, "Catalogue search index").
+An index is built once, streamed in batches, written under a temporary name and renamed, and reused:
 - over a run's training products (the default): <run>/rag/train.sqlite;
 - over any trn-format file (--rag-index FILE): <cache>/rag/<key>.sqlite, keyed by the file and the data settings.
-An index found cut short or damaged on reuse is rebuilt, with a warning.
+An index found cut short or damaged on reuse is rebuilt, with a warning; one of an older FORMAT is rebuilt.
 """
 
 from __future__ import annotations
@@ -14,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import sqlite3
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -28,14 +39,30 @@ log = logging.getLogger(__name__)
 # bm25() weights of the title and description columns: the question names the title, so a title match counts most.
 WEIGHTS = (4.0, 1.0)
 BATCH = 10_000  # rows per INSERT batch: memory stays flat whatever the file size
-MAX_TERMS = 32  # a question longer than this is cut: FTS5 cost grows with the OR-ed terms
-# A query leaves out words found in more than this share of the products ("the", "is", "book" in a catalogue of
-# books): each costs a walk of a posting list as long as the catalogue's share of it, and bm25 gives it almost no
-# weight. Measured at full catalogue size in bench/README.md. The floor keeps small indexes (a run's own products,
-# fast at any query) from losing words that merely repeat among a few hundred titles.
+MAX_TERMS = 32  # a question longer than this is cut: FTS5 cost grows with the terms of a query
+# The broad query (step 3) leaves out words found in more than this share of the products ("the", "is", "book" in a
+# catalogue of books): each costs a walk of a posting list as long as the catalogue's share of it, and bm25 gives it
+# almost no weight. Measured at full catalogue size in bench/README.md. The floor keeps small indexes (a run's own
+# products, fast at any query) from losing words that merely repeat among a few hundred titles.
 FREQUENT_SHARE, FREQUENT_FLOOR = 0.1, 1000
-FORMAT = 3  # bump when the schema, the cleaning or FREQUENT_* change, so old indexes are rebuilt
+# The words the questions of prompts/qa (user.txt, heldout.txt) wrap a title in. A question without quote marks is
+# cut to its title by dropping these words at its two ends ("Tell me about X." -> "X"); words inside stay.
+PHRASING = frozenset(
+    "about before buying can could d describe description details explain for give i is know like listing me more of "
+    "please product should summarise tell the to what you".split()
+)
+# How many of those dropped words the exact lookup puts back on each side, in case they were the title's own ("Tell
+# me about The Art of War." names "The Art of War" as much as "Art of War"; the longer one found wins).
+REGAIN = 3
+# The titles index numbers a product (words << SHIFT) | its rowid in `products`, where words is how many distinct
+# words its title has: FTS5 walks a posting list in rowid order, so the matches of a title query come shortest title
+# first and a LIMIT stops the walk early, without ranking every match (bm25() would walk every posting list whole, to
+# count it). The first CANDIDATES of them are put in order by how exactly their title is the one named.
+SHIFT, CANDIDATES = 32, 50
+FORMAT = 4  # bump when the schema, the cleaning, the tokenizer or FREQUENT_* change, so old indexes are rebuilt
 SQLITE_MAGIC = b"SQLite format 3\x00"
+TOKENIZE = "tokenize='unicode61 remove_diacritics 2'"
+_ROWS = "SELECT rowid, pid, title, content FROM products WHERE rowid IN ({})"
 
 
 class Index:
@@ -43,12 +70,14 @@ class Index:
 
     def __init__(self, path: Path, source: str):
         self.path, self.source = Path(path), source
+        self.fallbacks = 0  # searches that needed step 3, the broad query (bench/bench_rag.py reports it)
         # as_uri() percent-escapes the path: in a bare "file:" URI a '?' or '#' in a folder name ends the path, and
         # SQLite would open (and create) another file.
         uri = f"{self.path.resolve().as_uri()}?mode=ro"
         self.db = sqlite3.connect(uri, uri=True, check_same_thread=False)
         try:
             self.frequent = dict(self.db.execute("SELECT term, doc FROM frequent"))  # a few dozen words at full size
+            self.db.execute("SELECT 1 FROM titles, exact LIMIT 0")  # FORMAT 3 and older have neither
         except BaseException:
             self.db.close()
             raise
@@ -58,24 +87,138 @@ class Index:
 
     def search(self, text: str, k: int = 1) -> list[dict]:
         """The k best entries for a question or a title: {"id", "title", "content"}, best first; [] when no word of
-        the text is in the catalogue."""
+        the text is in the catalogue. Steps 1, 2 and 3 of the module's docstring, each only while fewer than k."""
+        named = Named(text)
+        hits = self._exact(named)
+        if len(hits) < k:
+            hits += self._title(named, k - len(hits), {rowid for rowid, _ in hits})
+        if len(hits) < k:
+            self.fallbacks += 1
+            found = {rowid for rowid, _ in hits}
+            hits += [hit for hit in self._any(text, k + len(hits)) if hit[0] not in found][: k - len(hits)]
+        return [entry for _, entry in hits]
+
+    def search_any(self, text: str, k: int = 1) -> list[dict]:
+        """Step 3 alone, the search of FORMAT 3: any word of the text in titles (weighted 4) or descriptions, by
+        bm25(). bench/bench_rag.py measures search() against it."""
+        return [entry for _, entry in self._any(text, k)]
+
+    def _exact(self, named: Named) -> list[tuple[int, dict]]:
+        if not named.keys:
+            return []
+        keyed = {key_hash(key): key for key in named.keys}
+        marks = ", ".join("?" * len(keyed))
+        found = dict(self._run(f"SELECT hash, product FROM exact WHERE hash IN ({marks})", keyed))
+        if not found:
+            return []
+        rows = {row[0]: row for row in self._run(_ROWS.format(", ".join("?" * len(found))), found.values())}
+        for digest, key in keyed.items():  # the longest guess first
+            row = rows.get(found.get(digest, 0))
+            if row is not None and title_key(row[2]) == key:  # not a 64-bit hash collision
+                return [_entry(row)]
+        return []
+
+    def _title(self, named: Named, k: int, found: set[int]) -> list[tuple[int, dict]]:
+        if not named.terms:
+            return []
+        numbers = self._run(
+            "SELECT rowid FROM titles WHERE titles MATCH ? ORDER BY rowid LIMIT ?",
+            (" ".join(f'"{term}"' for term in named.terms), max(k, CANDIDATES) + len(found)),
+        )
+        rowids = [rowid for (number,) in numbers if (rowid := number & ((1 << SHIFT) - 1)) not in found]
+        if not rowids:
+            return []
+        rows = {row[0]: row for row in self._run(_ROWS.format(", ".join("?" * len(rowids))), rowids)}
+
+        def fit(i: int) -> tuple[int, int, int]:
+            words = set(title_key(rows[rowids[i]][2]).split())
+            # fewest words that were not asked, then most that were, then the shorter title
+            return len(words - named.asked), -len(words & named.asked), i
+
+        return [_entry(rows[rowids[i]]) for i in sorted(range(len(rowids)), key=fit)[:k]]
+
+    def _any(self, text: str, k: int) -> list[tuple[int, dict]]:
         query = match_query(text, self.frequent)
         if not query:
             return []
+        rows = self._run(
+            "SELECT rowid, pid, title, content FROM products WHERE products MATCH ? "
+            "ORDER BY bm25(products, 0, ?, ?), rowid LIMIT ?",
+            (query, *WEIGHTS, k),
+        )
+        return [_entry(row) for row in rows]
+
+    def _run(self, sql: str, params: Iterable) -> list[tuple]:
         try:
-            rows = self.db.execute(
-                "SELECT pid, title, content FROM products WHERE products MATCH ? ORDER BY bm25(products, 0, ?, ?) "
-                "LIMIT ?",
-                (query, *WEIGHTS, k),
-            ).fetchall()
+            return self.db.execute(sql, tuple(params)).fetchall()
         except sqlite3.DatabaseError as e:  # damage inside the file, past what opening it checks
             raise UserError(
                 f"the search index {self.path} is damaged ({e}); delete it and run again, and it is rebuilt."
             ) from None
-        return [{"id": pid, "title": title, "content": content} for pid, title, content in rows]
 
     def close(self) -> None:
         self.db.close()
+
+
+def _entry(row: tuple) -> tuple[int, dict]:
+    rowid, pid, title, content = row
+    return rowid, {"id": pid, "title": title, "content": content}
+
+
+class Named:
+    """The title a question names, as title_key() writes it: `keys`, the guesses of it whole, longest first; `terms`,
+    the words every title that holds it must have; `asked`, every word of the question."""
+
+    def __init__(self, text: str):
+        words = title_key(text).split()
+        self.asked = set(words)
+        span = quoted(text)
+        inner = title_key(span).split() if span is not None else []
+        if inner:
+            self.keys, self.terms = [" ".join(inner)], inner
+        else:
+            start, end = 0, len(words)
+            while start < end and words[start] in PHRASING:
+                start += 1
+            while end > start and words[end - 1] in PHRASING:
+                end -= 1
+            if start == end:  # nothing but phrasing words: the text is taken whole
+                start, end = 0, len(words)
+            spans = [(a, b) for a in range(max(0, start - REGAIN), start + 1) for b in range(end, end + REGAIN + 1)]
+            spans = [(a, b) for a, b in spans if b <= len(words)]
+            self.keys = [" ".join(words[a:b]) for a, b in sorted(spans, key=lambda s: (s[0] - s[1], s[0]))]
+            self.terms = words[start:end]
+        self.keys = [key for key in self.keys if key]
+        self.terms = list(dict.fromkeys(self.terms))[:MAX_TERMS]
+
+
+def key_hash(key: str) -> int:
+    """A title key's number in the exact table: 64 bits of blake2b, signed as SQLite's integers are."""
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big", signed=True)
+
+
+# Quote marks around a title, as the question phrasings put them, each as (opening, closing) patterns: a mark with a
+# letter or digit on its outer side is an apostrophe ("Women's", "Kids' Toys"), not a quote.
+_QUOTES = [
+    (re.compile(rf"(?<![^\W_]){re.escape(left)}"), re.compile(rf"{re.escape(right)}(?![^\W_])"))
+    for left, right in (('"', '"'), ("'", "'"), ("\u201c", "\u201d"), ("\u2018", "\u2019"), ("\u00ab", "\u00bb"))
+]
+
+
+def quoted(text: str) -> str | None:
+    """The text between the first opening quote mark and the last closing one of the same kind, the earliest such
+    span; None when there is none."""
+    spans = []
+    for opening, closing in _QUOTES:
+        first = opening.search(text)
+        if first is None:
+            continue
+        last = None
+        for last in closing.finditer(text, first.end()):  # noqa: B007 (the last one is wanted)
+            pass
+        if last is not None and last.start() > first.end():
+            spans.append((first.start(), text[first.end() : last.start()]))
+    return min(spans)[1] if spans else None
 
 
 def open_index(run, rag_index: str | Path | None = None) -> Index:
@@ -107,20 +250,26 @@ def build(target: Path, products: Iterable[tuple[str, str, str]]) -> int:
         try:
             db.execute("PRAGMA journal_mode=OFF")  # a crash leaves a temp file, which atomic_path removes
             db.execute("PRAGMA synchronous=OFF")
-            db.execute(
-                "CREATE VIRTUAL TABLE products USING fts5(pid UNINDEXED, title, content, "
-                "tokenize='unicode61 remove_diacritics 2')"
-            )
+            db.execute("PRAGMA temp_store=FILE")  # the keys are sorted on disk, not in memory
+            db.execute(f"CREATE VIRTUAL TABLE products USING fts5(pid UNINDEXED, title, content, {TOKENIZE})")
+            # The titles again, alone and as title_key() writes them, so that a question's title words (cut by the
+            # same function) match them token for token. Contentless: only the posting lists are kept; the title
+            # itself is read from `products` (rowids: see SHIFT).
+            db.execute(f"CREATE VIRTUAL TABLE titles USING fts5(title, content='', {TOKENIZE})")
+            db.execute("CREATE TEMP TABLE keyed(hash INTEGER, product INTEGER)")
             batch = []
             for row in products:
                 batch.append(row)
                 if len(batch) == BATCH:
-                    db.executemany("INSERT INTO products VALUES (?, ?, ?)", batch)
-                    count += len(batch)
+                    count = _insert(db, batch, count)
                     batch = []
-            db.executemany("INSERT INTO products VALUES (?, ?, ?)", batch)
-            count += len(batch)
-            db.execute("INSERT INTO products(products) VALUES ('optimize')")  # one b-tree per term: faster queries
+            count = _insert(db, batch, count)
+            for table in ("products", "titles"):  # one b-tree per term: faster queries
+                db.execute(f"INSERT INTO {table}({table}) VALUES ('optimize')")
+            # Inserted in hash order, so the b-tree is written front to back; the first of two equal keys is kept.
+            db.execute("CREATE TABLE exact(hash INTEGER PRIMARY KEY, product INTEGER NOT NULL)")
+            db.execute("INSERT OR IGNORE INTO exact SELECT hash, product FROM temp.keyed ORDER BY hash, product")
+            db.execute("DROP TABLE temp.keyed")
             db.execute("CREATE VIRTUAL TABLE temp.vocab USING fts5vocab(main, products, 'row')")
             db.execute("CREATE TABLE frequent(term TEXT PRIMARY KEY, doc INTEGER) WITHOUT ROWID")
             limit = max(FREQUENT_FLOOR, int(FREQUENT_SHARE * count))
@@ -131,9 +280,23 @@ def build(target: Path, products: Iterable[tuple[str, str, str]]) -> int:
     return count
 
 
+def _insert(db: sqlite3.Connection, batch: list[tuple[str, str, str]], count: int) -> int:
+    """One batch into the tables, rowids counted on from `count`; returns the new count."""
+    if count + len(batch) >> SHIFT:
+        raise UserError(f"the search index holds at most {(1 << SHIFT) - 1:,} products; this catalogue has more.")
+    rows = [(rowid, *row, title_key(row[1])) for rowid, row in enumerate(batch, count + 1)]
+    db.executemany("INSERT INTO products(rowid, pid, title, content) VALUES (?, ?, ?, ?)", [r[:4] for r in rows])
+    db.executemany(
+        "INSERT INTO titles(rowid, title) VALUES (?, ?)",
+        [(min(len(set(key.split())), 1 << 16) << SHIFT | rowid, key) for rowid, _, _, _, key in rows],
+    )
+    db.executemany("INSERT INTO temp.keyed VALUES (?, ?)", [(key_hash(key), rowid) for rowid, _, _, _, key in rows])
+    return count + len(batch)
+
+
 def diagnose(path: Path) -> str | None:
     """Why the index file at `path` cannot be used (cut short, not SQLite, tables missing), or None when it can.
-    Cheap at any size: the header, the file size it records, and the small `frequent` table."""
+    Cheap at any size: the header, the file size it records, the small `frequent` table, the other tables' schema."""
     try:
         with open(path, "rb") as f:
             header = f.read(100)
@@ -177,7 +340,8 @@ def for_rows(folder: Path, name: str, rows: list[dict]) -> Index:
     stamp = target.with_suffix(".json")
     ids = hashlib.blake2b("\n".join(str(r["id"]) for r in rows).encode(), digest_size=8).hexdigest()
     want = {"format": FORMAT, "rows": len(rows), "ids": ids}
-    if not (_reusable(target) and _read_stamp(stamp) == want):
+    # The stamp first: an index of an older FORMAT is rebuilt as such, not reported as damaged.
+    if not (_read_stamp(stamp) == want and _reusable(target)):
         build(target, ((str(r["id"]), r["title"], r["content"]) for r in rows))
         files.write_atomic(stamp, json.dumps(want))
     return Index(target, f"{len(rows):,} {name} products of the run")
