@@ -533,7 +533,7 @@ def export_run(run, gguf_types: list[str], export_args, question: str | None = N
 
 
 def modelfile_decoding(run) -> dict:
-    """The Modelfile's decoding for a run: the report's (generate.Sampling's defaults), with the run's answer length."""
+    """The Modelfile's decoding for a run: the report's (generate.Sampling's defaults) and the run's answer length."""
     from titletune.generate import Sampling
 
     sampling = Sampling().for_run(run)

@@ -7,8 +7,8 @@ in llama.cpp's AMX matmul for quantized weights. That path dies with SIGILL on i
 (`tilezero` in `ggml_backend_amx_mul_mat` on an OpenMP worker: the tile permission is requested on the main thread
 only; llama.cpp PR #26954, issues #28756 and #28328). llama.cpp places weights in the AMX (and repack) buffers only
 when a model is loaded with `use_extra_bufts`, which is on by default and which `Llama.__init__` does not expose; the
-loader turns it off, as llama.cpp's own `--no-repack` flag does. Measured against leaving it on (bench/README.md,
-"llama.cpp on every CPU"), so the same computation runs on every CPU kind.
+loader turns it off, as llama.cpp's own `--no-repack` flag does, on every CPU kind, so the same computation runs on
+each; its cost against leaving it on is measured in bench/README.md ("llama.cpp on every CPU").
 
 llama_cpp is imported inside the functions: libgomp reads OMP_WAIT_POLICY once, when llama_cpp loads it, and
 titletune/__init__.py sets it first (machine.passive_openmp).
@@ -83,7 +83,9 @@ def captured_log() -> Iterator[list[str]]:
         lines += b"".join(text).decode(errors="replace").splitlines()
 
 
-_FALLBACK = re.compile(r"ncols\s+(\d+) not divisible by\s+(\d+) \(required for type\s+(\w+)\)\s*->\s*falling back to\s+(\w+)")
+_FALLBACK = re.compile(
+    r"ncols\s+(\d+) not divisible by\s+(\d+) \(required for type\s+(\w+)\)\s*->\s*falling back to\s+(\w+)"
+)
 
 
 def fallbacks(log: list[str]) -> str | None:
@@ -110,10 +112,15 @@ def system_info() -> str:
     return llama_cpp.llama_print_system_info().decode(errors="replace").strip()
 
 
+def _signal(returncode: int) -> int:
+    """The signal a child died by: a negative returncode, or 128 + signal from a shell; 0 for an ordinary exit."""
+    return -returncode if returncode < 0 else returncode - 128 if 128 < returncode < 160 else 0
+
+
 def crash(returncode: int) -> str | None:
-    """What a llama.cpp child's exit status means when it died by a signal (negative returncode, or 128 + signal
-    from a shell), as the sentence an error message needs; None for an ordinary exit."""
-    number = -returncode if returncode < 0 else returncode - 128 if 128 < returncode < 160 else 0
+    """What a llama.cpp child's exit status means when it died by a signal, as the sentence an error message needs;
+    None for an ordinary exit."""
+    number = _signal(returncode)
     if not number:
         return None
     try:
@@ -139,5 +146,4 @@ def not_the_file(returncode: int) -> bool:
     """Whether a llama.cpp child's death says nothing about the file it read: an illegal instruction (the build and
     the CPU) or SIGKILL (the kernel, out of memory). llama.cpp aborts (SIGABRT) on some broken files, so other signals
     stay the file's failure."""
-    number = -returncode if returncode < 0 else returncode - 128
-    return number in (signal.SIGILL, signal.SIGKILL)
+    return _signal(returncode) in (signal.SIGILL, signal.SIGKILL)
