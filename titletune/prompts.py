@@ -161,8 +161,13 @@ def render(prompts: PromptSet, title: str, content: str, key: str, seed: int, tu
 def rag_messages(prompts: PromptSet, question: str, entries: list[dict]) -> list[dict]:
     """The prompt of a grounded answer: the retrieved catalogue entries ({"title", "content"}) and the question, through
     rag.txt and rag_entry.txt, every slot filled once (a title holding "{question}" stays text)."""
+    return chat(prompts.system, rag_question(prompts, question, entries))
+
+
+def rag_question(prompts: PromptSet, question: str, entries: list[dict]) -> str:
+    """The user message of a grounded answer (rag.txt): the entries through rag_entry.txt, then the question."""
     context = "\n\n".join(_fill(prompts.rag_entry, title=e["title"], content=e["content"]) for e in entries)
-    return chat(prompts.system, _fill(prompts.rag, context=context or "(no entry found)", question=question))
+    return _fill(prompts.rag, context=context or "(no entry found)", question=question)
 
 
 def _fill(template: str, **slots: str) -> str:
