@@ -66,6 +66,9 @@ def parse(argv: list[str]):
     script_args = parsed[0]
     script_args.backend = backend
     given = config.given(argv)
+    data_args, training_args = parsed[2], parsed[-1]
+    if data_args.rag_share > 0 and "max_length" not in given and training_args.max_length < config.RAG_MAX_LENGTH:
+        training_args.max_length = config.RAG_MAX_LENGTH  # room for the entries of a RAG row (config.py)
     if original:  # recorded in run_config.yaml by main(): what this resume changed, [old, new]
         script_args.resume_changes = resume.changes(original, parsed, given)
         runs.note_ignored_trust(resumed, flag=parsed[-1].trust_remote_code)  # not resumed: only this command's flag
@@ -108,7 +111,7 @@ def main(script_args, model_args, data_args, export_args, training_args):
         on_save = training.OnSave(resume.identity(resume.flat(args)), first=claim.drop_previous if claim else None)
         fitted = training.fit(
             backend, base_model, model_args, training_args, run_dir, script_args.resume, prompt_set,
-            data_args.passes, callbacks=(on_save,),
+            data_args.passes, callbacks=(on_save,), rag=(data_args.rag_share, data_args.rag_distractors),
         )  # fmt: skip
         training.save_adapter(fitted, run_dir)
         if fitted.outcome.interrupted:

@@ -35,13 +35,13 @@ def test_report_files_and_schema(run_dir, report):
     on_disk = json.loads((run_dir / "report.json").read_text())
     assert on_disk == json.loads(json.dumps(report))
     for pop in ("seen", "heldout"):
-        assert list(report[pop]) == ["base", "tuned", "retrieval", "base+rag", "tuned+rag"]
+        assert list(report[pop]) == ["base", "tuned", "retrieval", "base+rag", "tuned+rag", "tuned+distractors"]
         for system in report[pop].values():
             for name in ("rouge1", "rouge2", "rougeL", "rougeL_p", "rougeL_r"):
                 m = system[name]
                 assert m["n"] == 3 and 0.0 <= m["ci"][0] <= m["mean"] <= m["ci"][1] <= 1.0
             assert 0.0 <= system["bleu"]["mean"] <= 100.0
-        for pair in ("tuned - base", "tuned+rag - tuned"):
+        for pair in ("tuned - base", "tuned+rag - tuned", "tuned+distractors - tuned"):
             d = report["differences"][pop][pair]["rougeL"]
             assert d["n"] == 3 and d["ci"][0] <= d["mean"] <= d["ci"][1] and isinstance(d["significant"], bool)
     assert report["counts"] == {"seen": 3, "heldout": 3}
@@ -55,6 +55,8 @@ def test_report_files_and_schema(run_dir, report):
         assert len(e["retrieved"]) <= 2  # a held-out product may share no word with the 4 training products
         if e["population"] == "seen":
             assert e["retrieved"][0] == e["title"]
+            # The distractors-only prompt holds other products, never the one asked about.
+            assert e["tuned+distractors"] and e["distractors"] and e["title"] not in e["distractors"]
     assert (run_dir / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -66,7 +68,7 @@ def test_report_md_has_tables_and_the_seen_retrieval_warning(run_dir, report):
     assert md.count(header) == 2
     assert "## Seen products" in md and "## Held-out products" in md
     assert "it is the ceiling, not a baseline" in md
-    assert md.count("| reference | base | tuned | retrieval | base+rag | tuned+rag |") == 3
+    assert md.count("| reference | base | tuned | retrieval | base+rag | tuned+rag | tuned+distractors |") == 3
     assert md.count("**tuned vs base**: ROUGE-L F1") == 2 and md.count("**tuned+rag vs tuned**: ROUGE-L F1") == 2
     assert "greedy, at most 16 new tokens, repetition penalty 1.0" in md
 

@@ -29,6 +29,15 @@ RAG_K = 1
 # after 6, 0.57 after 7, 0.83 after 8. Recall is steep in views, and 8 (one per phrasing of prompts/qa/user.txt) is
 # what 15 minutes of training on 2 cores with native bf16 hold: 530 steps in 13.2 min there (README.md).
 PASSES = 8
+# RAG-aware training (titletune/ragrows.py): the share of each pass's products also asked with catalogue entries in the
+# prompt (--rag_share), and the share of those rows that hold distractors only (--rag_distractors). Off on the CPU
+# default: the extra rows are longer than the plain ones and do not fit its training time; on in the GPU presets, and
+# bench/README.md measures both the cost and what it buys (RAG-aware training).
+RAG_SHARE = 0.0
+RAG_DISTRACTORS = 0.3
+# max_length when --rag_share is on and --max_length was not given: a row with two entries of 400 characters, the
+# question and the answer fits in it (the plain rows' 256 would cut the answer).
+RAG_MAX_LENGTH = 512
 # The export fidelity check (fidelity.py): products per split, greedy tokens compared per answer, and reference tokens
 # scored per product (KL divergence, perplexity). 2 + 2 products and 32 + 32 tokens tell f16 (KL ~1e-5) from q4_k_m
 # (~0.002-0.13) by two to four orders of magnitude, and keep the check about a third of the export stage on CPU:
@@ -175,6 +184,21 @@ class DataArguments:
         metadata={
             "help": "Times each train product is shown per epoch, each time in the next phrasing of user.txt "
             "(passes x --num_train_epochs = views of a product). The split files keep one row per product."
+        },
+    )
+    rag_share: float = field(
+        default=RAG_SHARE,
+        metadata={
+            "help": "RAG-aware training: the share of products that each pass also asks with catalogue entries in "
+            "the prompt (their own entry beside its nearest neighbours, or neighbours only), so that tuned + RAG "
+            "uses the right entry (0 = off, the CPU default; the GPU presets use 0.25). README: RAG-aware training."
+        },
+    )
+    rag_distractors: float = field(
+        default=RAG_DISTRACTORS,
+        metadata={
+            "help": "With --rag_share: the share of those rows whose entries are other products only, so that the "
+            "answer comes from memory and a wrong entry does not override it."
         },
     )
     prompts: str = field(

@@ -1,15 +1,16 @@
-"""Before/after evaluation of a run: five systems on two populations kept apart, every mean with its 95% interval.
+"""Before/after evaluation of a run: six systems on two populations kept apart, every mean with its 95% interval.
 
 - seen: products the model was trained on (train.jsonl). Did it learn the catalogue?
 - heldout: products it never saw (test.jsonl, else val.jsonl). Does it carry over to new products?
 With `data`, products of any trn-format file are split the same way: a title in train.jsonl makes it seen.
 
 Systems: base, tuned, retrieval (the best catalogue match's description, word for word), base + RAG and tuned + RAG
-(the top k catalogue entries in the prompt, through the run's prompt set). Retrieval and RAG search one index
+(the top k catalogue entries in the prompt, through the run's prompt set), and tuned + distractors (k entries with the
+product's own left out: does a wrong entry override what the model learned?). Retrieval and RAG search one index
 (titletune/retrieval.py): the run's training products, or any catalogue file (`rag_index`). Every system decodes with
 the same settings, recorded in the report. Metrics (titletune/metrics.py): ROUGE-1/2/L F1, ROUGE-L precision and
 recall, numbers supported, corpus BLEU, each with a 95% bootstrap interval; paired bootstrap differences for tuned vs
-base and tuned + RAG vs tuned; and the teacher-forced loss and perplexity of base and tuned on the reference answers.
+base, tuned + RAG vs tuned and tuned + distractors vs tuned; and the teacher-forced loss and perplexity of base and tuned on the reference answers.
 Writes <run>/report.json, report.md and report.png.
 """
 
@@ -32,14 +33,21 @@ from titletune.runs import Run
 log = logging.getLogger(__name__)
 
 POPULATIONS = ("seen", "heldout")
-SYSTEMS = ("base", "tuned", "retrieval", "base+rag", "tuned+rag")
+SYSTEMS = ("base", "tuned", "retrieval", "base+rag", "tuned+rag", "tuned+distractors")
+# system -> (model, prompt): the plain question, the top k entries, or k entries with the product's own left out.
 GENERATED = {
-    "base": ("base", False),
-    "tuned": ("tuned", False),
-    "base+rag": ("base", True),
-    "tuned+rag": ("tuned", True),
+    "base": ("base", "plain"),
+    "tuned": ("tuned", "plain"),
+    "base+rag": ("base", "rag"),
+    "tuned+rag": ("tuned", "rag"),
+    "tuned+distractors": ("tuned", "distractors"),
 }
-PAIRS = (("tuned", "base"), ("tuned+rag", "tuned"))  # the paired differences the report tests
+PROMPTS = {"plain": "row_prompt", "rag": "rag_prompt", "distractors": "distractor_prompt"}
+# The paired differences the report tests. tuned+distractors vs tuned: does a wrong entry override what the model
+# learned? (RAG-aware training's rows with distractors only are there so that it does not.)
+PAIRS = (("tuned", "base"), ("tuned+rag", "tuned"), ("tuned+distractors", "tuned"))
+# Hits searched per question for the distractors-only prompt, beyond k: room to leave the product's own entry out.
+DISTRACTOR_SLACK = 3
 EXAMPLE_CHARS = 300  # report.md cuts long texts here; report.json keeps them whole
 LABELS = {
     "rouge1": "ROUGE-1",
@@ -81,7 +89,7 @@ class EvalSettings:
 
 
 def evaluate_run(run: Run, settings: EvalSettings | None = None, engine=None, batch_size: int = 8) -> dict:
-    """Score the five systems on `settings.samples` seen and as many held-out products; write the reports.
+    """Score the six systems on `settings.samples` seen and as many held-out products; write the reports.
 
     engine: a loaded generate.TransformersEngine/LlamaCppEngine (reused, not reloaded), "transformers",
     "llamacpp", or None (transformers). Loss and perplexity need transformers; with llamacpp they are null.
@@ -109,28 +117,34 @@ def evaluate_run(run: Run, settings: EvalSettings | None = None, engine=None, ba
             # The question phrasing training picked for each product (the run's seed), and the answer it learned.
             row = prompts.render(ps, p["title"], p["content"], key=str(p["id"]), seed=run.seed)
             question = row["prompt"][-1]["content"]
-            hits = index.search(question, settings.rag_k)
+            hits = index.search(question, settings.rag_k + DISTRACTOR_SLACK)
+            others = [h for h in hits if not _same_product(h, p)][: settings.rag_k]
+            hits = hits[: settings.rag_k]
             items.append(
                 {
                     "population": pop,
                     "id": str(p["id"]),
                     "title": p["title"],
                     "row": row,
+                    "row_prompt": row["prompt"],
                     "question": question,
                     "reference": row["completion"][0]["content"],
                     "retrieved": [h["title"] for h in hits],
                     "retrieval": ps.answer.replace("{content}", hits[0]["content"]) if hits else "",
                     "rag_prompt": prompts.rag_messages(ps, question, hits),
+                    "distractors": [h["title"] for h in others],
+                    "distractor_prompt": prompts.rag_messages(ps, question, others),
                 }
             )
     for item in items:
         entries = len(item["retrieved"])
-        generate.check_length(engine, item["rag_prompt"], settings.sampling.max_new_tokens, entries, settings.rag_k)
+        for key in ("rag_prompt", "distractor_prompt"):
+            generate.check_length(engine, item[key], settings.sampling.max_new_tokens, entries, settings.rag_k)
 
     timing = {}
-    for system, (model, grounded) in GENERATED.items():
+    for system, (model, prompt) in GENERATED.items():
         t0 = time.perf_counter()
-        convs = [i["rag_prompt"] if grounded else i["row"]["prompt"] for i in items]
+        convs = [i[PROMPTS[prompt]] for i in items]
         answers = engine.generate(convs, model, settings.sampling, batch_size=batch_size, progress=True)
         timing[system] = round(time.perf_counter() - t0, 2)
         for item, answer in zip(items, answers, strict=True):
@@ -164,7 +178,10 @@ def evaluate_run(run: Run, settings: EvalSettings | None = None, engine=None, ba
         scales="ROUGE and numbers supported 0-1; BLEU is sacrebleu corpus BLEU, 0-100",
         seconds=timing,
         examples=[
-            {k: i[k] for k in ("population", "id", "title", "question", "reference", "retrieved", *SYSTEMS)}
+            {
+                k: i[k]
+                for k in ("population", "id", "title", "question", "reference", "retrieved", "distractors", *SYSTEMS)
+            }
             for i in items
         ],
     )
@@ -183,6 +200,14 @@ def evaluate_run(run: Run, settings: EvalSettings | None = None, engine=None, ba
         " ".join(f"{p}: tuned rougeL {report[p]['tuned']['rougeL']['mean']}" for p in POPULATIONS if p in report),
     )
     return report
+
+
+def _same_product(hit: dict, product: dict) -> bool:
+    """Whether a search hit is the product itself: the same id in the same file, or the same title key (the run's
+    index and a catalogue file number products differently)."""
+    from titletune.text import title_key
+
+    return hit["id"] == str(product["id"]) or title_key(hit["title"]) == title_key(product["title"])
 
 
 def new_phrasing(run: Run, seen: list[dict], engine, settings: EvalSettings, batch_size: int) -> dict:

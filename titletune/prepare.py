@@ -30,7 +30,7 @@ from pathlib import Path
 
 import orjson
 
-from titletune import files, reading, selection, text
+from titletune import files, ragrows, reading, selection, text
 from titletune import prompts as prompts_lib
 from titletune.config import DataArguments, parse_max_samples
 from titletune.errors import UserError
@@ -79,6 +79,9 @@ def check_args(args: DataArguments) -> int | None:
             f"--max_content_chars ({args.max_content_chars}) must be >= 1 and >= --min_content_chars "
             f"({args.min_content_chars})"
         )
+    for name in ("rag_share", "rag_distractors"):
+        if not 0 <= getattr(args, name) <= 1:
+            problems.append(f"--{name} must be a fraction in [0, 1], got {getattr(args, name)}")
     if args.passes < 1:
         problems.append(f"--passes must be >= 1 (views of each product per epoch), got {args.passes}")
     if not args.title_field or not args.content_field:
@@ -123,6 +126,11 @@ def prepare(args: DataArguments, seed: int, out_dir: str | Path, prompts: Prompt
     except BaseException:
         writer.abort()
         raise
+    if args.rag_share > 0:
+        log.info("data: finding each train product's nearest neighbours for the RAG rows (--rag_share)")
+        ragrows.write_neighbours(folder)
+    else:
+        files.write_atomic(folder / ragrows.FILE, b"")
     kept = sum(split_counts.values())
     counts["chat_markers"] = writer.markers
     stats = _stats(
@@ -153,11 +161,11 @@ def prepare(args: DataArguments, seed: int, out_dir: str | Path, prompts: Prompt
     return stats
 
 
-CACHE_FILES = (*(f"{s}.jsonl" for s in SPLITS), "stats.json", "eda.md", "lengths.png")
+CACHE_FILES = (*(f"{s}.jsonl" for s in SPLITS), ragrows.FILE, "stats.json", "eda.md", "lengths.png")
 CACHE_KEEP = 8  # most recently used entries kept; runs hold hard links, so evicting an entry never breaks a run
 _EDGE = 1 << 20  # bytes hashed at each end of the input: a quick content check on top of size and mtime
 # The code that prepare()'s output depends on: a change to any of these files gives new cache keys.
-CODE = (text.__file__, reading.__file__, selection.__file__, __file__, prompts_lib.__file__)
+CODE = (text.__file__, reading.__file__, selection.__file__, __file__, prompts_lib.__file__, ragrows.__file__)
 
 
 def cache_key(args: DataArguments, seed: int, prompts: PromptSet) -> str:
@@ -173,8 +181,11 @@ def cache_key(args: DataArguments, seed: int, prompts: PromptSet) -> str:
         if stat.st_size > _EDGE:
             f.seek(max(_EDGE, stat.st_size - _EDGE))
             edges.update(f.read(_EDGE))
-    # data_workers is left out: one process or eight, the output is the same.
-    settings = {k: v for k, v in vars(args).items() if k not in ("data", "prompts", "data_workers")}
+    # data_workers is left out: one process or eight, the output is the same. The RAG rows are drawn in training, so
+    # only whether there are any (the neighbours file) changes this output.
+    left_out = ("data", "prompts", "data_workers", "rag_share", "rag_distractors")
+    settings = {k: v for k, v in vars(args).items() if k not in left_out}
+    settings["rag_neighbours"] = args.rag_share > 0
     key = {
         "input": [str(path), stat.st_size, stat.st_mtime_ns, edges.hexdigest()],
         "args": settings,

@@ -53,13 +53,15 @@ def fit(
     prompt_set=None,
     passes: int = 1,
     callbacks: tuple = (),
+    rag: tuple[float, float] = (0.0, 0.0),
 ) -> Fitted:
     """Model -> LoRA -> SFTTrainer -> train (or resume), on the run's prepared splits, each train product `passes`
     times in as many phrasings (see load_datasets). The backend decides how the model is loaded and wrapped;
     everything after that is shared. `callbacks` are added to the Trainer's (e.g. OnSave)."""
     # memory-mapped Arrow, not Python lists
-    train_rows, val_rows = load_datasets(run_dir, prompt_set, passes, training_args.seed)
-    products = len(train_rows) // max(1, passes)
+    train_rows, val_rows = load_datasets(run_dir, prompt_set, passes, training_args.seed, *rag)
+    with open(Path(run_dir) / "data" / "train.jsonl", "rb") as split:
+        products = sum(1 for line in split if line.strip())
     model, tokenizer = backend.load(
         base_model, model_args, training_args.trust_remote_code, training_args.max_length, bf16=training_args.bf16
     )
@@ -77,7 +79,7 @@ def fit(
     a = training_args
     per_step = a.per_device_train_batch_size * a.gradient_accumulation_steps * a.world_size
     log.info(
-        "training on %d products x %d passes = %d rows: batch %d per device x %d accumulation x %d processes = %d "
+        "training on %d products x %d passes (+ RAG rows) = %d rows: batch %d per device x %d accumulation x %d processes = %d "
         "per step",
         products,
         passes,
@@ -208,11 +210,14 @@ def check_args(training_args) -> None:
         raise UserError("; ".join(problems) + ".")
 
 
-def load_datasets(run_dir: Path, prompt_set=None, passes: int = 1, seed: int = 42) -> tuple:
+def load_datasets(
+    run_dir: Path, prompt_set=None, passes: int = 1, seed: int = 42, rag_share: float = 0.0, rag_distractors: float = 0.0
+) -> tuple:
     """data/train.jsonl and data/val.jsonl (None when empty) as Arrow datasets, prompt and completion columns only.
     The train split is read `passes` times: pass i asks every product in its i-th phrasing (prompts.pick_question),
-    so that a product is learned from several questions, not from one repeated (bench/README.md: the study). The
-    Trainer's sampler then shuffles all the rows together. The split files keep one row per product.
+    so that a product is learned from several questions, not from one repeated (bench/README.md: the study). With
+    rag_share, each pass adds RAG-aware rows for a seeded share of the products (rag_rows, ragrows.py). The Trainer's
+    sampler then shuffles all the rows together. The split files keep one row per product.
 
     load_dataset, not Dataset.from_list: the rows are memory-mapped Arrow instead of Python objects (1.3M products
     would take GBs in every process), and SFTTrainer's Dataset.map tokenisation is cached on disk beside them, in
@@ -254,7 +259,57 @@ def load_datasets(run_dir: Path, prompt_set=None, passes: int = 1, seed: int = 4
         copies = [first] + [first.map(ask(turn), desc=f"pass {turn + 1} phrasings") for turn in range(1, passes)]
         loaded["train"] = concatenate_datasets(copies)
     loaded = {split: ds.select_columns(["prompt", "completion"]) for split, ds in loaded.items()}
+    if rag_share > 0:
+        prompt_set = prompt_set or prompts_lib.load(Path(run_dir) / "prompts")
+        extra = rag_rows(run_dir, prompt_set, passes, seed, rag_share, rag_distractors, cache)
+        log.info("RAG-aware training: %d rows with catalogue entries (--rag_share %g)", len(extra), rag_share)
+        if len(extra):
+            loaded["train"] = concatenate_datasets([loaded["train"], extra.cast(loaded["train"].features)])
     return loaded["train"], loaded.get("val")
+
+
+def rag_rows(run_dir: Path, prompt_set, passes: int, seed: int, share: float, distractors: float, cache: str):
+    """The RAG-aware rows of every pass (ragrows.py), from data/train.jsonl and the neighbours data preparation
+    wrote beside it (data/rag_train.jsonl, line for line)."""
+    from datasets import concatenate_datasets, load_dataset
+
+    from titletune import ragrows
+
+    folder = Path(run_dir) / "data"
+    path = folder / ragrows.FILE
+    if not path.is_file() or not path.stat().st_size:
+        raise UserError(
+            f"{path} is missing: this run's data was prepared without --rag_share. Prepare it again with the flag "
+            f"(python train.py --rag-share {share} --output-dir <new run>)."
+        )
+    products = load_dataset("json", data_files=str(folder / "train.jsonl"), split="train", cache_dir=cache)
+    near = load_dataset("json", data_files=str(path), split="train", cache_dir=cache)
+    if len(near) != len(products) or near[0]["id"] != str(products[0]["id"]):
+        raise UserError(f"{path} does not match {folder / 'train.jsonl'}; prepare the data again (a new run).")
+    joined = concatenate_datasets(
+        [products.select_columns(["id", "title", "content"]), near.select_columns(["neighbours"])], axis=1
+    )
+
+    def for_pass(turn: int):
+        def rows(batch: dict) -> dict:
+            out: dict = {"prompt": [], "completion": []}
+            for pid, title, content, neighbours in zip(
+                batch["id"], batch["title"], batch["content"], batch["neighbours"], strict=True
+            ):
+                product = {"id": pid, "title": title, "content": content}
+                made = ragrows.row(prompt_set, product, neighbours or [], seed, turn, share, distractors)
+                if made is not None:
+                    out["prompt"].append(made["prompt"])
+                    out["completion"].append(made["completion"])
+            return out
+
+        return rows
+
+    passes_rows = [
+        joined.map(for_pass(turn), batched=True, remove_columns=joined.column_names, desc=f"pass {turn + 1} RAG rows")
+        for turn in range(passes)
+    ]
+    return concatenate_datasets(passes_rows)
 
 
 def plain_rows(tokenizer, run_dir: Path, train_ds, eval_ds) -> tuple:
