@@ -9,8 +9,8 @@
                 memory and no row teaches the model to copy whatever entry it is given.
               The completion is the product's own description: the loss stays on the answer.
 
-Neighbours are what the search index ranks first for the product's title (titletune/retrieval.py), so near-identical
-titles ("Girls Ballet Tutu Neon Blue" for "... Neon Pink") are the distractors, as they are at answer time. Every
+Neighbours are the training products whose titles the search index ranks nearest the product's (bm25 over the titles,
+retrieval.Index.neighbours), so near-identical titles ("Girls Ballet Tutu Neon Blue" for "... Neon Pink") are the distractors, as they are at answer time. Every
 choice is a hash of the product, the pass and the seed: the same rows on every run, every rank and every resume.
 """
 
@@ -39,7 +39,7 @@ RAG_TRAIN_ENTRIES = 2
 
 def write_neighbours(folder: Path, progress: bool = True) -> int:
     """data/rag_train.jsonl beside data/train.jsonl: each train product's neighbours ({"title", "content"}, best
-    first), found by searching an index of the train products for its title, and topped up with other products when
+    first), the nearest titles in an index of the train products (Index.neighbours), topped up with other products when
 the title shares no word with enough of them. Returns the products written."""
     from titletune import retrieval
 
@@ -50,7 +50,7 @@ the title shares no word with enough of them. Returns the products written."""
         index = retrieval.for_rows(scratch, "train", rows)
         with files.atomic_path(folder / FILE) as tmp, open(tmp, "wb") as out:
             for row in _progress(rows, progress):
-                hits = index.search(row["title"], NEIGHBOURS + 1)
+                hits = index.neighbours(row["title"], NEIGHBOURS + 1)
                 near = [{"title": h["title"], "content": h["content"]} for h in hits if h["id"] != str(row["id"])]
                 near += _others(rows, row, NEIGHBOURS - len(near), {n["title"] for n in near})
                 out.write(orjson.dumps({"id": str(row["id"]), "neighbours": near[:NEIGHBOURS]}) + b"\n")

@@ -98,6 +98,18 @@ class Index:
             hits += [hit for hit in self._any(text, k + len(hits)) if hit[0] not in found][: k - len(hits)]
         return [entry for _, entry in hits]
 
+    def neighbours(self, title: str, k: int) -> list[dict]:
+        """The k products whose titles are nearest a title: any of its words (the frequent ones left out, as in
+        match_query) in the titles table alone, by bm25(). For RAG-aware training's distractors (ragrows.py): the
+        titles index is a fraction of the full one, so this costs a fraction of search_any."""
+        query = match_query(title, self.frequent)
+        if not query:
+            return []
+        numbers = self._run("SELECT rowid FROM titles WHERE titles MATCH ? ORDER BY bm25(titles) LIMIT ?", (query, k))
+        rowids = [number & ((1 << SHIFT) - 1) for (number,) in numbers]
+        rows = {row[0]: row for row in self._run(_ROWS.format(", ".join("?" * len(rowids))), rowids)}
+        return [_entry(rows[r])[1] for r in rowids if r in rows]
+
     def search_any(self, text: str, k: int = 1) -> list[dict]:
         """Step 3 alone, the search of FORMAT 3: any word of the text in titles (weighted 4) or descriptions, by
         bm25(). bench/bench_rag.py measures search() against it."""
