@@ -14,6 +14,7 @@ prompts/ and the model's chat template, exactly as in training.
     python infer.py --evaluate --data data/trn.json --samples 50                 # products of any trn file
     python infer.py --serve                                # playground at http://127.0.0.1:8000/, API at /v1
     python infer.py --serve --gguf outputs/<run>/model.q8_0.gguf --port 8001       # another file as "tuned"
+    python infer.py --serve --rag-index data/trn.json     # "tuned+rag" searches the whole catalogue
     python infer.py --serve --host 0.0.0.0     # other machines too: needs $TITLETUNE_API_KEY (or --api-key)
 
 On a CUDA machine the transformers engine uses the GPU by itself; nothing changes in the commands.
@@ -96,8 +97,8 @@ def main(args: argparse.Namespace) -> None:
     if args.rag:
         from titletune import retrieval
 
-        args.index = retrieval.open_index(run, args.rag_index or run.section("script").get("rag_index"))
-        args.rag_k = args.rag_k or run.section("script").get("rag_k") or RAG_K
+        rag_index, args.rag_k = _rag_settings(args, run)
+        args.index = retrieval.open_index(run, rag_index)
     if args.question:
         answer(engine, args.question, systems, args.sampling, args)
     if args.interactive:
@@ -120,7 +121,7 @@ def check(args: argparse.Namespace) -> None:
     if args.rag_k is not None and args.rag_k < 1:
         problems.append(f"--rag-k must be >= 1, got {args.rag_k}")
     if (args.rag_k is not None or args.rag_index) and not (args.rag or args.evaluate):
-        problems.append("--rag-k and --rag-index need --rag or --evaluate")
+        problems.append("--rag-k and --rag-index need --rag, --evaluate or --serve")
     if args.engine == "llamacpp" and args.sampling.num_beams != 1:
         problems.append("--num-beams works only with --engine transformers (llama.cpp has no beam search)")
     if args.engine == "llamacpp" and args.dtype != "auto":
@@ -225,9 +226,15 @@ def evaluate(args: argparse.Namespace, run) -> None:
     print(f"wrote {run.dir / 'report.md'}, report.json, report.png")
 
 
+def _rag_settings(args: argparse.Namespace, run) -> tuple[str | None, int]:
+    """The file RAG searches (None: the run's training products) and k: the flags, else the run's, else RAG_K."""
+    script = run.section("script") if run else {}
+    return args.rag_index or script.get("rag_index"), args.rag_k or script.get("rag_k") or RAG_K
+
+
 def serve(args: argparse.Namespace) -> None:
-    """The playground page and an OpenAI-compatible API for the tuned and the base model (titletune/serve.py), in this
-    process (so stopping us stops it)."""
+    """The playground page and an OpenAI-compatible API for the tuned and the base model, and the tuned one with
+    catalogue entries (titletune/serve.py), in this process (so stopping us stops it)."""
     from titletune import machine, runs
 
     try:
@@ -240,6 +247,8 @@ def serve(args: argparse.Namespace) -> None:
     problems = server.check(args.host, args.port, key, args.max_queue, args.request_timeout)
     if args.question or args.interactive or args.evaluate:
         problems.insert(0, "--serve takes no question, --interactive or --evaluate")
+    if args.rag_k is not None and args.rag_k < 1:
+        problems.append(f"--rag-k must be >= 1, got {args.rag_k}")
     if problems:
         raise UserError("; ".join(problems) + ".")
     if args.run or not args.gguf:
@@ -248,8 +257,13 @@ def serve(args: argparse.Namespace) -> None:
         folder = Path(args.gguf).expanduser().parent
         run = runs.load(folder) if (folder / runs.CONFIG).is_file() else None
     sock = server.listen(args.host, args.port)  # before loading: a port in use is an error, not a false success
+    # Opening the search index can take minutes the first time on a large --rag-index: its lines say so.
+    for name in ("titletune.serve", "titletune.retrieval"):
+        logging.getLogger(name).setLevel(logging.INFO)
+    threads = args.threads or machine.llama_threads()
+    rag_index, rag_k = _rag_settings(args, run)
     served = server.load(
-        run, args.gguf, args.base_gguf, args.threads or machine.llama_threads(), args.max_queue, args.request_timeout
+        run, args.gguf, args.base_gguf, threads, args.max_queue, args.request_timeout, rag_index=rag_index, rag_k=rag_k
     )
     app = server.app(served, key)
     print(server.banner(served, f"http://{_url_host(args.host)}:{args.port}", key), flush=True)

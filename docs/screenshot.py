@@ -1,4 +1,4 @@
-"""Make docs/playground.png: the playground of a real run, one question answered by base and tuned, in headless
+"""Make docs/playground.png: the playground of a real run, one question answered by every model served, in headless
 Chromium (Debian's chromium + chromium-driver, driven by Selenium, as tests/test_playground.py does).
 
     .venv/bin/python docs/screenshot.py --run outputs/<run> --question "What is 'Girls Ballet Tutu Neon Pink'?"
@@ -69,7 +69,7 @@ def main() -> None:
             field.send_keys(value)
         driver.find_element(By.ID, "question").send_keys(question)
         driver.find_element(By.ID, "send").click()
-        panes = [driver.find_element(By.ID, f"pane-{m}") for m in ("base", "tuned")]
+        panes = [p for p in driver.find_elements(By.CSS_SELECTOR, ".pane") if p.is_displayed()]  # tuned + RAG too
         wait.until(lambda d: all(p.get_attribute("data-state") in ("done", "error") for p in panes))
         raw = Path(args.out).with_suffix(".raw.png")
         driver.save_screenshot(str(raw))

@@ -159,7 +159,7 @@ def test_rag_prints_the_retrieved_titles_and_the_grounded_answer(run_dir):
     assert out["base"] and out["tuned"] and out["tuned+rag"]
     assert out["sampling"]["max_new_tokens"] == 12 and out["sampling"]["repetition_penalty"] == 1.0
     proc = infer(question, "--run", str(run_dir), "--rag-k", "2")
-    assert proc.returncode == 2 and "--rag-k and --rag-index need --rag or --evaluate" in proc.stderr
+    assert proc.returncode == 2 and "--rag-k and --rag-index need --rag, --evaluate or --serve" in proc.stderr
 
 
 def test_default_answer_length_comes_from_the_run(run_dir):

@@ -55,8 +55,14 @@ def wait(driver, condition, seconds: float, what: str):
         raise AssertionError(f"{what} within {seconds} s; the page shows:\n{text}") from None
 
 
-def test_a_question_fills_both_answers_and_they_differ(browser, trained_run, tmp_path):
+def test_a_question_fills_three_answers_and_shows_what_rag_retrieved(browser, trained_run, tmp_path):
+    """Base, tuned and tuned + RAG answer one question about a trained product, base and tuned differently, and the
+    product's title shows under the tuned + RAG answer, as text."""
     from selenium.webdriver.common.by import By
+
+    from titletune.runs import read_split
+
+    title = read_split(trained_run, "train")[0]["title"]  # the first example asks about it
 
     with Server("--run", str(trained_run)) as server:
         browser.get(f"{server.url}/")
@@ -69,7 +75,8 @@ def test_a_question_fills_both_answers_and_they_differ(browser, trained_run, tmp
             field.send_keys(value)
         browser.find_element(By.ID, "question").send_keys(examples[0])  # a product the tuned model was trained on
         browser.find_element(By.ID, "send").click()
-        panes = [browser.find_element(By.ID, f"pane-{m}") for m in ("base", "tuned")]
+        panes = [browser.find_element(By.ID, f"pane-{m}") for m in ("base", "tuned", "rag")]
+        assert all(p.is_displayed() for p in panes)
         wait(
             browser,
             lambda d: all(p.get_attribute("data-state") in ("done", "error") for p in panes),
@@ -77,9 +84,13 @@ def test_a_question_fills_both_answers_and_they_differ(browser, trained_run, tmp
             "no answers",
         )
         browser.save_screenshot(str(tmp_path / "playground.png"))
-        base, tuned = (browser.find_element(By.ID, f"answer-{m}").text.strip() for m in ("base", "tuned"))
-    assert [p.get_attribute("data-state") for p in panes] == ["done", "done"], (base, tuned)
-    assert base and tuned and base != tuned, (base, tuned)
+        base, tuned, rag = (browser.find_element(By.ID, f"answer-{m}").text.strip() for m in ("base", "tuned", "rag"))
+        retrieved = [li.text for li in browser.find_elements(By.CSS_SELECTOR, "#retrieved-rag li")]
+        tops = {p.get_attribute("id"): p.rect["y"] for p in panes}
+    assert [p.get_attribute("data-state") for p in panes] == ["done", "done", "done"], (base, tuned, rag)
+    assert base and tuned and rag and base != tuned, (base, tuned, rag)
+    assert retrieved[:1] == [title], retrieved
+    assert len(set(tops.values())) == 1, tops  # three columns side by side, not stacked
     assert (tmp_path / "playground.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -1,5 +1,6 @@
 """infer.py --serve as a real subprocess: the OpenAI-compatible API for "tuned" and "base" under load and bad input, a
-client leaving mid-stream, the queue bound and the time limit, and the API key rule.
+client leaving mid-stream, the queue bound and the time limit, and the API key rule; "tuned+rag" searching the run's
+training products or a --rag-index file.
 
 Both models are the embedded GGUF (a run folder whose model.q4_k_m.gguf links to it): these tests are about the
 server, not about what it answers (tests/test_playground.py compares a real tuned model with its base). Answers are
@@ -82,9 +83,19 @@ class Server:
     def output(self) -> str:
         return "".join(self.lines)
 
+    @property
+    def startup(self) -> list[str]:
+        """The banner: the "serving ..." line and the curl line after it ([] until both are printed). Log lines (the
+        search index opened) may come before it."""
+        lines = list(self.lines)
+        first = next((i for i, line in enumerate(lines) if line.startswith("serving ")), None)
+        if first is None or first + 1 >= len(lines) or not lines[first + 1].lstrip().startswith("curl "):
+            return []
+        return lines[first : first + 2]
+
     def wait_ready(self, timeout: float = 120) -> Server:
         deadline = time.monotonic() + timeout
-        while not (len(self.lines) >= 2 and self.lines[1].lstrip().startswith("curl ")):
+        while not self.startup:
             assert self.proc.poll() is None, f"the server exited {self.proc.returncode}:\n{self.output}"
             assert time.monotonic() < deadline, f"no startup lines within {timeout} s:\n{self.output}"
             time.sleep(0.2)
@@ -141,6 +152,7 @@ class Stream:
         self.conn.request("POST", "/v1/chat/completions", json.dumps({**body, "stream": True}), headers)
         self.response = self.conn.getresponse()
         self.status = self.response.status
+        self.done = False  # [DONE] came
 
     def events(self):
         """Each event's data, parsed, up to [DONE]."""
@@ -149,6 +161,7 @@ class Stream:
             if not line.startswith("data: "):
                 continue
             if line == "data: [DONE]":
+                self.done = True
                 return
             yield json.loads(line[6:])
 
@@ -179,17 +192,22 @@ def server(run_dir):
     assert "Traceback" not in s.output, s.output
 
 
-def test_startup_lines_name_both_models_and_a_working_curl(server, run_dir):
+def test_startup_lines_name_the_models_the_index_and_a_working_curl(server, run_dir):
     from titletune.models import EMBEDDED_GGUF
 
-    first, curl = server.lines[0], server.lines[1]
+    first, curl = server.startup
     assert first.startswith("serving tuned=") and ", base=" in first and "playground: " in first
+    assert ", tuned+rag=tuned searching 3 train products of the run (top 1)" in first
+    assert server.lines.index(first) == 1 and "tuned+rag: opening the search index" in server.lines[0]
     assert "Girls Ballet Tutu Zebra Stripes" in curl  # the example question: the run's first train product
     status, models, _ = call(f"{server.url}/v1/models")
-    assert status == 200 and [m["id"] for m in models["data"]] == ["tuned", "base"] and "unavailable" not in models
+    assert status == 200 and [m["id"] for m in models["data"]] == ["tuned", "base", "tuned+rag"], models
+    assert "unavailable" not in models
+    rag = models["data"][2]
+    assert rag["file"] == "model.q4_k_m.gguf" and rag["index"] == "3 train products of the run" and rag["k"] == 1
     status, page, _ = call(f"{server.url}/playground.json")
     assert status == 200 and page["run"] == run_dir.name and page["system"].startswith("You are a product expert")
-    assert [m["file"] for m in page["models"]] == ["model.q4_k_m.gguf", EMBEDDED_GGUF]  # names, not paths
+    assert [m["file"] for m in page["models"]] == ["model.q4_k_m.gguf", EMBEDDED_GGUF, "model.q4_k_m.gguf"]  # names
     assert str(run_dir.parent) not in json.dumps(page)
     assert len(page["examples"]) == len(PRODUCTS) and "Stainless Steel Garlic Press Pro" in page["examples"][1]
     assert page["defaults"] == {
@@ -260,16 +278,83 @@ def test_a_greedy_question_answers_the_same_after_other_requests(server):
     assert first["choices"][0]["message"]["content"] == again["choices"][0]["message"]["content"]
 
 
+def test_tuned_rag_answers_with_the_entry_it_retrieved(server):
+    """The question names a training product: it is the first entry retrieved, and the prompt counted (and checked
+    against the context) is the filled RAG prompt, not the bare question."""
+    url = f"{server.url}/v1/chat/completions"
+    title = PRODUCTS[2][1]
+    status, body, _ = call(url, chat("tuned+rag", f"Tell me about {title}.", max_tokens=12))
+    assert status == 200, body
+    assert body["model"] == "tuned+rag" and body["retrieved"] == [title]  # k = 1, the run's default
+    assert body["choices"][0]["message"]["content"].strip()
+    status, bare, _ = call(url, chat("tuned", f"Tell me about {title}.", max_tokens=1))
+    assert status == 200 and "retrieved" not in bare
+    # The entry's description and rag.txt's words come on top of the question.
+    assert body["usage"]["prompt_tokens"] > bare["usage"]["prompt_tokens"] + 20, (body["usage"], bare["usage"])
+    room = 2048 - bare["usage"]["prompt_tokens"]  # what the bare question leaves: too little with the entry
+    assert call(url, chat("tuned", f"Tell me about {title}.", max_tokens=room))[0] == 200
+    status, error, _ = call(url, chat("tuned+rag", f"Tell me about {title}.", max_tokens=room))
+    assert status == 400 and error["error"]["code"] == LONG and error["error"]["param"] == "max_tokens", error
+    assert f"max_tokens {room} does not fit" in error["error"]["message"]
+
+
+def test_a_tuned_rag_stream_names_the_entries_in_its_first_chunk(server):
+    stream = Stream(server.url, chat("tuned+rag", f"What is '{PRODUCTS[0][1]}'?", max_tokens=12))
+    events = list(stream.events())
+    stream.close()
+    assert stream.status == 200 and stream.done  # ended with [DONE]
+    assert events[0]["retrieved"] == [PRODUCTS[0][1]] and not any("retrieved" in e for e in events[1:])
+    assert all(e["model"] == "tuned+rag" for e in events)
+    assert "".join(e["choices"][0]["delta"].get("content") or "" for e in events).strip()
+    assert events[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+def test_tuned_rag_requests_at_once_each_retrieve_their_own_product(server):
+    """12 at once, 6 of them tuned+rag (2 per product) beside 3 tuned and 3 base: the searches share one index, the
+    answers tuned's queue, and each answer names the entry of its own question."""
+
+    def one(i: int):
+        model = ("tuned+rag", "tuned+rag", "tuned", "base")[i % 4]
+        title = PRODUCTS[i % 3][1]
+        status, body, _ = call(
+            f"{server.url}/v1/chat/completions", chat(model, f"Describe '{title}'.", 8), timeout=120
+        )
+        return model, title, status, body
+
+    with ThreadPoolExecutor(12) as pool:
+        results = list(pool.map(one, range(12)))
+    assert all(status == 200 for _, _, status, _ in results), results
+    asked = [(title, body) for model, title, _, body in results if model == "tuned+rag"]
+    assert len(asked) == 6 and all(body["retrieved"] == [title] for title, body in asked), asked
+
+
 @pytest.mark.parametrize(
     "body, raw, headers, status, words, code",
     [
         (None, b'{"model": "tuned", "messages": [', {}, 400, "not valid JSON", None),
         (None, b'["a list"]', {}, 400, "JSON object", None),
         (None, b"[" * 1100, {}, 400, "nested too deeply", None),
-        (chat("gpt-4o", "Hi"), None, {}, 404, "'gpt-4o' is not served here; use one of: tuned", "model_not_found"),
+        (
+            chat("gpt-4o", "Hi"),
+            None,
+            {},
+            404,
+            "not served here; use one of: tuned, base, tuned+rag.",
+            "model_not_found",
+        ),
         (chat("tuned", "Hi", max_tokens=5000), None, {}, 400, "max_tokens 5000 does not fit", LONG),
         (chat("tuned", "Hi", max_tokens=0), None, {}, 400, "'max_tokens' must be a whole number >= 1", None),
         (chat("tuned", "What is " + "a long title " * 900), None, {}, 400, "reads at most 2048", LONG),
+        (chat("tuned+rag", "What is " + "a long title " * 900), None, {}, 400, "reads at most 2048", LONG),
+        (chat("tuned+rag", "x" * 60_000), None, {}, 400, "reads at most 2048", LONG),  # one word, searched
+        (
+            {"model": "tuned+rag", "messages": [{"role": "system", "content": "Hi"}]},
+            None,
+            {},
+            400,
+            "searches the catalogue for the last user message",
+            None,
+        ),
         ({"model": "tuned", "messages": []}, None, {}, 400, "'messages' must be a non-empty list", None),
         ({"model": "base", "messages": [{"role": "user", "content": 7}]}, None, {}, 400, "messages[0] must be", None),
         (chat("tuned", "Hi", temperature=-1), None, {}, 400, "'temperature' must be >= 0", None),
@@ -341,6 +426,34 @@ def test_other_addresses_need_an_api_key(run_dir):
     assert "TITLETUNE_API_KEY" in lines[0] and "--api-key" in lines[0]
 
 
+CATALOGUE = [  # invented: products the run was not trained on
+    ("c1", "Cast Iron Skillet 12 Inch", "A pre-seasoned cast iron skillet, twelve inches across, for stove and oven."),
+    ("c2", "Cast Iron Skillet 10 Inch", "A pre-seasoned cast iron skillet, ten inches across, with a pouring lip."),
+    ("c3", "Bamboo Cutting Board Large", "A large end-grain bamboo board with a juice groove around its edge."),
+]
+
+
+def test_rag_index_and_rag_k_apply_to_the_server(run_dir, tmp_path):
+    """--serve --rag-index FILE --rag-k 2: tuned+rag searches that file (indexed once at start, in the cache), not the
+    run's products, and puts 2 entries in the prompt."""
+    path = tmp_path / "catalogue.jsonl"
+    rows = [{"uid": uid, "title": title, "content": content} for uid, title, content in CATALOGUE]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    args = ("--run", str(run_dir), "--rag-index", str(path), "--rag-k", "2")
+    with Server(*args, env={"TITLETUNE_CACHE": str(tmp_path / "cache")}) as s:
+        assert "tuned+rag=tuned searching catalogue.jsonl (top 2)" in s.startup[0]
+        assert any("rag: 3 products indexed" in line for line in s.lines), s.output
+        models = call(f"{s.url}/v1/models")[1]["data"]
+        assert models[-1]["id"] == "tuned+rag" and models[-1]["index"] == "catalogue.jsonl" and models[-1]["k"] == 2
+        status, body, _ = call(
+            f"{s.url}/v1/chat/completions", chat("tuned+rag", "What is 'Cast Iron Skillet 10 Inch'?")
+        )
+    assert status == 200, body
+    assert body["retrieved"] == ["Cast Iron Skillet 10 Inch", "Cast Iron Skillet 12 Inch"]
+    assert len(list((tmp_path / "cache" / "rag").glob("*.sqlite"))) == 1
+    assert "Traceback" not in s.output, s.output
+
+
 @pytest.fixture(scope="module")
 def guarded(run_dir):
     """Bound to every address, with a key from the environment, a queue of 1 and a 3 s time limit."""
@@ -352,7 +465,7 @@ def guarded(run_dir):
 
 def test_with_a_key_requests_need_it(guarded):
     assert KEY not in guarded.output  # the startup lines name the variable, never the key
-    assert "Authorization: Bearer $TITLETUNE_API_KEY" in guarded.lines[1]
+    assert "Authorization: Bearer $TITLETUNE_API_KEY" in guarded.startup[1]
     url = f"{guarded.url}/v1/chat/completions"
     for key in (None, "wrong-key"):
         status, error, _ = call(f"{guarded.url}/v1/models", key=key)
@@ -585,12 +698,12 @@ def test_messages_reach_the_model_as_role_and_content_only(recorded):
     assert llm.seen[-1] == [{"role": m["role"], "content": m["content"]} for m in messages]
 
 
-def test_a_hub_base_without_its_gguf_serves_tuned_only_and_says_so(tmp_path):
+def test_a_hub_base_without_its_gguf_serves_no_base_and_says_so(tmp_path):
     from titletune import runs, serve
 
     run = runs.load(make_run(tmp_path, base_model="HuggingFaceTB/SmolLM2-360M-Instruct"))
     served = serve.load(run, None, None, threads=1, max_queue=4, timeout=30.0)
-    assert list(served.models) == ["tuned"]
+    assert list(served.models) == ["tuned"] and served.rag is not None  # tuned+rag needs no base
     assert "base is not served" in serve.banner(served, "http://127.0.0.1:8000", None).splitlines()[0]
     models, page, base, tuned = asgi(
         served,
@@ -601,8 +714,60 @@ def test_a_hub_base_without_its_gguf_serves_tuned_only_and_says_so(tmp_path):
             ("POST", "/v1/chat/completions", chat("tuned", "Hi", max_tokens=4)),
         ],
     )
-    assert [m["id"] for m in models.json()["data"]] == ["tuned"]
+    assert [m["id"] for m in models.json()["data"]] == ["tuned", "tuned+rag"]
     assert "--base-gguf" in models.json()["unavailable"][0]["reason"]
     assert "--base-gguf" in page.json()["base_missing"]
     assert base.status_code == 404 and "HuggingFaceTB/SmolLM2-360M-Instruct" in base.json()["error"]["message"]
     assert tuned.status_code == 200, tuned.text
+
+
+def test_tuned_rag_fills_the_last_user_message_with_the_rag_prompt(recorded, tmp_path):
+    """What reaches the model: the system message and the earlier turns as sent, and in the last user message's place
+    the run's rag.txt around the entries retrieved for it (rag_entry.txt each), as infer.py --rag fills them, made
+    plain text like any message."""
+    from titletune import prompts, retrieval, serve
+
+    served, llm = recorded
+    model = served.models["tuned"]
+    ps = prompts.load(prompts.DEFAULT_SET)
+    rows = [{"id": pid, "title": title, "content": content} for pid, title, content in PRODUCTS]
+    rag = serve.Rag(retrieval.for_rows(tmp_path / "rag", "train", rows), 2, ps)
+    with_rag = serve.Served({"tuned": model}, None, "", [], 4, 30.0, rag=rag)
+    question = f"Tell me about {PRODUCTS[1][1]}.<|im_end|>"  # a chat marker: made plain text in the filled prompt
+    messages = [
+        {"role": "system", "content": "Answer from the catalogue."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello"},
+        {"role": "user", "content": question},
+    ]
+    (response,) = asgi(
+        with_rag, [("POST", "/v1/chat/completions", {"model": "tuned+rag", "messages": messages, "max_tokens": 2})]
+    )
+    assert response.status_code == 200, response.text
+    hits = rag.index.search(question, 2)
+    assert [hit["title"] for hit in hits][:1] == [PRODUCTS[1][1]]
+    assert response.json()["retrieved"] == [hit["title"] for hit in hits]
+    filled = prompts.rag_question(ps, question, hits)
+    assert PRODUCTS[1][2] in filled and question in filled
+    assert llm.seen[-1] == [*messages[:3], {"role": "user", "content": model.specials.plain(filled)}]
+    assert "<|im_end|>" not in llm.seen[-1][3]["content"]
+    assert response.json()["usage"]["prompt_tokens"] == model.prompt_tokens(llm.seen[-1])
+
+
+def test_a_gguf_outside_a_run_serves_no_tuned_rag_and_says_so(tmp_path):
+    from titletune import models, serve
+
+    served = serve.load(None, str(models.embedded_gguf()), None, threads=1, max_queue=4, timeout=30.0)
+    assert served.rag is None and "--rag-index FILE" in serve.banner(served, "http://127.0.0.1:8000", None)
+    listed, page, rag = asgi(
+        served,
+        [
+            ("GET", "/v1/models", None),
+            ("GET", "/playground.json", None),
+            ("POST", "/v1/chat/completions", chat("tuned+rag", "Hi")),
+        ],
+    )
+    assert [m["id"] for m in listed.json()["data"]] == ["tuned"]
+    assert [m["id"] for m in listed.json()["unavailable"]] == ["base", "tuned+rag"]
+    assert [m["id"] for m in page.json()["models"]] == ["tuned"]
+    assert rag.status_code == 404 and "--rag-index FILE" in rag.json()["error"]["message"]

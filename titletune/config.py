@@ -334,21 +334,24 @@ class ModeArguments:
     )
     rag_k: int | None = field(
         default=None,
-        metadata={"help": "With --rag or --evaluate: catalogue entries in the prompt (default: the run's)."},
+        metadata={
+            "help": "With --rag, --evaluate or --serve (model 'tuned+rag'): catalogue entries in the prompt (default: "
+            "the run's)."
+        },
     )
     rag_index: str | None = field(
         default=None,
         metadata={
-            "help": "With --rag or --evaluate: a trn-format file to search, e.g. data/trn.json (indexed once, cached; "
-            "default: the run's own --rag_index, else its training products)."
+            "help": "With --rag, --evaluate or --serve (model 'tuned+rag'): a trn-format file to search, e.g. "
+            "data/trn.json (indexed once, cached; default: the run's own --rag_index, else its training products)."
         },
     )
     serve: bool = field(
         default=False,
         metadata={
             "help": "Serve the playground page and an OpenAI-compatible API for model 'tuned' (--gguf, default: the "
-            "run's GGUF) and 'base' (--base-gguf; the embedded GGUF for the embedded model; without either, tuned "
-            "only)."
+            "run's GGUF), 'base' (--base-gguf; the embedded GGUF for the embedded model; without either, tuned "
+            "only) and 'tuned+rag' (tuned, with the question's top --rag-k catalogue entries in its prompt)."
         },
     )
     host: str = field(

@@ -1,9 +1,15 @@
 """infer.py --serve: one local server for a run's tuned and base models, an OpenAI-compatible API and a playground.
 
-    GET  /                     the playground (playground.html): a question, Base | Tuned answers streaming side by side
+    GET  /                     the playground (playground.html): a question, Base | Tuned | Tuned + RAG answers
+                               streaming side by side
     GET  /playground.json      what the page needs: models, the run's system prompt, example questions, defaults
-    GET  /v1/models            the models served: "tuned", and "base" when it has a GGUF
-    POST /v1/chat/completions  OpenAI chat completions; "model": "tuned" or "base", with or without "stream": true
+    GET  /v1/models            the models served: "tuned", "base" when it has a GGUF, "tuned+rag" when there is an index
+    POST /v1/chat/completions  OpenAI chat completions; "model": "tuned", "base" or "tuned+rag", with or without
+                               "stream": true
+
+"tuned+rag" is the tuned model (the same llama.cpp instance, lock and queue) asked as `infer.py --rag` asks it: the
+last user message is searched in a catalogue index (retrieval.py) and replaced by the run's RAG prompt around the top
+k entries (rag.txt, rag_entry.txt); the answer names their titles in an extra field, "retrieved".
 
 Why our own small Starlette app and not llama_cpp.server.app.create_app with two model aliases: its LlamaProxy keeps
 one model loaded and reloads the file whenever a request names the other one, and every request waits behind one
@@ -35,6 +41,7 @@ import hashlib
 import hmac
 import ipaddress
 import json
+import logging
 import math
 import os
 import re
@@ -44,7 +51,7 @@ import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import anyio
@@ -54,10 +61,12 @@ from starlette.exceptions import HTTPException
 from starlette.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.routing import Route
 
-from titletune import generate, llamacpp, models, prompts, specials
-from titletune.config import SERVE_CONNECTIONS, SERVE_HEADER_TIMEOUT, DataArguments
+from titletune import generate, llamacpp, models, prompts, retrieval, specials
+from titletune.config import RAG_K, SERVE_CONNECTIONS, SERVE_HEADER_TIMEOUT, DataArguments, cache_dir
 from titletune.errors import UserError
 from titletune.runs import Run
+
+log = logging.getLogger(__name__)
 
 N_CTX = llamacpp.N_CTX
 MAX_BODY = 1 << 20  # bytes: a whole 2048-token context is ~10 KB of text; a body near 1 MB is not a question
@@ -65,6 +74,7 @@ EXAMPLES = 4  # example questions on the page, from the run's first train produc
 KEY_ENV = "TITLETUNE_API_KEY"
 PAGE = Path(__file__).with_name("playground.html")
 RETRY_AFTER = "5"  # seconds, in a 503: about one answer of the embedded model on 2 cores, under load
+RAG = "tuned+rag"
 
 
 class ApiError(Exception):
@@ -201,6 +211,55 @@ def files(run: Run | None, gguf: str | None, base_gguf: str | None) -> tuple[dic
     return paths, f"base is not served: there is no GGUF of {whose}; pass --base-gguf FILE to compare with it"
 
 
+class Rag:
+    """What model "tuned+rag" adds to the tuned model: a catalogue index, and the prompt set (rag.txt, rag_entry.txt)
+    that puts its top k entries around the question."""
+
+    def __init__(self, index: retrieval.Index, k: int, prompt_set: prompts.PromptSet):
+        self.index, self.k, self.prompts = index, k, prompt_set
+        # One sqlite connection, and searches run in the request thread pool: one at a time (a search takes
+        # milliseconds, an answer seconds).
+        self.lock = threading.Lock()
+
+    def ground(self, chat: Chat) -> list[str]:
+        """Replace the last user message (the question) with its RAG prompt, as infer.py --rag asks it; the titles of
+        the entries retrieved, best first. Other messages stay as sent."""
+        last = max((i for i, m in enumerate(chat.messages) if m["role"] == "user"), default=None)
+        if last is None:
+            raise ApiError(
+                400, f"model {RAG!r} searches the catalogue for the last user message; send one.", param="messages"
+            )
+        question = chat.messages[last]["content"]
+        with self.lock:
+            hits = self.index.search(question, self.k)
+        filled = {"role": "user", "content": prompts.rag_question(self.prompts, question, hits)}
+        chat.messages = [*chat.messages[:last], filled, *chat.messages[last + 1 :]]
+        return [hit["title"] for hit in hits]
+
+
+def open_rag(
+    run: Run | None, rag_index: str | None, k: int, prompt_set: prompts.PromptSet
+) -> tuple[Rag | None, str | None]:
+    """Model "tuned+rag", its index opened once (built on first use): over `rag_index`, else over the run's training
+    products; or why it is not served."""
+    if run is None and not rag_index:
+        return None, (
+            f"{RAG} is not served: the GGUF is outside a run folder, so there are no training products to search; "
+            "pass --rag-index FILE to search a catalogue"
+        )
+    log.info(
+        "%s: opening the search index over %s (built once, then reused)",
+        RAG,
+        rag_index or "the run's training products",
+    )
+    if run is None:  # the file read as training reads it by default
+        settings = {f.name: f.default for f in fields(DataArguments)}
+        index = retrieval.for_file(rag_index, settings, cache_dir() / "rag")
+    else:
+        index = retrieval.open_index(run, rag_index)
+    return Rag(index, k, prompt_set), None
+
+
 @dataclass
 class Served:
     """Everything the app serves: the loaded models and what the page needs to ask them as infer.py does."""
@@ -212,6 +271,8 @@ class Served:
     max_tokens: int  # default answer length: the run's (generate.Sampling.for_run)
     timeout: float
     run: str | None = None
+    rag: Rag | None = None  # model "tuned+rag": the tuned model with catalogue entries in its prompt
+    rag_missing: str | None = None  # why "tuned+rag" is not served, when it is not
     executor: ThreadPoolExecutor = field(init=False)
     closing: threading.Event = field(init=False)  # set on Ctrl-C: every answer ends at its next token
 
@@ -220,12 +281,29 @@ class Served:
         self.executor = ThreadPoolExecutor(max_workers=len(self.models), thread_name_prefix="llama")
         self.closing = threading.Event()
 
+    def listed(self) -> list[tuple[str, Model, dict]]:
+        """Each model served, as /v1/models and the page list them: its name, the Model that answers it, and what
+        more there is to say of it ("tuned+rag": the index it searches, and k)."""
+        out = [(name, m, {}) for name, m in self.models.items()]
+        if self.rag:
+            out.append((RAG, self.models["tuned"], {"index": self.rag.index.source, "k": self.rag.k}))
+        return out
+
+    def unavailable(self) -> list[dict]:
+        """The models not served, each with why and what to pass to serve it."""
+        missing = (("base", self.base_missing), (RAG, self.rag_missing))
+        return [{"id": name, "reason": why} for name, why in missing if why]
+
     def model(self, name) -> Model:
+        """The loaded model that answers `name` ("tuned+rag": tuned's)."""
         if name in self.models:
             return self.models[name]
-        if name == "base" and self.base_missing:
-            raise ApiError(404, f"model 'base': {self.base_missing}.", param="model", code="model_not_found")
-        served = ", ".join(self.models)
+        if name == RAG and self.rag:
+            return self.models["tuned"]
+        for missing in self.unavailable():
+            if name == missing["id"]:
+                raise ApiError(404, f"model {name!r}: {missing['reason']}.", param="model", code="model_not_found")
+        served = ", ".join(name for name, _, _ in self.listed())
         raise ApiError(
             404, f"model {name!r} is not served here; use one of: {served}.", param="model", code="model_not_found"
         )
@@ -238,18 +316,23 @@ def load(
     threads: int,
     max_queue: int,
     timeout: float,
+    rag_index: str | None = None,
+    rag_k: int = RAG_K,
 ) -> Served:
-    """Load the tuned model (and the base one when it has a GGUF) once, with the run's prompt set and products."""
+    """Load the tuned model (and the base one when it has a GGUF) once, with the run's prompt set and products, and
+    open the index "tuned+rag" searches (`rag_index`, else the run's training products)."""
     paths, base_missing = files(run, gguf, base_gguf)
     loaded = {name: load_model(name, path, threads, max_queue) for name, path in paths.items()}
     ps = run.prompts if run else prompts.load(prompts.DEFAULT_SET)  # a GGUF outside a run: the default prompt set
+    rag, rag_missing = open_rag(run, rag_index, rag_k, ps)
     sampling = generate.Sampling()
     if run:
         max_tokens = sampling.for_run(run).max_new_tokens
     else:
         max_tokens = DataArguments.max_content_chars // 4 + generate.ANSWER_TEMPLATE_TOKENS
     # The run by its folder's name: the page and its JSON show no path of this machine.
-    return Served(loaded, base_missing, ps.system, examples(run), max_tokens, timeout, run.dir.name if run else None)
+    name = run.dir.name if run else None
+    return Served(loaded, base_missing, ps.system, examples(run), max_tokens, timeout, name, rag, rag_missing)
 
 
 def examples(run: Run | None, n: int = EXAMPLES) -> list[str]:
@@ -338,13 +421,20 @@ def parse(body: bytes, max_tokens: int) -> Chat:
     return Chat(model if isinstance(model, str) else json.dumps(model), messages, stream, options)
 
 
-def check_room(model: Model, chat: Chat) -> int:
-    """Make the messages plain text for the model's special tokens (chat.messages is replaced) and return the prompt's
-    tokens; ApiError(400) when the prompt and max_tokens do not fit the context (llama.cpp itself would silently
-    shorten max_tokens, or raise), or when a content still reads as a special token. The work is bounded: messages
-    longer than N_CTX of the vocabulary's longest tokens are refused by their length alone, longer ones are counted
-    only as far as fits (Model.prompt_tokens), and only messages that fit are tokenized whole, to check them."""
-    chars = sum(len(m["content"]) for m in chat.messages)
+def prepare(model: Model, chat: Chat, rag: Rag | None) -> tuple[int, list[str] | None]:
+    """check_room, for "tuned+rag" once the question is searched and replaced by its RAG prompt, so that the prompt
+    counted and checked is the one the model reads; the prompt's tokens and the titles retrieved (None without RAG).
+    A question too long for any prompt is refused before it is searched."""
+    if rag is None:
+        return check_room(model, chat), None
+    check_length(model, chat.messages)
+    retrieved = rag.ground(chat)
+    return check_room(model, chat), retrieved
+
+
+def check_length(model: Model, messages: list[dict]) -> None:
+    """ApiError(400) when the messages are longer than any N_CTX tokens of the model could be, by length alone."""
+    chars = sum(len(m["content"]) for m in messages)
     if chars > N_CTX * model.longest:
         raise ApiError(
             400,
@@ -353,6 +443,15 @@ def check_room(model: Model, chat: Chat) -> int:
             param="messages",
             code="context_length_exceeded",
         )
+
+
+def check_room(model: Model, chat: Chat) -> int:
+    """Make the messages plain text for the model's special tokens (chat.messages is replaced) and return the prompt's
+    tokens; ApiError(400) when the prompt and max_tokens do not fit the context (llama.cpp itself would silently
+    shorten max_tokens, or raise), or when a content still reads as a special token. The work is bounded: messages
+    longer than N_CTX of the vocabulary's longest tokens are refused by their length alone, longer ones are counted
+    only as far as fits (Model.prompt_tokens), and only messages that fit are tokenized whole, to check them."""
+    check_length(model, chat.messages)
     chat.messages = [{"role": m["role"], "content": model.specials.plain(m["content"])} for m in chat.messages]
     used = model.prompt_tokens(chat.messages)
     wanted = chat.options["max_tokens"]
@@ -387,8 +486,17 @@ class Generation:
     through an asyncio queue. close() ends it at its next token (the client left, or the request is over); the
     request's deadline ends it too."""
 
-    def __init__(self, model: Model, messages: list[dict], options: dict, deadline: float, closing: threading.Event):
+    def __init__(
+        self,
+        model: Model,
+        messages: list[dict],
+        options: dict,
+        deadline: float,
+        closing: threading.Event,
+        name: str | None = None,  # the model asked for, in the answer: "tuned+rag" is answered by tuned's Model
+    ):
         self.model, self.messages, self.options, self.deadline = model, messages, options, deadline
+        self.name = name or model.name
         self.closing = closing
         self.queue: asyncio.Queue = asyncio.Queue()
         self.stopped = threading.Event()
@@ -409,9 +517,7 @@ class Generation:
             # A fresh cache for every answer: reusing the previous request's prompt prefix evaluates the rest in other
             # batch shapes, whose rounding flips near-ties, so the same greedy question could answer differently.
             self.model.llm.reset()
-            chunks = self.model.llm.create_chat_completion(
-                self.messages, stream=True, model=self.model.name, **self.options
-            )
+            chunks = self.model.llm.create_chat_completion(self.messages, stream=True, model=self.name, **self.options)
             # Closed in this thread, which is the only one that touches the model until the lock is released.
             with contextlib.closing(chunks):
                 for chunk in chunks:
@@ -443,8 +549,8 @@ def _failure(e: Exception) -> ApiError:
     return ApiError(500, f"generation failed: {type(e).__name__}: {e}", "server_error")
 
 
-async def answer(generation: Generation, prompt_tokens: int) -> dict:
-    """The streamed chunks gathered into one chat.completion object."""
+async def answer(generation: Generation, prompt_tokens: int, extra: dict) -> dict:
+    """The streamed chunks gathered into one chat.completion object, with `extra`'s fields ("retrieved")."""
     first, parts, finish = None, [], None
     try:
         async for chunk in generation.chunks():
@@ -460,7 +566,7 @@ async def answer(generation: Generation, prompt_tokens: int) -> dict:
         "id": first["id"] if first else f"chatcmpl-{uuid.uuid4()}",
         "object": "chat.completion",
         "created": first["created"] if first else int(time.time()),
-        "model": generation.model.name,
+        "model": generation.name,
         "choices": [
             {
                 "index": 0,
@@ -470,16 +576,18 @@ async def answer(generation: Generation, prompt_tokens: int) -> dict:
             }
         ],
         "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": tokens, "total_tokens": prompt_tokens + tokens},
+        **extra,
     }
 
 
-async def events(generation: Generation):
-    """The chunks as server-sent events, ending with [DONE]; a failure mid-stream is one error event."""
+async def events(generation: Generation, extra: dict):
+    """The chunks as server-sent events, the first with `extra`'s fields ("retrieved"), ending with [DONE]; a failure
+    mid-stream is one error event."""
     last = None
     try:
         async for chunk in generation.chunks():
+            yield _event(chunk if last else {**chunk, **extra})
             last = chunk
-            yield _event(chunk)
         if generation.cut and last:  # llama.cpp never sent its last chunk: say why the answer ends here
             yield _event({**last, "choices": [{"index": 0, "delta": {}, "logprobs": None, "finish_reason": "length"}]})
     except Exception as e:  # noqa: BLE001 - headers are sent: the failure can only be an event
@@ -506,7 +614,7 @@ def app(served: Served, api_key: str | None = None):
         return JSONResponse(
             {
                 "run": served.run,
-                "models": [{"id": m.name, "file": m.path.name} for m in served.models.values()],
+                "models": [{"id": name, "file": m.path.name, **more} for name, m, more in served.listed()],
                 "base_missing": served.base_missing,
                 "system": served.system,
                 "examples": served.examples,
@@ -522,32 +630,35 @@ def app(served: Served, api_key: str | None = None):
 
     async def list_models(request):
         data = [
-            {"id": m.name, "object": "model", "created": int(m.path.stat().st_mtime), "owned_by": "titletune"}
-            | {"file": m.path.name}
-            for m in served.models.values()
+            {"id": name, "object": "model", "created": int(m.path.stat().st_mtime), "owned_by": "titletune"}
+            | {"file": m.path.name, **more}
+            for name, m, more in served.listed()
         ]
         out = {"object": "list", "data": data}
-        if served.base_missing:
-            out["unavailable"] = [{"id": "base", "reason": served.base_missing}]
+        if served.unavailable():
+            out["unavailable"] = served.unavailable()
         return JSONResponse(out)
 
     async def chat(request):
         arrived = time.monotonic()
         asked = parse(await request.body(), served.max_tokens)
         model = served.model(asked.model)
+        rag = served.rag if asked.model == RAG else None
         try:
-            used = await run_in_threadpool(check_room, model, asked)
+            used, retrieved = await run_in_threadpool(prepare, model, asked, rag)
         except ValueError as e:  # the chat template refused the messages (e.g. roles that do not alternate)
             raise ApiError(400, f"the model's chat template refused the messages: {e}", param="messages") from None
+        deadline = arrived + served.timeout
         stack = contextlib.AsyncExitStack()
         try:
-            await stack.enter_async_context(model.turn(arrived + served.timeout))
-            generation = Generation(model, asked.messages, asked.options, arrived + served.timeout, served.closing)
+            await stack.enter_async_context(model.turn(deadline))
+            generation = Generation(model, asked.messages, asked.options, deadline, served.closing, asked.model)
             stack.push_async_callback(generation.close)  # first the worker ends, then the lock is released
             generation.start(served.executor)
+            extra = {"retrieved": retrieved} if rag else {}
             if asked.stream:
-                return Stream(events(generation), on_close=stack.pop_all().aclose)  # the response closes it
-            return JSONResponse(await answer(generation, used))
+                return Stream(events(generation, extra), on_close=stack.pop_all().aclose)  # the response closes it
+            return JSONResponse(await answer(generation, used, extra))
         finally:
             with anyio.CancelScope(shield=True):
                 await stack.aclose()
@@ -825,9 +936,11 @@ def _protocol():
 def banner(served: Served, url: str, key: str | None) -> str:
     """The startup lines: what is served where, then a curl command that asks the tuned model as infer.py does."""
     what = ", ".join(f"{name}={m.path}" for name, m in served.models.items())
+    if served.rag:
+        what += f", {RAG}=tuned searching {served.rag.index.source} (top {served.rag.k})"
     line = f"serving {what} at {url} (playground: {url}/, OpenAI-compatible API: {url}/v1; Ctrl-C stops)"
-    if served.base_missing:
-        line += f"; {served.base_missing}"
+    for missing in served.unavailable():
+        line += f"; {missing['reason']}"
     question = served.examples[0] if served.examples else "What is 'Girls Ballet Tutu Neon Pink'?"
     body = {"model": "tuned", "messages": prompts.chat(served.system, question), "max_tokens": served.max_tokens}
     auth = f' -H "Authorization: Bearer ${KEY_ENV}"' if key else ""
