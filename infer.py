@@ -65,6 +65,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(_switches(parser, argv))  # argparse's own message and exit 2 for an unknown flag
     args.sampling = Sampling(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Sampling)})
+    args.rag_given = any(a == "--rag" or a.startswith("--rag=") for a in argv)  # else the run decides (main)
     return args
 
 
@@ -92,6 +93,8 @@ def main(args: argparse.Namespace) -> None:
     if args.evaluate:
         return evaluate(args, run)
     args.sampling.check()
+    if not args.rag_given:  # a run trained with catalogue entries in its prompts is asked with them too
+        args.rag = float(run.section("data").get("rag_share") or 0) > 0
     systems = (args.only,) if args.only else generate.SYSTEMS
     engine = generate.load_engine(run, args.engine, systems, *_engine_options(args))
     if args.rag:

@@ -176,6 +176,11 @@ def test_files_and_fidelity_match_export_json(trained_run, text):
     assert "llama-cli -m model.q4_k_m.gguf -cnv -nr" in usage and 'Llama(model_path="model.q4_k_m.gguf"' in usage
     assert f"python infer.py --run path/to/{trained_run.name} " in usage and 'run = "."' in usage
     assert str(trained_run.parent) not in text
+    # What the GGUF alone answers and what the tuned+rag server adds, with this run's own figures.
+    report = json.loads((trained_run / "report.json").read_text())
+    assert "It cannot search" in usage and f"python infer.py --serve --run path/to/{trained_run.name}" in usage
+    assert f"ROUGE-L F1 {report['heldout']['tuned+rag']['rougeL']['mean']:.3f}" in usage
+    assert "trained without catalogue entries" in usage and "--rag-share 0.25" in usage
 
 
 def _linked_copy(run: Path, target: Path) -> Path:

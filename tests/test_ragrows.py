@@ -85,18 +85,42 @@ def test_a_run_prepared_without_neighbours_says_how_to_get_them(tmp_path):
         training.load_datasets(tmp_path / "run", None, passes=1, seed=42, rag_share=0.5)
 
 
-def test_training_with_rag_rows_lowers_the_loss_and_records_the_settings(tmp_path):
-    run_dir = tmp_path / "rag"
+@pytest.fixture(scope="module")
+def rag_run(tmp_path_factory) -> tuple[Path, str]:
+    """A tiny real training run with --rag-share 0.5 (adapter only); returns the folder and train.py's log."""
+    run_dir = tmp_path_factory.mktemp("ragrun") / "rag"
     result = run_cli(
         "train.py", "--data", str(SAMPLE), "--output-dir", str(run_dir), *TINY,
         "--rag-share", "0.5", "--gguf", "none", "--no-merge", "--eval-samples", "0",
     )  # fmt: skip
-    assert "RAG-aware training:" in result.stderr
+    return run_dir, result.stderr
+
+
+def test_training_with_rag_rows_lowers_the_loss_and_records_the_settings(rag_run):
+    run_dir, log = rag_run
+    assert "RAG-aware training:" in log
     steps = losses(run_dir)
     assert steps[max(steps)] < steps[min(steps)]
     saved = yaml.safe_load((run_dir / "run_config.yaml").read_text())
     assert saved["data"]["rag_share"] == 0.5 and saved["data"]["rag_distractors"] == 0.3
     assert saved["training"]["max_length"] == 128  # given on the command line: kept
+
+
+def test_a_rag_trained_run_is_asked_with_catalogue_entries_unless_told_not_to(rag_run):
+    run_dir, _ = rag_run
+    title = _lines(run_dir / "data" / "train.jsonl")[0]["title"]
+    question = f'What is "{title}"?'
+    asked = json.loads(
+        run_cli("infer.py", "--run", str(run_dir), "--json", "--max-new-tokens", "8", question, timeout=300).stdout
+    )
+    assert asked["tuned+rag"] and asked["retrieved"][0] == title
+    plain = json.loads(
+        run_cli(
+            "infer.py", "--run", str(run_dir), "--json", "--max-new-tokens", "8", "--rag", "false", question,
+            timeout=300,
+        ).stdout
+    )  # fmt: skip
+    assert "tuned+rag" not in plain and "retrieved" not in plain
 
 
 def test_rag_rows_get_room_when_max_length_is_left_at_its_default(tmp_path):

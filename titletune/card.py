@@ -426,6 +426,7 @@ def _how_to(run: Run, src: dict) -> list[str]:
                 "```",
                 "",
             ]
+        lines += _gguf_and_rag(run, src)
     else:
         lines += [f"No GGUF yet: `python train.py --export-only --run {here} --gguf q4_k_m` writes one.", ""]
     lines += [
@@ -437,6 +438,32 @@ def _how_to(run: Run, src: dict) -> list[str]:
         "```",
     ]
     return lines
+
+
+def _gguf_and_rag(run: Run, src: dict) -> list[str]:
+    """What the GGUF alone answers, and what the tuned + RAG server adds: a GGUF cannot search the catalogue."""
+    report = src["report"] or {}
+
+    def cell(pop: str, system: str) -> str:
+        got = (report.get(pop) or {}).get(system)
+        return f" (ROUGE-L F1 {_mean(got['rougeL'])} here)" if got else ""
+
+    trained = float(run.section("data").get("rag_share") or 0)
+    how = (
+        f"It was trained with catalogue entries in a share of its prompts (`rag_share` {trained:g}), so it uses the "
+        "entry that matches and keeps its own answer when the entries are other products."
+        if trained
+        else "It was trained without catalogue entries in its prompts (`--rag-share 0`), so an entry may confuse it; "
+        "train with `--rag-share 0.25` for a model that reads them."
+    )
+    return [
+        "The GGUF alone (llama.cpp, Ollama) answers from what the adapter learned: the products it was trained on"
+        f"{cell('seen', 'tuned')}. It cannot search, so for a product it never saw it invents{cell('heldout', 'tuned')}. "
+        f"`python infer.py --serve --run {_here(run)}` also serves the model `tuned+rag`, which searches the run's "
+        "catalogue index (or `--rag-index <catalogue file>`) for each question and puts the entries it finds in the "
+        f"prompt, through the run's rag.txt{cell('heldout', 'tuned+rag')}. {how}",
+        "",
+    ]
 
 
 def _system(run: Run) -> str:

@@ -329,7 +329,8 @@ class ModeArguments:
         default=False,
         metadata={
             "help": "Also answer with retrieval-augmented generation: the top --rag-k catalogue entries for the "
-            "question in the tuned model's prompt; prints the titles it retrieved."
+            "question in the tuned model's prompt; prints the titles it retrieved. Default: on for a run trained "
+            "with --rag-share (it was trained to read them), off otherwise; --rag false turns it off."
         },
     )
     rag_k: int | None = field(
