@@ -1,6 +1,7 @@
 """Write data/sample_trn.json: invented products shaped like the real LF-AmazonTitles-1.3M trn.json.
 
     python data/make_sample.py            # rewrites data/sample_trn.json (seeded: the same file every time)
+    python data/make_sample.py --products 1000 --out /tmp/gen1000.json --seed 1   # N products, no trap rows
 
 The sample should score what the real file scores, so that the demo tells the truth (README.md, "Learning the
 catalogue"): most products are books, and a book's description is often a publisher's blurb or a row of review
@@ -335,16 +336,38 @@ def dress(rng: random.Random, content: str) -> str:
     return content
 
 
-def main() -> None:
-    rng = random.Random(1_300_000)
+def products(rng: random.Random, n: int) -> list[tuple[str, str]]:
+    """`n` regular products (title, content) with distinct titles, as titletune.text.title_key compares them."""
     rows, seen = [], set()
-    while len(rows) < PRODUCTS:
+    tries = 0
+    while len(rows) < n:
+        tries += 1
+        if tries > 100 * n + 1000:
+            raise SystemExit(f"make_sample: found only {len(rows)} distinct titles of {n} asked for")
         title, content = book(rng) if rng.random() < BOOK_SHARE else thing(rng)
         key = " ".join(re.findall(r"[a-z0-9]+", title.lower()))  # as titletune.text.title_key compares titles
         if key in seen:
             continue
         seen.add(key)
         rows.append((title, dress(rng, content)))
+    return rows
+
+
+def write_catalogue(n: int, path: str | Path, seed: int) -> Path:
+    """A catalogue of `n` products with distinct titles and no trap rows, seeded (bench/bench_capacity.py: how many
+    products an adapter holds). The same generator as the sample; its own uids (G...)."""
+    rng = random.Random(seed)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as f:
+        for i, (title, content) in enumerate(products(rng, n), 1):
+            f.write(json.dumps({"uid": f"G{i:09d}", "title": title, "content": content}, ensure_ascii=False) + "\n")
+    return path
+
+
+def main() -> None:
+    rng = random.Random(1_300_000)
+    rows = products(rng, PRODUCTS)
     # The product the README asks about, written as the real one is: short, and unlike the books around it.
     rows[7] = ("Girls Ballet Tutu Neon Pink", "Three layers of soft neon pink tulle on an elastic waist. Ages 2 to 6.")
     rows.append(
@@ -364,4 +387,16 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--products", type=int, help="write this many products (no trap rows) to --out instead")
+    parser.add_argument("--out", help="with --products: the file to write")
+    parser.add_argument("--seed", type=int, default=1, help="with --products: the generator's seed")
+    args = parser.parse_args()
+    if args.products is None:
+        main()
+    elif not args.out or args.products < 1:
+        parser.error("--products N needs N >= 1 and --out FILE")
+    else:
+        print(f"wrote {args.products} products to {write_catalogue(args.products, args.out, args.seed)}")
