@@ -15,11 +15,15 @@ from typing import ClassVar
 from transformers import TrainerCallback
 from trl import SFTTrainer
 
+from titletune import capacity
 from titletune.errors import Terminated, UserError
 
 log = logging.getLogger(__name__)
 
 LARGE = 10_000  # train rows from which tokenisation runs in several processes (dataset_num_proc)
+# Answers tokenised for the capacity line's mean answer length: a seeded sample, so that a 1.3M-product split costs a
+# read of the file and a second of tokenising, not minutes; the mean of 2,000 is close enough for a log-scale law.
+ANSWER_SAMPLE = 2_000
 
 
 @dataclass
@@ -60,8 +64,7 @@ def fit(
     everything after that is shared. `callbacks` are added to the Trainer's (e.g. OnSave)."""
     # memory-mapped Arrow, not Python lists
     train_rows, val_rows = load_datasets(run_dir, prompt_set, passes, training_args.seed, *rag)
-    with open(Path(run_dir) / "data" / "train.jsonl", "rb") as split:
-        products = sum(1 for line in split if line.strip())
+    products, answers = sample_answers(Path(run_dir) / "data" / "train.jsonl", ANSWER_SAMPLE, training_args.seed)
     model, tokenizer = backend.load(
         base_model, model_args, training_args.trust_remote_code, training_args.max_length, bf16=training_args.bf16
     )
@@ -75,9 +78,13 @@ def fit(
         total / 1e6,
         model_args.lora_r,
     )
-    trainer = build_trainer(model, tokenizer, train_rows, val_rows, training_args, run_dir)
     a = training_args
     per_step = a.per_device_train_batch_size * a.gradient_accumulation_steps * a.world_size
+    epochs = a.max_steps * per_step / len(train_rows) if a.max_steps > 0 else a.num_train_epochs  # --max_steps wins
+    views = passes * epochs
+    if a.process_index == 0:
+        plan_capacity(trainable, products, capacity.mean_tokens(tokenizer, answers), views, run_dir)
+    trainer = build_trainer(model, tokenizer, train_rows, val_rows, training_args, run_dir)
     log.info(
         "training on %d products x %d passes (+ RAG rows) = %d rows: batch %d per device x %d accumulation x %d processes = %d "
         "per step",
@@ -101,6 +108,43 @@ def fit(
     )
     question = train_rows[0]["prompt"][-1]["content"] if len(train_rows) else None
     return Fitted(model, tokenizer, trainer, outcome, question)
+
+
+def sample_answers(path: Path, limit: int | None, seed: int) -> tuple[int, list[str]]:
+    """The products in a split file, and the answers of up to `limit` of them (all with None), chosen uniformly with
+    `seed` in one pass over the file (reservoir sampling); only the chosen lines are parsed."""
+    import random
+
+    import orjson
+
+    rng, chosen, products = random.Random(seed), [], 0
+    with open(path, "rb") as split:
+        for line in split:
+            if not line.strip():
+                continue
+            products += 1
+            if limit is None or len(chosen) < limit:
+                chosen.append(line)
+            elif (j := rng.randrange(products)) < limit:
+                chosen[j] = line
+    answers = [" ".join(m["content"] for m in orjson.loads(line)["completion"]) for line in chosen]
+    return products, answers
+
+
+def plan_capacity(trainable: int, products: int, answer_tokens: float, views: float, run_dir: Path):
+    """Before training: the capacity line (capacity.py), a one-line warning when the predicted seen recall is below
+    config.CAPACITY_WARN, and <run>/capacity.json with the same figures for the model card and report.md. A JSON file
+    of its own, not run_config.yaml: these are figures computed from the data and the model, like stats.json, not
+    settings that --resume compares."""
+    from titletune import files
+
+    estimate = capacity.estimate(trainable, products, answer_tokens, views)
+    log.info("%s", capacity.line(estimate))
+    warning = capacity.warning(estimate)
+    if warning:
+        log.warning("%s", warning)
+    files.write_atomic(Path(run_dir) / capacity.FILE, json.dumps(estimate.to_json(), indent=2) + "\n")
+    return estimate
 
 
 def save_adapter(fitted: Fitted, run_dir: Path) -> Path:
