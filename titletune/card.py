@@ -15,7 +15,7 @@ import logging
 import shlex
 from pathlib import Path
 
-from titletune import evaluate, export, fidelity, files, models
+from titletune import capacity, evaluate, export, fidelity, files, models
 from titletune.errors import UserError
 from titletune.runs import OUTPUTS, Run, read_json
 
@@ -57,6 +57,7 @@ def sources(run: Run) -> dict:
         "report": read_json(run.dir / "report.json"),
         "export": read_json(run.dir / "export.json"),
         "lora": read_json(run.adapter / "adapter_config.json"),
+        "capacity": read_json(run.dir / capacity.FILE),
     }
     src["ggufs"] = _ggufs(run, src["export"])
     return src
@@ -253,12 +254,34 @@ def _training(run: Run, src: dict) -> list[str]:
         ("final train loss", f"{losses[-1]['loss']:.4f} at step {losses[-1]['step']}" if losses else None),
         ("mean train loss over the run", f"{mean[-1]['train_loss']:.4f}" if mean else None),
         ("final eval loss", f"{evals[-1]['eval_loss']:.4f} at step {evals[-1]['step']}" if evals else None),
+        *_capacity(src["capacity"]),
     ]
     lines = ["## Training", "", "| setting | value |", "|---|---|"]
     lines += [f"| {name} | {'-' if value is None else value} |" for name, value in rows]
     if not records:
         lines += ["", "No training log (train_log.jsonl is missing)."]
     return lines
+
+
+def _capacity(c: dict | None) -> list[tuple[str, object]]:
+    """capacity.json's rows of the training table: what the adapter was asked to hold, and the recall the
+    provisional capacity law predicted for it before training."""
+    c = c or {}
+    known = all(k in c for k in ("trainable", "products", "answer_tokens", "ratio", "recall", "views"))
+    return [
+        ("trainable parameters", f"{c['trainable']:,}" if known else None),
+        (
+            "catalogue (train products x mean answer tokens)",
+            f"{c['products']:,} x {c['answer_tokens']:.1f} = {round(c['products'] * c['answer_tokens']):,} tokens"
+            if known
+            else None,
+        ),
+        ("capacity ratio (answer tokens per trainable parameter)", f"{c['ratio']:.3g}" if known else None),
+        (
+            "predicted seen ROUGE-L (provisional capacity law, before training)",
+            f"{c['recall']:.2f} at {c['views']:g} views" if known else None,
+        ),
+    ]
 
 
 def _results(run: Run, src: dict) -> list[str]:

@@ -25,10 +25,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from titletune import fidelity, files, generate, metrics, prompts, retrieval
+from titletune.capacity import FILE as CAPACITY_FILE
 from titletune.config import RAG_K
 from titletune.errors import UserError
 from titletune.generate import Sampling
-from titletune.runs import Run
+from titletune.runs import Run, read_json
 
 log = logging.getLogger(__name__)
 
@@ -334,8 +335,9 @@ def summary(report: dict) -> str:
     return "\n\n".join(parts)
 
 
-def render_md(report: dict, exported: dict | None = None) -> str:
-    """report.md: the report, and the export's fidelity table when export.json (`exported`) has one."""
+def render_md(report: dict, exported: dict | None = None, capacity: dict | None = None) -> str:
+    """report.md: the report; the capacity table beside the seen recall when capacity.json (`capacity`) is there;
+    and the export's fidelity table when export.json (`exported`) has one."""
     s = report["settings"]
     d = s["sampling"]
     lines = [
@@ -374,6 +376,8 @@ def render_md(report: dict, exported: dict | None = None) -> str:
             lines += ["_No products in this population._", ""]
         if pop == "seen" and report.get("seen_new_phrasing"):
             lines += [*new_phrasing_lines(report), ""]
+        if pop == "seen" and capacity and "seen" in report:
+            lines += [*capacity_lines(report, capacity), ""]
     systems = list(report.get("systems") or SYSTEMS)
     lines += ["## Examples", ""]
     picked = [e for e in report["examples"] if e["population"] == "heldout"][:3]
@@ -392,6 +396,24 @@ def render_md(report: dict, exported: dict | None = None) -> str:
     if fidelity_table:
         lines += ["", "## Export fidelity", "", *fidelity_table]
     return "\n".join(lines) + "\n"
+
+
+def capacity_lines(report: dict, capacity: dict) -> list[str]:
+    """What the adapter was asked to hold (capacity.json, written before training) beside the seen recall reached."""
+    reached = _with_ci(report["seen"]["tuned"]["rougeL"], 3)
+    return [
+        "### Capacity",
+        "",
+        "| capacity ratio (answer tokens per trainable parameter) | trainable parameters | products trained | mean "
+        "answer tokens | views | predicted seen ROUGE-L | seen ROUGE-L reached | products scored |",
+        "|---:|---:|---:|---:|---:|---:|---|---:|",
+        f"| {capacity['ratio']:.3g} | {capacity['trainable']:,} | {capacity['products']:,} | "
+        f"{capacity['answer_tokens']:.1f} | {capacity['views']:g} | {capacity['recall']:.2f} | {reached} | "
+        f"{report['counts']['seen']} |",
+        "",
+        "The prediction was made before training by the provisional capacity law (titletune/config.py; "
+        "bench/README.md, Capacity): seen ROUGE-L against log10 of the ratio, fitted on the 135M model.",
+    ]
 
 
 def decoding(sampling: dict) -> str:
@@ -451,5 +473,6 @@ def write_reports(run_dir: Path, report: dict) -> None:
     files.write_atomic(run_dir / "report.json", json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     exported = run_dir / "export.json"
     exported = json.loads(exported.read_text()) if exported.is_file() else None
-    files.write_atomic(run_dir / "report.md", render_md(report, exported))
+    capacity = read_json(run_dir / CAPACITY_FILE)
+    files.write_atomic(run_dir / "report.md", render_md(report, exported, capacity))
     plot(report, run_dir / "report.png")
