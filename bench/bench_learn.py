@@ -72,10 +72,16 @@ VARIANTS = {
 FULL_FT = "fullft"  # variants named fullft* train every weight (see full_ft)
 
 
+def command(name: str, flags: list[str], data: str, folder: Path) -> list[str]:
+    """The train.py command of a variant: every product of `data`, no export and no evaluation after training."""
+    cmd = [sys.executable, str(ROOT / "train.py"), "--data", data, "--max_samples", "all"]
+    cmd += ["--output_dir", str(folder / name), "--eval_samples", "0", "--merge", "false", "--gguf", "none"]
+    return [*cmd, "--overwrite", *flags]
+
+
 def train(name: str, flags: list[str], data: str, folder: Path) -> dict:
     out = folder / name
-    cmd = [sys.executable, str(ROOT / "train.py"), "--data", data, "--max_samples", "all", "--output_dir", str(out)]
-    cmd += ["--eval_samples", "0", "--merge", "false", "--gguf", "none", "--overwrite", *flags]
+    cmd = command(name, flags, data, folder)
     started = time.perf_counter()
     if name.startswith(FULL_FT):
         proc = subprocess.run([*cmd, "--prepare_only"], capture_output=True, text=True)
