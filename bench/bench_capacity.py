@@ -12,16 +12,16 @@ A row is `catalogue:rN` (LoRA rank N, alpha N) or `catalogue:full`. Catalogues: 
 gen300 is the first 300 products of gen1000). Each row is train.py with the CPU default recipe (every product of the
 catalogue, the default split, passes, learning rate and batch) and that rank, run by bench_learn.py's `train`; `full`
 cannot go through train.py (both backends always add LoRA: `--use_peft false` is parsed and ignored), so it takes
-bench_learn.py's full fine-tuning path (train.py prepares the data, the same SFTTrainer trains every weight) at
-FULL_LR. Then the row is scored by bench_learn.py's `score`: ROUGE-L F1 of greedy answers on --samples trained
+bench_learn.py's full fine-tuning path (train.py prepares the data, the same SFTTrainer trains every weight) at lr
+1e-4 (FULL_LR). Then the row is scored by bench_learn.py's `score`: ROUGE-L F1 of greedy answers on --samples trained
 products, asked as trained and in a phrasing training never used, and on the held-out split, each with its 95%
 bootstrap interval. It records the trainable parameters (train.py's capacity.json; merged/ for `full`), the train
 products and their mean answer tokens under the base model's tokenizer (the whole split), the capacity ratio and what
 the law in config.py predicted, the train loss, time and steps, the CPU and the load average before and after.
 
 Every finished row, failures too (with the error), is appended as one JSON line to --results. A row that finished is
-skipped unless --redo; a failed one is tried again. Rows measured elsewhere and copied in have another `measured_by`
-and are never skipped for: they count for --fit, not as done. Each run folder goes under --work and is removed after
+skipped unless --redo; a failed one is tried again. Rows copied in from other studies (another `measured_by`) count
+for --fit, never as done. Each run folder goes under --work and is removed after
 scoring unless --keep.
 """
 
@@ -316,7 +316,8 @@ def table(rows: list[dict], plan: list[str]) -> str:
         seen, new = r.get("seen") or {}, r.get("seen_new_phrasing") or {}
         c = r.get("cpu") or {}
         kind = c.get("model_name") or "-"
-        kind += f" (family {c['family']} model {c['model']})" if c.get("family") else ""
+        if c.get("family"):
+            kind += f" (family {c['family']}" + (f" model {c['model']})" if c.get("model") else ")")
         lines.append(
             f"| {row} | {views:g} | {_n(r.get('trainable'))} | {_n(r.get('products'))} | "
             f"{_f(r.get('answer_tokens'), 1)} | {_n(r.get('catalogue_tokens'))} | {_f(r.get('ratio'), 3, 'g')} | "
