@@ -188,3 +188,46 @@ def test_bench_rows_parse_and_the_dry_run_plans_without_training(tmp_path):
     assert "gen300:r4: to run; about 270 train products, 540 steps" in out
     assert "--lora_r 4 --lora_alpha 4" in out and "--learning_rate 1e-4" in out
     assert not list(tmp_path.iterdir())  # a dry run writes nothing
+
+
+def test_fit_prints_the_capacity_line_after_the_adapter_is_built_and_before_the_trainer(tmp_path, monkeypatch, caplog):
+    """training.fit's own wiring, stopped where the trainer would be built: the trainable parameters come from the
+    adapter, the products and answer lengths from the run's train split under the model's tokenizer."""
+    from types import SimpleNamespace
+
+    from transformers import AutoTokenizer
+
+    from titletune import models, training
+
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = [
+        {"prompt": [{"role": "user", "content": f"What is {i}?"}], "completion": [{"role": "assistant", "content": c}]}
+        for i, c in enumerate(["one two three four", "five six", "seven"] * 4)
+    ]
+    (data / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (data / "val.jsonl").write_text("")
+    tokenizer = AutoTokenizer.from_pretrained(models.resolve("embedded"))
+    expected = capacity.mean_tokens(tokenizer, [r["completion"][0]["content"] for r in rows])
+
+    class Adapter:
+        def get_nb_trainable_parameters(self):
+            return SMOL_R16, 135_000_000
+
+    backend = SimpleNamespace(load=lambda *a, **k: (object(), tokenizer), add_lora=lambda *a: Adapter())
+
+    def no_trainer(*args, **kwargs):
+        raise RuntimeError("stop before training")
+
+    monkeypatch.setattr(training, "build_trainer", no_trainer)
+    model_args = SimpleNamespace(model_name_or_path="embedded", lora_r=16)
+    training_args = SimpleNamespace(
+        seed=42, trust_remote_code=False, max_length=128, bf16=False, per_device_train_batch_size=4,
+        gradient_accumulation_steps=1, world_size=1, max_steps=-1, num_train_epochs=1, process_index=0,
+    )  # fmt: skip
+    with caplog.at_level(logging.INFO, logger="titletune.training"), pytest.raises(RuntimeError, match="stop"):
+        training.fit(backend, "base", model_args, training_args, tmp_path, False, passes=1)
+    saved = json.loads((tmp_path / capacity.FILE).read_text())
+    assert saved["trainable"] == SMOL_R16 and saved["products"] == 12 and saved["views"] == 1
+    assert saved["answer_tokens"] == pytest.approx(expected)
+    assert capacity.line(capacity.estimate(SMOL_R16, 12, expected, 1)) in caplog.text
