@@ -73,7 +73,7 @@ def test_fit_goes_through_two_points_and_puts_other_views_on_the_curve():
 
 
 def test_config_constants_are_the_fit_of_the_committed_rows():
-    """The constants pasted into config.py are what `bench_capacity.py --fit` prints for bench/capacity_results.jsonl."""
+    """The constants in config.py are what `bench_capacity.py --fit` prints for bench/capacity_results.jsonl."""
     sys.path.insert(0, str(ROOT / "bench"))
     import bench_capacity
 
