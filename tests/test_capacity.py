@@ -231,3 +231,20 @@ def test_fit_prints_the_capacity_line_after_the_adapter_is_built_and_before_the_
     assert saved["trainable"] == SMOL_R16 and saved["products"] == 12 and saved["views"] == 1
     assert saved["answer_tokens"] == pytest.approx(expected)
     assert capacity.line(capacity.estimate(SMOL_R16, 12, expected, 1)) in caplog.text
+
+
+def test_report_md_shows_the_capacity_table_only_with_a_complete_capacity_json():
+    from titletune import evaluate
+
+    cell = {"mean": 0.5, "ci": [0.4, 0.6]}
+    metrics = {m: cell for m in ("rouge1", "rouge2", "rougeL", "rougeL_p", "rougeL_r", "numbers", "bleu")}
+    report = {
+        "settings": {"samples": 2, "seed": 1, "rag_k": 1, "sampling": {"temperature": 0, "max_new_tokens": 8,
+                     "repetition_penalty": 1.0, "top_p": 1.0}},
+        "run": "r", "engine": "transformers", "data": "run splits", "index": "i", "counts": {"seen": 2},
+        "seen": {"tuned": {**metrics, "loss": None, "ppl": None}}, "examples": [], "systems": ["tuned"],
+    }  # fmt: skip
+    saved = capacity.estimate(SMOL_R16, 265, 60.83, 8).to_json()
+    assert "### Capacity" in evaluate.render_md(report, None, saved)
+    assert "### Capacity" not in evaluate.render_md(report, None, {"ratio": 0.1})
+    assert "### Capacity" not in evaluate.render_md(report)

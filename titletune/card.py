@@ -267,7 +267,7 @@ def _capacity(c: dict | None) -> list[tuple[str, object]]:
     """capacity.json's rows of the training table: what the adapter was asked to hold, and the recall the
     provisional capacity law predicted for it before training."""
     c = c or {}
-    known = all(k in c for k in ("trainable", "products", "answer_tokens", "ratio", "recall", "views"))
+    known = all(k in c for k in evaluate.CAPACITY_KEYS)
     return [
         ("trainable parameters", f"{c['trainable']:,}" if known else None),
         (

@@ -376,7 +376,7 @@ def render_md(report: dict, exported: dict | None = None, capacity: dict | None 
             lines += ["_No products in this population._", ""]
         if pop == "seen" and report.get("seen_new_phrasing"):
             lines += [*new_phrasing_lines(report), ""]
-        if pop == "seen" and capacity and "seen" in report:
+        if pop == "seen" and "seen" in report and all(k in (capacity or {}) for k in CAPACITY_KEYS):
             lines += [*capacity_lines(report, capacity), ""]
     systems = list(report.get("systems") or SYSTEMS)
     lines += ["## Examples", ""]
@@ -396,6 +396,9 @@ def render_md(report: dict, exported: dict | None = None, capacity: dict | None 
     if fidelity_table:
         lines += ["", "## Export fidelity", "", *fidelity_table]
     return "\n".join(lines) + "\n"
+
+
+CAPACITY_KEYS = ("ratio", "trainable", "products", "answer_tokens", "views", "recall")
 
 
 def capacity_lines(report: dict, capacity: dict) -> list[str]:
