@@ -36,6 +36,7 @@ def test_run_folder_has_exactly_the_promised_files(trained_run):
         "report.md",
         "report.png",
         "rag",  # the evaluation's search index over the training products
+        "capacity.json",  # the capacity line's figures (titletune/capacity.py)
         "README.md",  # the model card (tests/test_card.py)
     }
     checkpoints = {name for name in top if name.startswith("checkpoint-")}

@@ -120,6 +120,11 @@ def evaluate_run(run: Run, settings: EvalSettings | None = None, engine=None, ba
             question = row["prompt"][-1]["content"]
             hits = index.search(question, settings.rag_k + DISTRACTOR_SLACK)
             others = [h for h in hits if not _same_product(h, p)][: settings.rag_k]
+            if len(others) < settings.rag_k:  # the nearest titles, as training's distractors are found
+                found = {h["id"] for h in others}
+                near = index.neighbours(p["title"], settings.rag_k + DISTRACTOR_SLACK)
+                others += [h for h in near if h["id"] not in found and not _same_product(h, p)]
+                others = others[: settings.rag_k]
             hits = hits[: settings.rag_k]
             items.append(
                 {

@@ -86,8 +86,8 @@ def fit(
         plan_capacity(trainable, products, capacity.mean_tokens(tokenizer, answers), views, run_dir)
     trainer = build_trainer(model, tokenizer, train_rows, val_rows, training_args, run_dir)
     log.info(
-        "training on %d products x %d passes (+ RAG rows) = %d rows: batch %d per device x %d accumulation x %d processes = %d "
-        "per step",
+        "training on %d products x %d passes (+ RAG rows) = %d rows: batch %d per device x %d accumulation x %d "
+        "processes = %d per step",
         products,
         passes,
         len(train_rows),
