@@ -11,7 +11,7 @@ import yaml
 from conftest import SAMPLE, TINY, assert_user_error, losses, prepare_cli, run_cli
 
 from titletune import prepare, prompts, ragrows, training
-from titletune.config import RAG_MAX_LENGTH, DataArguments
+from titletune.config import RAG_DISTRACTORS, RAG_MAX_LENGTH, DataArguments
 
 
 def _lines(path: Path) -> list[dict]:
@@ -102,7 +102,7 @@ def test_training_with_rag_rows_lowers_the_loss_and_records_the_settings(rag_run
     steps = losses(run_dir)
     assert steps[max(steps)] < steps[min(steps)]
     saved = yaml.safe_load((run_dir / "run_config.yaml").read_text())
-    assert saved["data"]["rag_share"] == 0.5 and saved["data"]["rag_distractors"] == 0.3
+    assert saved["data"]["rag_share"] == 0.5 and saved["data"]["rag_distractors"] == RAG_DISTRACTORS
     assert saved["training"]["max_length"] == 128  # given on the command line: kept
 
 
