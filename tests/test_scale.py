@@ -87,6 +87,7 @@ def test_two_processes_train_one_run(tmp_path):
         "train_log.jsonl",
         "loss.png",
         "README.md",
+        "capacity.json",  # written once, by the main process
         "checkpoint-2",
         "checkpoint-4",
     }
