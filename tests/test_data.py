@@ -304,7 +304,9 @@ def test_prepare_on_real_head(tmp_path, qa):
     stats, out = run(tmp_path, qa, data=str(SHARED_DATA / "trn_real_head300.jsonl"))
     folder = out / "data"
     names = {p.name for p in folder.iterdir()}
-    assert names == {"train.jsonl", "val.jsonl", "test.jsonl", "stats.json", "eda.md", "lengths.png"}
+    # rag_train.jsonl: the RAG rows' neighbours, empty without --rag-share (tests/test_ragrows.py)
+    assert names == {"train.jsonl", "val.jsonl", "test.jsonl", "rag_train.jsonl", "stats.json", "eda.md", "lengths.png"}
+    assert not (folder / "rag_train.jsonl").read_bytes()
     assert (folder / "lengths.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert stats["rows_read"] == 300 and stats["kept"]["total"] >= 280
     assert set(stats["lengths"]["content"]) == {"p25", "p50", "p75", "p95", "max", "mean"}
@@ -320,7 +322,9 @@ def test_cache_key_covers_every_data_module(tmp_path, qa, monkeypatch):
     """A fix to any of the data modules or prompts.py gives a new key, so a stale cached output is never reused."""
     args = DataArguments(data=str(SAMPLE))
     code = stage.CODE
-    assert {Path(m).name for m in code} == {"text.py", "reading.py", "selection.py", "prepare.py", "prompts.py"}
+    assert {Path(m).name for m in code} == {
+        "text.py", "reading.py", "selection.py", "prepare.py", "prompts.py", "ragrows.py",
+    }  # fmt: skip
     key = stage.cache_key(args, 42, qa)
     for i, module in enumerate(code):
         edited = tmp_path / Path(module).name
