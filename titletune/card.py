@@ -481,7 +481,8 @@ def _gguf_and_rag(run: Run, src: dict) -> list[str]:
     )
     return [
         "The GGUF alone (llama.cpp, Ollama) answers from what the adapter learned: the products it was trained on"
-        f"{cell('seen', 'tuned')}. It cannot search, so for a product it never saw it invents{cell('heldout', 'tuned')}. "
+        f"{cell('seen', 'tuned')}. It cannot search, so for a product it never saw it invents"
+        f"{cell('heldout', 'tuned')}. "
         f"`python infer.py --serve --run {_here(run)}` also serves the model `tuned+rag`, which searches the run's "
         "catalogue index (or `--rag-index <catalogue file>`) for each question and puts the entries it finds in the "
         f"prompt, through the run's rag.txt{cell('heldout', 'tuned+rag')}. {how}",

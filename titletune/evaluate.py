@@ -10,7 +10,8 @@ product's own left out: does a wrong entry override what the model learned?). Re
 (titletune/retrieval.py): the run's training products, or any catalogue file (`rag_index`). Every system decodes with
 the same settings, recorded in the report. Metrics (titletune/metrics.py): ROUGE-1/2/L F1, ROUGE-L precision and
 recall, numbers supported, corpus BLEU, each with a 95% bootstrap interval; paired bootstrap differences for tuned vs
-base, tuned + RAG vs tuned and tuned + distractors vs tuned; and the teacher-forced loss and perplexity of base and tuned on the reference answers.
+base, tuned + RAG vs tuned and tuned + distractors vs tuned; and the teacher-forced loss and perplexity of base and
+tuned on the reference answers.
 Writes <run>/report.json, report.md and report.png.
 """
 

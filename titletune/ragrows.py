@@ -10,7 +10,8 @@
               The completion is the product's own description: the loss stays on the answer.
 
 Neighbours are the training products whose titles the search index ranks nearest the product's (bm25 over the titles,
-retrieval.Index.neighbours), so near-identical titles ("Girls Ballet Tutu Neon Blue" for "... Neon Pink") are the distractors, as they are at answer time. Every
+retrieval.Index.neighbours), so near-identical titles ("Girls Ballet Tutu Neon Blue" for "... Neon Pink") are the
+distractors, as they are at answer time. Every
 choice is a hash of the product, the pass and the seed: the same rows on every run, every rank and every resume.
 """
 

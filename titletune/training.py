@@ -255,7 +255,12 @@ def check_args(training_args) -> None:
 
 
 def load_datasets(
-    run_dir: Path, prompt_set=None, passes: int = 1, seed: int = 42, rag_share: float = 0.0, rag_distractors: float = 0.0
+    run_dir: Path,
+    prompt_set=None,
+    passes: int = 1,
+    seed: int = 42,
+    rag_share: float = 0.0,
+    rag_distractors: float = 0.0,
 ) -> tuple:
     """data/train.jsonl and data/val.jsonl (None when empty) as Arrow datasets, prompt and completion columns only.
     The train split is read `passes` times: pass i asks every product in its i-th phrasing (prompts.pick_question),
