@@ -34,7 +34,7 @@ PASSES = 8
 # default: the extra rows are longer than the plain ones and do not fit its training time; on in the GPU presets, and
 # bench/README.md measures both the cost and what it buys (RAG-aware training).
 RAG_SHARE = 0.0
-RAG_DISTRACTORS = 0.5
+RAG_DISTRACTORS = 0.3
 # max_length when --rag_share is on and --max_length was not given: a row with two entries of 400 characters, the
 # question and the answer fits in it (the plain rows' 256 would cut the answer).
 RAG_MAX_LENGTH = 512
