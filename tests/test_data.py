@@ -304,9 +304,11 @@ def test_prepare_on_real_head(tmp_path, qa):
     stats, out = run(tmp_path, qa, data=str(SHARED_DATA / "trn_real_head300.jsonl"))
     folder = out / "data"
     names = {p.name for p in folder.iterdir()}
-    # rag_train.jsonl: the RAG rows' neighbours, empty without --rag-share (tests/test_ragrows.py)
-    assert names == {"train.jsonl", "val.jsonl", "test.jsonl", "rag_train.jsonl", "stats.json", "eda.md", "lengths.png"}
-    assert not (folder / "rag_train.jsonl").read_bytes()
+    # rag_train.jsonl and rag_read.jsonl: the RAG rows' neighbours and read products, empty without --rag-share
+    # (tests/test_ragrows.py)
+    rag = {"rag_train.jsonl", "rag_read.jsonl"}
+    assert names == {"train.jsonl", "val.jsonl", "test.jsonl", *rag, "stats.json", "eda.md", "lengths.png"}
+    assert not any((folder / name).read_bytes() for name in rag)
     assert (folder / "lengths.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert stats["rows_read"] == 300 and stats["kept"]["total"] >= 280
     assert set(stats["lengths"]["content"]) == {"p25", "p50", "p75", "p95", "max", "mean"}

@@ -56,27 +56,76 @@ def test_each_pass_adds_rag_rows_with_the_own_entry_or_distractors_only(prepared
     mixed, _ = training.load_datasets(prepared, ps, passes=4, seed=42, rag_share=0.25, rag_distractors=0.3)
     extra = [mixed[i] for i in range(len(plain), len(mixed))]
     assert [mixed[i] for i in range(len(plain))] == [plain[i] for i in range(len(plain))]  # plain rows unchanged
-    products = len(_lines(prepared / "data" / "train.jsonl"))
-    assert 0.15 * 4 * products < len(extra) < 0.35 * 4 * products  # a seeded quarter of each pass
-    answers = {r["completion"][0]["content"]: r for r in _lines(prepared / "data" / "train.jsonl")}
+    train = _lines(prepared / "data" / "train.jsonl")
+    read = _lines(prepared / "data" / ragrows.READ_FILE)
+    answers = {r["completion"][0]["content"]: r for r in train}
+    read_answers: dict[str, list[dict]] = {}  # two real products can share a description
+    for r in read:
+        read_answers.setdefault(ps.answer.replace("{content}", r["content"]), []).append(r)
     own = distractors_only = 0
+    read_rows: dict[str, int] = {}
     for row in extra:
         asked = row["prompt"][-1]["content"]
         assert asked.startswith(ps.rag.split("{context}")[0].strip())  # through the run's rag.txt
-        product = answers[row["completion"][0]["content"]]  # the completion is the product's own answer
-        entries = asked.count("Product: ")
-        assert 1 <= entries <= ragrows.RAG_TRAIN_ENTRIES
+        assert 1 <= asked.count("Product: ") <= ragrows.RAG_TRAIN_ENTRIES
+        answer = row["completion"][0]["content"]
+        question = asked.split(ps.rag.split("{question}")[0].splitlines()[-1])[-1]
+        asked_read = [r for r in read_answers.get(answer, []) if r["title"] in question]
+        if asked_read:  # a read product: always asked with its own entry
+            product = asked_read[0]
+            assert f"Product: {product['title']}\n" in asked
+            read_rows[product["title"]] = read_rows.get(product["title"], 0) + 1
+            continue
+        product = answers[answer]  # the completion is the product's own answer
         if f"Product: {product['title']}\n" in asked:
             own += 1
         else:
             distractors_only += 1
-    assert own and distractors_only and 0.15 < distractors_only / len(extra) < 0.45
+    rag = own + distractors_only
+    assert 0.15 * 4 * len(train) < rag < 0.35 * 4 * len(train)  # a seeded quarter of each pass
+    assert own and distractors_only and 0.15 < distractors_only / rag < 0.45
+    assert read and read_rows == {r["title"]: 4 for r in read}  # every read product, once a pass
     again, _ = training.load_datasets(prepared, ps, passes=4, seed=42, rag_share=0.25, rag_distractors=0.3)
     assert [again[i] for i in range(len(again))] == [mixed[i] for i in range(len(mixed))]  # seeded: every rank, resume
 
 
+def test_a_seeded_share_of_train_products_is_read_only_and_in_no_evaluated_population(prepared, shared_data):
+    from titletune import evaluate, retrieval, runs
+    from titletune.config import RAG_READ
+
+    train = _lines(prepared / "data" / "train.jsonl")
+    read = _lines(prepared / "data" / ragrows.READ_FILE)
+    near = _lines(prepared / "data" / ragrows.FILE)
+    assert len(near) == len(train)  # the neighbours stay line for line with what is still trained plainly
+    assert not {r["title"] for r in read} & {r["title"] for r in train}
+    assert 0.5 * RAG_READ < len(read) / (len(read) + len(train)) < 1.5 * RAG_READ
+    for product in read:
+        assert 1 <= len(product["neighbours"]) and product["title"] not in [n["title"] for n in product["neighbours"]]
+    stats = json.loads((prepared / "data" / "stats.json").read_text())
+    assert stats["kept"]["rag_read"] == len(read) and stats["kept"]["train"] == len(train)
+    run = runs.load(prepared)
+    pops = evaluate.sample_populations(run, run.split("train"), 1000, 7, shared_data)
+    asked = {p["title"] for pop in pops.values() for p in pop}
+    assert not asked & {r["title"] for r in read}  # neither seen nor held out: read in training
+    assert len(pops["seen"]) == len(train)
+    index = retrieval.open_index(run)  # the run's own index, the one serving searches, holds them
+    assert index.search(read[0]["title"], 1)[0]["title"] == read[0]["title"]
+    index.close()
+
+
+def test_no_read_products_without_rag_rows_or_at_rag_read_0(shared_data, tmp_path):
+    ps = prompts.load(DataArguments().prompts)
+    for name, extra in (("off", {}), ("zero", {"rag_share": 0.25, "rag_read": 0.0})):
+        prepare.prepare(DataArguments(data=str(shared_data), **extra), 42, tmp_path / name, ps)
+        assert (tmp_path / name / "data" / ragrows.READ_FILE).read_bytes() == b""
+    assert (tmp_path / "off" / "data" / "train.jsonl").read_bytes() == (
+        tmp_path / "zero" / "data" / "train.jsonl"
+    ).read_bytes()
+
+
 def test_a_share_outside_0_to_1_is_refused(tmp_path):
     assert_user_error(prepare_cli(tmp_path, SAMPLE, "--rag-share", "1.5"), r"--rag_share must be a fraction")
+    assert_user_error(prepare_cli(tmp_path, SAMPLE, "--rag-read", "1"), r"--rag_read must be a fraction")
 
 
 def test_a_run_prepared_without_neighbours_says_how_to_get_them(tmp_path):

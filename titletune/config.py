@@ -35,6 +35,11 @@ PASSES = 8
 # bench/README.md measures both the cost and what it buys (RAG-aware training).
 RAG_SHARE = 0.0
 RAG_DISTRACTORS = 0.3
+# With --rag_share: the share of the train products that RAG-aware training only ever asks with their own entry in the
+# prompt (--rag_read), products the model must read rather than recall, as it must for those it never trained on.
+# Without them, tuned + distractors fell below tuned beyond the interval at every distractors share tried, and the
+# distractors-only rows that narrowed it taught the model to ignore the right entry too (bench/README.md).
+RAG_READ = 0.2
 # max_length when --rag_share is on and --max_length was not given: a row with two entries of 400 characters, the
 # question and the answer fits in it (the plain rows' 256 would cut the answer).
 RAG_MAX_LENGTH = 512
@@ -215,6 +220,14 @@ class DataArguments:
         metadata={
             "help": "With --rag_share: the share of those rows whose entries are other products only, so that the "
             "answer comes from memory and a wrong entry does not override it."
+        },
+    )
+    rag_read: float = field(
+        default=RAG_READ,
+        metadata={
+            "help": "With --rag_share: the share of train products never asked without their own entry in the "
+            "prompt, so that the model learns to read an entry when it has no memory of the product. They are "
+            "not recalled alone, but tuned + RAG answers them (0 = every train product is also asked plainly)."
         },
     )
     prompts: str = field(

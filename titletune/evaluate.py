@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from titletune import fidelity, files, generate, metrics, prompts, retrieval
+from titletune import fidelity, files, generate, metrics, prompts, ragrows, retrieval
 from titletune.capacity import FILE as CAPACITY_FILE
 from titletune.config import RAG_K
 from titletune.errors import UserError
@@ -262,6 +262,8 @@ def _sample_file(path: Path, run: Run, train: list[dict], n: int, seed: int) -> 
     data_cfg = run.data_settings
     min_chars, max_chars = int(data_cfg["min_content_chars"]), int(data_cfg["max_content_chars"])
     train_keys = {title_key(r["title"]) for r in train}
+    # RAG-aware training's read products (ragrows.py) were neither asked plainly nor held out: in no population.
+    read_keys = {title_key(r["title"]) for r in ragrows.read_rows(run.data)}
     rngs = {pop: random.Random(f"{seed}:{pop}") for pop in POPULATIONS}
     pools: dict[str, list[dict]] = {pop: [] for pop in POPULATIONS}
     counts = dict.fromkeys(POPULATIONS, 0)
@@ -271,7 +273,7 @@ def _sample_file(path: Path, run: Run, train: list[dict], n: int, seed: int) -> 
         if isinstance(cleaned, str):  # a drop reason: training would not have kept this product either
             continue
         title, key, content = cleaned
-        if key in done:
+        if key in done or key in read_keys:
             continue
         done.add(key)
         pop = "seen" if key in train_keys else "heldout"

@@ -82,6 +82,8 @@ def check_args(args: DataArguments) -> int | None:
     for name in ("rag_share", "rag_distractors"):
         if not 0 <= getattr(args, name) <= 1:
             problems.append(f"--{name} must be a fraction in [0, 1], got {getattr(args, name)}")
+    if not 0 <= args.rag_read < 1:
+        problems.append(f"--rag_read must be a fraction in [0, 1), got {args.rag_read}")
     if args.passes < 1:
         problems.append(f"--passes must be >= 1 (views of each product per epoch), got {args.passes}")
     if not args.title_field or not args.content_field:
@@ -126,11 +128,17 @@ def prepare(args: DataArguments, seed: int, out_dir: str | Path, prompts: Prompt
     except BaseException:
         writer.abort()
         raise
+    read = 0
     if args.rag_share > 0:
         log.info("data: finding each train product's nearest neighbours for the RAG rows (--rag_share)")
-        ragrows.write_neighbours(folder)
+        read = ragrows.write_neighbours(folder, args.rag_read, seed)
+        split_counts["train"] -= read
+        split_counts["rag_read"] = read
+        if read:
+            log.info("data: %s train products are read only, never asked without their entry (--rag_read)", read)
     else:
         files.write_atomic(folder / ragrows.FILE, b"")
+        files.write_atomic(folder / ragrows.READ_FILE, b"")
     kept = sum(split_counts.values())
     counts["chat_markers"] = writer.markers
     stats = _stats(
@@ -161,7 +169,7 @@ def prepare(args: DataArguments, seed: int, out_dir: str | Path, prompts: Prompt
     return stats
 
 
-CACHE_FILES = (*(f"{s}.jsonl" for s in SPLITS), ragrows.FILE, "stats.json", "eda.md", "lengths.png")
+CACHE_FILES = (*(f"{s}.jsonl" for s in SPLITS), ragrows.FILE, ragrows.READ_FILE, "stats.json", "eda.md", "lengths.png")
 CACHE_KEEP = 8  # most recently used entries kept; runs hold hard links, so evicting an entry never breaks a run
 _EDGE = 1 << 20  # bytes hashed at each end of the input: a quick content check on top of size and mtime
 # The code that prepare()'s output depends on: a change to any of these files gives new cache keys.
@@ -182,10 +190,12 @@ def cache_key(args: DataArguments, seed: int, prompts: PromptSet) -> str:
             f.seek(max(_EDGE, stat.st_size - _EDGE))
             edges.update(f.read(_EDGE))
     # data_workers is left out: one process or eight, the output is the same. The RAG rows are drawn in training, so
-    # only whether there are any (the neighbours file) changes this output.
-    left_out = ("data", "prompts", "data_workers", "rag_share", "rag_distractors")
+    # only whether there are any (the neighbours file) changes this output, and with them the read share.
+    left_out = ("data", "prompts", "data_workers", "rag_share", "rag_distractors", "rag_read")
     settings = {k: v for k, v in vars(args).items() if k not in left_out}
     settings["rag_neighbours"] = args.rag_share > 0
+    if args.rag_share > 0:
+        settings["rag_read"] = args.rag_read
     key = {
         "input": [str(path), stat.st_size, stat.st_mtime_ns, edges.hexdigest()],
         "args": settings,
@@ -342,6 +352,7 @@ def render_eda(stats: dict) -> str:
     for name, n in [
         ("read", stats["rows_read"]),
         *((f"kept: {s}", kept[s]) for s in SPLITS),
+        *([("kept: read only (--rag_read)", kept["rag_read"])] if kept.get("rag_read") else []),
         ("kept: total", kept["total"]),
         ("dropped", stats["dropped_total"]),
     ]:

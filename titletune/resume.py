@@ -34,7 +34,7 @@ IDENTITY = (
     "use_peft", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "lora_target_parameters",
     "lora_modules_to_save", "use_rslora", "use_dora",
     "data", "title_field", "content_field", "max_samples", "val_size", "test_size", "min_content_chars",
-    "max_content_chars", "passes", "rag_share", "rag_distractors", "prompts",
+    "max_content_chars", "passes", "rag_share", "rag_distractors", "rag_read", "prompts",
     "seed", "max_length",
 )  # fmt: skip
 PATHS = ("data", "prompts")  # compared as the files they name: data/x.json and /abs/.../data/x.json are one file

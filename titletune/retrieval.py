@@ -235,12 +235,14 @@ def quoted(text: str) -> str | None:
 
 def open_index(run, rag_index: str | Path | None = None) -> Index:
     """The index a run's retrieval and RAG search: over `rag_index` (any trn-format file, e.g. the full catalogue),
-    else over the run's training products."""
+    else over the run's training products, the read ones of RAG-aware training included (ragrows.py)."""
+    from titletune import ragrows
     from titletune.config import cache_dir
 
     if rag_index:
         return for_file(rag_index, run.data_settings, cache_dir() / "rag")
-    return for_rows(run.dir / "rag", "train", run.split("train"))
+    read = ragrows.read_rows(run.data)
+    return for_rows(run.dir / "rag", "train", run.split("train") + read)
 
 
 def match_query(text: str, frequent: dict[str, int] | None = None) -> str:

@@ -358,6 +358,21 @@ def rag_rows(run_dir: Path, prompt_set, passes: int, seed: int, share: float, di
         joined.map(for_pass(turn), batched=True, remove_columns=joined.column_names, desc=f"pass {turn + 1} RAG rows")
         for turn in range(passes)
     ]
+    read_path = folder / ragrows.READ_FILE
+    if read_path.is_file() and read_path.stat().st_size:
+        read = load_dataset("json", data_files=str(read_path), split="train", cache_dir=cache)
+
+        def read_pass(turn: int):
+            def rows(r: dict) -> dict:
+                product = {"id": r["id"], "title": r["title"], "content": r["content"]}
+                return ragrows.read_row(prompt_set, product, r["neighbours"] or [], seed, turn)
+
+            return rows
+
+        passes_rows += [
+            read.map(read_pass(turn), remove_columns=read.column_names, desc=f"pass {turn + 1} read rows")
+            for turn in range(passes)
+        ]
     return concatenate_datasets(passes_rows)
 
 
@@ -372,12 +387,14 @@ def plain_rows(tokenizer, run_dir: Path, train_ds, eval_ds) -> tuple:
 
     guard = specials.from_tokenizer(tokenizer)
     found = 0
-    for split in ("train", "val"):
-        path = Path(run_dir) / "data" / f"{split}.jsonl"
+    for name in ("train.jsonl", "val.jsonl", "rag_read.jsonl"):  # rag_read: RAG-aware training's read products
+        path = Path(run_dir) / "data" / name
         with open(path, "rb") if path.is_file() else contextlib.nullcontext(()) as lines:
             for line in lines:
                 row = orjson.loads(line) if line.strip() else {}
-                found += any(guard.search(m["content"]) for m in row.get("prompt", []) + row.get("completion", []))
+                texts = [m["content"] for m in row.get("prompt", []) + row.get("completion", [])]
+                texts += [row[k] for k in ("title", "content") if "prompt" not in row and k in row]
+                found += any(guard.search(text) for text in texts)
     if not found:
         return train_ds, eval_ds
     log.info("%d products hold special tokens of the model's tokenizer: made plain text", found)
