@@ -67,6 +67,11 @@ def parse(argv: list[str]):
     script_args.backend = backend
     given = config.given(argv)
     data_args, training_args = parsed[2], parsed[-1]
+    if not parsed[1].use_peft:
+        raise UserError(
+            "--use-peft false asks for full fine-tuning, which titletune does not do: it trains LoRA adapters (QLoRA "
+            "on a GPU) and merges them. Leave the flag out, and raise --lora-r for more capacity (README: Will it fit?)."
+        )
     if data_args.rag_share > 0 and "max_length" not in given and training_args.max_length < config.RAG_MAX_LENGTH:
         training_args.max_length = config.RAG_MAX_LENGTH  # room for the entries of a RAG row (config.py)
     if original:  # recorded in run_config.yaml by main(): what this resume changed, [old, new]

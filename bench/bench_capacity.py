@@ -11,7 +11,7 @@ A row is `catalogue:rN` (LoRA rank N, alpha N) or `catalogue:full`. Catalogues: 
 --real; `genN`, N products from data/make_sample.py's generator (seed 1, distinct titles, no trap rows; nested:
 gen300 is the first 300 products of gen1000). Each row is train.py with the CPU default recipe (every product of the
 catalogue, the default split, passes, learning rate and batch) and that rank, run by bench_learn.py's `train`; `full`
-cannot go through train.py (both backends always add LoRA: `--use_peft false` is parsed and ignored), so it takes
+cannot go through train.py (it trains LoRA only, and refuses `--use_peft false`), so it takes
 bench_learn.py's full fine-tuning path (train.py prepares the data, the same SFTTrainer trains every weight) at lr
 1e-4 (FULL_LR). Then the row is scored by bench_learn.py's `score`: ROUGE-L F1 of greedy answers on --samples trained
 products, asked as trained and in a phrasing training never used, and on the held-out split, each with its 95%

@@ -123,6 +123,14 @@ def test_existing_output_dir_is_refused(tmp_path):
     assert result.returncode == 2 and (tmp_path / "keep.txt").is_file()
 
 
+def test_full_fine_tuning_is_refused_with_the_fix_not_silently_trained_as_lora(tmp_path):
+    run_dir = tmp_path / "run"
+    result = run_cli("train.py", "--output-dir", str(run_dir), "--use-peft", "false", "--prepare-only", check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "--use-peft false" in result.stderr and "--lora-r" in result.stderr
+    assert not run_dir.exists()  # refused before anything was written
+
+
 def test_overwrite_replaces_a_previous_run(tmp_path):
     run_dir = tmp_path / "run"
     run_cli("train.py", "--data", str(SAMPLE), "--output-dir", str(run_dir), "--prepare-only")
