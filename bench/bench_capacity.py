@@ -159,7 +159,7 @@ def measure(row: str, real: Path, work: Path, samples: int, base_cache: dict, ke
     record["load_before"] = os.getloadavg()[0]
     try:
         data = catalogue_file(catalogue, real, work)
-        record["data"] = str(data)
+        record["data"] = data.name  # the file, not where this machine keeps it
         record.update(bench_learn.train(name, flags, str(data), work))
         if not record["rc"]:
             record.update(count(Path(record["run"]), rank is None))

@@ -14,6 +14,7 @@ import yaml
 from conftest import losses, run_cli
 
 from titletune import card, evaluate, models, runs
+from titletune.config import RAG_SHARE_ON
 from titletune.evaluate import EvalSettings
 from titletune.generate import Sampling
 
@@ -180,7 +181,7 @@ def test_files_and_fidelity_match_export_json(trained_run, text):
     report = json.loads((trained_run / "report.json").read_text())
     assert "It cannot search" in usage and f"python infer.py --serve --run path/to/{trained_run.name}" in usage
     assert f"ROUGE-L F1 {report['heldout']['tuned+rag']['rougeL']['mean']:.3f}" in usage
-    assert "trained without catalogue entries" in usage and "--rag-share 0.25" in usage
+    assert "trained without catalogue entries" in usage and f"--rag-share {RAG_SHARE_ON:g}" in usage
 
 
 def _linked_copy(run: Path, target: Path) -> Path:

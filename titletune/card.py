@@ -16,6 +16,7 @@ import shlex
 from pathlib import Path
 
 from titletune import capacity, evaluate, export, fidelity, files, models
+from titletune.config import RAG_SHARE_ON
 from titletune.errors import UserError
 from titletune.runs import OUTPUTS, Run, read_json
 
@@ -474,13 +475,20 @@ def _gguf_and_rag(run: Run, src: dict) -> list[str]:
         return f" (ROUGE-L F1 {_mean(got['rougeL'])} here)" if got else ""
 
     trained = float(run.section("data").get("rag_share") or 0)
+    read = (((src["stats"] or {}).get("kept")) or {}).get("rag_read") or 0
     how = (
         f"It was trained with catalogue entries in a share of its prompts (`rag_share` {trained:g}), so it uses the "
-        "entry that matches and keeps its own answer when the entries are other products."
+        f"entry that matches; given only other products' entries, seen products scored"
+        f"{cell('seen', 'tuned+distractors') or ' (not evaluated)'} against tuned alone."
         if trained
         else "It was trained without catalogue entries in its prompts (`--rag-share 0`), so an entry may confuse it; "
-        "train with `--rag-share 0.25` for a model that reads them."
+        f"train with `--rag-share {RAG_SHARE_ON:g}` for a model that reads them."
     )
+    if read:
+        how += (
+            f" {read:,} of its train products were read only (`rag_read`): trained with their entry in the prompt, "
+            "never without, so the GGUF alone does not recall them and tuned + RAG answers them."
+        )
     return [
         "The GGUF alone (llama.cpp, Ollama) answers from what the adapter learned: the products it was trained on"
         f"{cell('seen', 'tuned')}. It cannot search, so for a product it never saw it invents"

@@ -35,6 +35,8 @@ PASSES = 8
 # bench/README.md measures both the cost and what it buys (RAG-aware training).
 RAG_SHARE = 0.0
 RAG_DISTRACTORS = 0.3
+# The share to turn it on with, as the GPU presets do and the README and model card advise: the measured recipe.
+RAG_SHARE_ON = 0.5
 # With --rag_share: the share of the train products that RAG-aware training only ever asks with their own entry in the
 # prompt (--rag_read), products the model must read rather than recall, as it must for those it never trained on.
 # Without them, tuned + distractors fell below tuned beyond the interval at every distractors share tried, and the

@@ -310,8 +310,15 @@ def load_datasets(
     loaded = {split: ds.select_columns(["prompt", "completion"]) for split, ds in loaded.items()}
     if rag_share > 0:
         prompt_set = prompt_set or prompts_lib.load(Path(run_dir) / "prompts")
+        from titletune import ragrows
+
         extra = rag_rows(run_dir, prompt_set, passes, seed, rag_share, rag_distractors, cache)
-        log.info("RAG-aware training: %d rows with catalogue entries (--rag_share %g)", len(extra), rag_share)
+        read = len(ragrows.read_rows(Path(run_dir) / "data"))
+        log.info(
+            "RAG-aware training: %d rows with catalogue entries (--rag_share %g), %d of them for the %d read-only "
+            "products (--rag_read)",
+            len(extra), rag_share, read * passes, read,
+        )  # fmt: skip
         if len(extra):
             loaded["train"] = concatenate_datasets([loaded["train"], extra.cast(loaded["train"].features)])
     return loaded["train"], loaded.get("val")
