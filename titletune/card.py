@@ -196,7 +196,11 @@ def _data(run: Run, src: dict) -> list[str]:
             "|---|---:|",
             f"| rows read | {stats['rows_read']:,} |",
             *(f"| kept: {split} | {kept[split]:,} |" for split in ("train", "val", "test") if split in kept),
-            *([f"| kept: read only (RAG rows only, `rag_read`) | {kept['rag_read']:,} |"] if kept.get("rag_read") else []),
+            *(
+                [f"| kept: read only (RAG rows only, `rag_read`) | {kept['rag_read']:,} |"]
+                if kept.get("rag_read")
+                else []
+            ),
             *([f"| kept: total | {kept['total']:,} |"] if "total" in kept else []),
             f"| dropped | {stats['dropped_total']:,} |",
             "",

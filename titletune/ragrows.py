@@ -73,7 +73,9 @@ def write_neighbours(folder: Path, read: float = 0.0, seed: int = 0, progress: b
                 near = [{"title": h["title"], "content": h["content"]} for h in hits if h["id"] != str(product["id"])]
                 near += _others(products, product, NEIGHBOURS - len(near), {n["title"] for n in near})
                 if is_read:
-                    out_read.write(orjson.dumps({**product, "id": str(product["id"]), "neighbours": near[:NEIGHBOURS]}))
+                    out_read.write(
+                        orjson.dumps({**product, "id": str(product["id"]), "neighbours": near[:NEIGHBOURS]})
+                    )
                     out_read.write(b"\n")
                 else:
                     out.write(orjson.dumps({"id": str(product["id"]), "neighbours": near[:NEIGHBOURS]}) + b"\n")
