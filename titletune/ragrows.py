@@ -143,20 +143,20 @@ def row(
     if _draw(seed, key, turn, "share") >= share:
         return None
     chosen = entries(product, neighbours, seed, turn, distractors)
-    if not chosen:
-        return None
-    plain = prompts.render(ps, product["title"], product["content"], key=key, seed=seed, turn=turn)
-    asked = plain["prompt"][-1]["content"]
-    # rag_messages makes the entries plain text with the rest of the user message (prompts.defang).
-    return {"prompt": prompts.rag_messages(ps, asked, chosen), "completion": plain["completion"]}
+    return _asked_with(ps, product, chosen, seed, turn) if chosen else None
 
 
 def read_row(ps: prompts.PromptSet, product: dict, neighbours: list[dict], seed: int, turn: int) -> dict:
     """A read product's row in pass `turn`: asked with its own entry, beside up to RAG_TRAIN_ENTRIES - 1
     neighbours in a seeded order, never distractors only (it has no memory to answer from)."""
-    chosen = entries(product, neighbours, seed, turn, distractors=0.0)
+    return _asked_with(ps, product, entries(product, neighbours, seed, turn, distractors=0.0), seed, turn)
+
+
+def _asked_with(ps: prompts.PromptSet, product: dict, chosen: list[dict], seed: int, turn: int) -> dict:
+    """The product's question of pass `turn` with the chosen entries, and its own description as the completion."""
     plain = prompts.render(ps, product["title"], product["content"], key=str(product["id"]), seed=seed, turn=turn)
     asked = plain["prompt"][-1]["content"]
+    # rag_messages makes the entries plain text with the rest of the user message (prompts.defang).
     return {"prompt": prompts.rag_messages(ps, asked, chosen), "completion": plain["completion"]}
 
 

@@ -310,10 +310,7 @@ def load_datasets(
     loaded = {split: ds.select_columns(["prompt", "completion"]) for split, ds in loaded.items()}
     if rag_share > 0:
         prompt_set = prompt_set or prompts_lib.load(Path(run_dir) / "prompts")
-        from titletune import ragrows
-
-        extra = rag_rows(run_dir, prompt_set, passes, seed, rag_share, rag_distractors, cache)
-        read = len(ragrows.read_rows(Path(run_dir) / "data"))
+        extra, read = rag_rows(run_dir, prompt_set, passes, seed, rag_share, rag_distractors, cache)
         log.info(
             "RAG-aware training: %d rows with catalogue entries (--rag_share %g), %d of them for the %d read-only "
             "products (--rag_read)",
@@ -326,7 +323,8 @@ def load_datasets(
 
 def rag_rows(run_dir: Path, prompt_set, passes: int, seed: int, share: float, distractors: float, cache: str):
     """The RAG-aware rows of every pass (ragrows.py), from data/train.jsonl and the neighbours data preparation
-    wrote beside it (data/rag_train.jsonl, line for line)."""
+    wrote beside it (data/rag_train.jsonl, line for line), and the read-only products' rows (data/rag_read.jsonl).
+    Returns the rows and how many read-only products they hold."""
     from datasets import concatenate_datasets, load_dataset
 
     from titletune import ragrows
@@ -365,7 +363,7 @@ def rag_rows(run_dir: Path, prompt_set, passes: int, seed: int, share: float, di
         joined.map(for_pass(turn), batched=True, remove_columns=joined.column_names, desc=f"pass {turn + 1} RAG rows")
         for turn in range(passes)
     ]
-    read_path = folder / ragrows.READ_FILE
+    read_path, read = folder / ragrows.READ_FILE, []
     if read_path.is_file() and read_path.stat().st_size:
         read = load_dataset("json", data_files=str(read_path), split="train", cache_dir=cache)
 
@@ -380,7 +378,7 @@ def rag_rows(run_dir: Path, prompt_set, passes: int, seed: int, share: float, di
             read.map(read_pass(turn), remove_columns=read.column_names, desc=f"pass {turn + 1} read rows")
             for turn in range(passes)
         ]
-    return concatenate_datasets(passes_rows)
+    return concatenate_datasets(passes_rows), len(read)
 
 
 def plain_rows(tokenizer, run_dir: Path, train_ds, eval_ds) -> tuple:
