@@ -207,7 +207,7 @@ def loop(engine, systems, sampling, args) -> None:
 
 def evaluate(args: argparse.Namespace, run) -> None:
     from titletune import evaluate as ev
-    from titletune import generate, lock
+    from titletune import generate, lock, pipeline, reports
 
     if args.only:
         raise UserError("--evaluate compares base and tuned; leave out --only.")
@@ -224,8 +224,8 @@ def evaluate(args: argparse.Namespace, run) -> None:
     again = f"evaluate again: python infer.py --run {shlex.quote(str(run.dir))} --evaluate"
     with full_disk_is_user_error(run.dir, lambda: again), lock.held(run.dir):  # it writes report.* and the card
         engine = generate.load_engine(run, args.engine, generate.SYSTEMS, *_engine_options(args))
-        report = ev.evaluate_run(run, settings, engine=engine)
-    print(ev.summary(report))
+        scored = pipeline.finish(run, settings=settings, engine=engine)
+    print(reports.summary(scored))
     print(f"wrote {run.dir / 'report.md'}, report.json, report.png")
 
 

@@ -172,7 +172,7 @@ def stopped(fitted, run_dir) -> None:
 
 def finish(fitted, backend, base_model, run_dir, gguf_types, script_args, export_args, training_args):
     """Merge, GGUF + Modelfile, the before/after report and the model card, on the main process."""
-    from titletune import card, export, files
+    from titletune import files, pipeline
 
     question = fitted.question or "What is ...?"
     if export_args.merge or gguf_types:
@@ -189,8 +189,7 @@ def finish(fitted, backend, base_model, run_dir, gguf_types, script_args, export
         backend.free()
         log.info("merged model in %s", run_dir / "merged")
     run = runs.load(run_dir)
-    if gguf_types:
-        export.export_run(run, gguf_types, export_args, question, training_args.trust_remote_code)
+    settings, engine = None, None
     if script_args.eval_samples > 0:
         from titletune import evaluate, generate
 
@@ -198,22 +197,30 @@ def finish(fitted, backend, base_model, run_dir, gguf_types, script_args, export
             script_args.eval_samples, rag_k=script_args.rag_k, rag_index=script_args.rag_index
         )
         engine = generate.load_engine(run, trust_remote_code=training_args.trust_remote_code)
-        evaluate.evaluate_run(run, settings, engine=engine)
-    card.write(run)  # last, so it describes every file the run ends with (export and evaluation write it too)
+    pipeline.finish(
+        run,
+        gguf_types,
+        export_args if gguf_types else None,
+        question,
+        settings,
+        engine,
+        training_args.trust_remote_code,
+    )
     log.info("done: %s  (try: python infer.py --run %s %s)", run_dir, shlex.quote(str(run_dir)), shlex.quote(question))
     return run_dir
 
 
 def export_only(run_dir: str | None, gguf_types: list[str], export_args, trust_remote_code: bool = False):
     """--export-only: merge (when merged/ is missing), GGUF, Modelfile and card of a finished run, under its lock."""
-    from titletune import export, lock
+    from titletune import lock, pipeline
 
     if not run_dir:
         raise UserError("--export-only needs --run <run folder>, e.g. --run outputs/run-20261122-101500")
     run = runs.load(run_dir)
     again = f"export again: python train.py --export-only --run {shlex.quote(str(run.dir))}"
     with full_disk_is_user_error(run.dir, lambda: again), lock.held(run.dir):
-        return export.export_run(run, gguf_types, export_args, trust_remote_code=trust_remote_code).dir
+        pipeline.finish(run, gguf_types, export_args, trust_remote_code=trust_remote_code)
+    return run.dir
 
 
 def _go_on(run_dir) -> str:

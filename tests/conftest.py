@@ -88,7 +88,7 @@ def losses(run_dir: Path) -> dict[int, float]:
 def trained_run(tmp_path_factory) -> Path:
     """A complete run folder: data, adapter, merged model, GGUF (f16 + q4_k_m), Modelfile and evaluation report."""
     run_dir = tmp_path_factory.mktemp("runs") / "run1"
-    run_cli(
+    result = run_cli(
         "train.py",
         "--data",
         str(SAMPLE),
@@ -100,6 +100,7 @@ def trained_run(tmp_path_factory) -> Path:
         "--eval-samples",
         "2",
     )
+    (run_dir.parent / "train.log").write_text(result.stderr)  # beside the run: what the command said
     return run_dir
 
 

@@ -133,7 +133,8 @@ def test_plan_capacity_logs_the_line_and_the_warning_and_writes_capacity_json(tm
 
 
 def test_the_card_and_report_md_show_the_capacity_beside_the_recall_reached():
-    from titletune import card, evaluate
+    from titletune import card
+    from titletune import reports as report_md
 
     saved = capacity.estimate(SMOL_R16, 265, 60.83, 8).to_json()
     rows = dict(card._capacity(saved))
@@ -143,7 +144,7 @@ def test_the_card_and_report_md_show_the_capacity_beside_the_recall_reached():
     assert all(value is None for _, value in card._capacity(None))
 
     report = {"seen": {"tuned": {"rougeL": {"mean": 0.829, "ci": [0.730, 0.921]}}}, "counts": {"seen": 50}}
-    table = "\n".join(evaluate.capacity_lines(report, saved))
+    table = "\n".join(report_md.capacity_lines(report, saved))
     row = next(line for line in table.splitlines() if line.startswith(f"| {saved['ratio']:.3g} "))
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[1:] == ["4,884,480", "265", "60.8", "8", f"{saved['recall']:.2f}", "0.829 [0.730, 0.921]", "50"]
@@ -234,7 +235,7 @@ def test_fit_prints_the_capacity_line_after_the_adapter_is_built_and_before_the_
 
 
 def test_report_md_shows_the_capacity_table_only_with_a_complete_capacity_json():
-    from titletune import evaluate
+    from titletune import reports as report_md
 
     cell = {"mean": 0.5, "ci": [0.4, 0.6]}
     metrics = {m: cell for m in ("rouge1", "rouge2", "rougeL", "rougeL_p", "rougeL_r", "numbers", "bleu")}
@@ -245,6 +246,6 @@ def test_report_md_shows_the_capacity_table_only_with_a_complete_capacity_json()
         "seen": {"tuned": {**metrics, "loss": None, "ppl": None}}, "examples": [], "systems": ["tuned"],
     }  # fmt: skip
     saved = capacity.estimate(SMOL_R16, 265, 60.83, 8).to_json()
-    assert "### Capacity" in evaluate.render_md(report, None, saved)
-    assert "### Capacity" not in evaluate.render_md(report, None, {"ratio": 0.1})
-    assert "### Capacity" not in evaluate.render_md(report)
+    assert "### Capacity" in report_md.render_md(report, None, saved)
+    assert "### Capacity" not in report_md.render_md(report, None, {"ratio": 0.1})
+    assert "### Capacity" not in report_md.render_md(report)

@@ -13,7 +13,7 @@ import pytest
 import yaml
 from conftest import losses, run_cli
 
-from titletune import card, evaluate, models, runs
+from titletune import card, models, pipeline, runs
 from titletune.config import RAG_SHARE_ON
 from titletune.evaluate import EvalSettings
 from titletune.generate import Sampling
@@ -86,6 +86,15 @@ def test_card_in_every_folder_with_hub_metadata(trained_run):
         bodies.add(parsed.text)
     assert len(bodies) == 1  # one body under three metadata blocks
     assert "More Information Needed" not in bodies.pop()  # peft's empty template in adapter/ is replaced
+
+
+def test_a_train_run_writes_the_card_once_at_its_end(trained_run):
+    """Export and evaluation return their numbers; the card is written once, after both (pipeline.finish)."""
+    said = (trained_run.parent / "train.log").read_text().splitlines()
+    writes = [i for i, line in enumerate(said) if "titletune.card: card:" in line]
+    assert len(writes) == 1, [said[i] for i in writes]
+    assert "README.md, adapter/README.md, merged/README.md" in said[writes[0]]
+    assert writes[0] > max(i for i, line in enumerate(said) if "titletune.evaluate:" in line)  # after evaluation
 
 
 def test_results_match_report_json(trained_run, text):
@@ -210,7 +219,7 @@ def test_export_only_and_evaluation_rewrite_the_card(trained_run, tmp_path):
     assert tables(section(text, "### Export fidelity"))  # export.json is still there
 
     settings = EvalSettings(samples=1, seed=3, sampling=Sampling(max_new_tokens=8))
-    report = evaluate.evaluate_run(runs.load(run_dir), settings)
+    report = pipeline.finish(runs.load(run_dir), settings=settings)
     text = (run_dir / "adapter" / "README.md").read_text()
     assert "No evaluation yet" not in text
     for pop, heading in (("seen", "### Seen products"), ("heldout", "### Held-out products")):

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from test_infer import INFER, ROOT, TEST, TRAIN, build_run
 
-from titletune import evaluate, runs
+from titletune import evaluate, pipeline, runs
 from titletune.evaluate import EvalSettings
 from titletune.generate import Sampling
 
@@ -28,7 +28,7 @@ def run_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def report(run_dir) -> dict:
     settings = EvalSettings(samples=3, seed=7, rag_k=2, sampling=Sampling(max_new_tokens=16))
-    return evaluate.evaluate_run(runs.load(run_dir), settings)
+    return pipeline.finish(runs.load(run_dir), settings=settings)
 
 
 def test_report_files_and_schema(run_dir, report):
@@ -155,7 +155,7 @@ def test_infer_evaluate_cli(run_dir, tmp_path):
 
 def test_evaluate_with_llamacpp_engine(gguf_run):
     settings = EvalSettings(samples=2, sampling=Sampling(max_new_tokens=12))
-    report = evaluate.evaluate_run(runs.load(gguf_run), settings, engine="llamacpp")
+    report = pipeline.finish(runs.load(gguf_run), settings=settings, engine="llamacpp")
     assert report["engine"] == "llamacpp"
     for pop in ("seen", "heldout"):
         assert report[pop]["base"]["loss"] is None  # llama.cpp gives no teacher-forced loss here

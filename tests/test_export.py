@@ -16,6 +16,7 @@ import torch
 
 from titletune import export as gguf_export
 from titletune import fidelity, llamacpp, ollama
+from titletune import reports as report_md
 from titletune.config import FIDELITY_TOKENS, cache_dir
 from titletune.errors import UserError
 from titletune.models import embedded_hf_dir
@@ -326,7 +327,7 @@ def test_fidelity_numbers_for_every_file(run):
     assert f16["perplexity"] == pytest.approx(f16["perplexity_merged"], rel=0.02)
     assert f16["kl_divergence"] < numbers["q8_0"]["kl_divergence"] < numbers["q4_k_m"]["kl_divergence"]
     assert report["fidelity_merged"]["tokens_per_second"] > 0 and report["fidelity_merged"]["check_seconds"] > 0
-    table = "\n".join(fidelity.table(report["files"], report["fidelity_merged"]))
+    table = "\n".join(report_md.fidelity_table(report["files"], report["fidelity_merged"]))
     for name in ("model.f16.gguf", "model.q4_k_m.gguf", "model.q8_0.gguf"):
         assert f"| {name} | " in table
 

@@ -9,13 +9,12 @@ export.json or report.json, so the card always describes the files beside it.
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import shlex
 from pathlib import Path
 
-from titletune import capacity, evaluate, export, fidelity, files, models
+from titletune import capacity, export, files, models, reports
 from titletune.config import RAG_SHARE_ON
 from titletune.errors import UserError
 from titletune.runs import OUTPUTS, Run, read_json
@@ -274,7 +273,7 @@ def _capacity(c: dict | None) -> list[tuple[str, object]]:
     """capacity.json's rows of the training table: what the adapter was asked to hold, and the recall the
     provisional capacity law predicted for it before training."""
     c = c or {}
-    known = all(k in c for k in evaluate.CAPACITY_KEYS)
+    known = all(k in c for k in reports.CAPACITY_KEYS)
     return [
         ("trainable parameters", f"{c['trainable']:,}" if known else None),
         (
@@ -301,7 +300,7 @@ def _results(run: Run, src: dict) -> list[str]:
         d = s["sampling"]
         lines += [
             f"From report.json (report.md has examples and the plot): engine {report['engine']}, data: "
-            f"{report['data']}, seed {s['seed']}, {evaluate.decoding(d)} decoding of at most {d['max_new_tokens']} "
+            f"{report['data']}, seed {s['seed']}, {reports.decoding(d)} decoding of at most {d['max_new_tokens']} "
             f"tokens; RAG puts the top {s['rag_k']} entries of {report['index']} in the prompt. Each cell is the mean "
             "[95% bootstrap interval]; ROUGE 0-1, BLEU 0-100.",
         ]
@@ -313,12 +312,12 @@ def _results(run: Run, src: dict) -> list[str]:
             if pop not in report:
                 lines.append("No products in this population.")
                 continue
-            lines += [f"Products scored: {report['counts'][pop]}.", "", evaluate.table(report, pop), ""]
-            lines += evaluate.verdicts(report, pop)
+            lines += [f"Products scored: {report['counts'][pop]}.", "", reports.table(report, pop), ""]
+            lines += reports.verdicts(report, pop)
             if pop == "seen" and report.get("seen_new_phrasing"):
-                lines += ["", *evaluate.new_phrasing_lines(report)]
+                lines += ["", *reports.new_phrasing_lines(report)]
     lines += ["", "### Export fidelity", ""]
-    table = fidelity.table(exported["files"], exported.get("fidelity_merged")) if exported else []
+    table = reports.fidelity_table(exported["files"], exported.get("fidelity_merged")) if exported else []
     if table:
         lines += table
     else:
@@ -328,14 +327,14 @@ def _results(run: Run, src: dict) -> list[str]:
 
 def _files(run: Run, src: dict) -> list[str]:
     rows = [
-        (p, p.stat().st_size, _digest(p))
+        (p, p.stat().st_size, files.sha256(p))
         for folder in (run.adapter, run.merged)
         for p in sorted(folder.glob("*.safetensors"))
     ]
     rows += [(run.dir / e["name"], e["bytes"], e["sha256"]) for e in src["ggufs"]]
     modelfile = run.dir / "Modelfile"
     if modelfile.is_file():
-        rows.append((modelfile, modelfile.stat().st_size, _digest(modelfile)))
+        rows.append((modelfile, modelfile.stat().st_size, files.sha256(modelfile)))
     lines = ["## Files", "", "| file | bytes | sha256 |", "|---|---:|---|"]
     lines += [f"| {p.relative_to(run.dir)} | {size:,} | {digest} |" for p, size, digest in rows]
     return lines
@@ -349,21 +348,9 @@ def _ggufs(run: Run, exported: dict | None) -> list[dict]:
     for path in sorted(run.dir.glob("*.gguf")):
         size = path.stat().st_size
         entry = listed.get(path.name)
-        digest = entry["sha256"] if entry and entry.get("bytes") == size else _digest(path)
+        digest = entry["sha256"] if entry and entry.get("bytes") == size else files.sha256(path)
         out.append({"name": path.name, "bytes": size, "sha256": digest})
     return out
-
-
-def _digest(path: Path) -> str:
-    stat = path.stat()
-    return _cached_sha256(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
-
-
-@functools.lru_cache(maxsize=64)
-def _cached_sha256(path: str, size: int, mtime_ns: int) -> str:
-    """Hashed once per file version: train.py writes the card after export, after evaluation and at its end, and a
-    merged model can be many GB."""
-    return export.sha256(Path(path))
 
 
 def _how_to(run: Run, src: dict) -> list[str]:

@@ -12,25 +12,23 @@ the same settings, recorded in the report. Metrics (titletune/metrics.py): ROUGE
 recall, numbers supported, corpus BLEU, each with a 95% bootstrap interval; paired bootstrap differences for tuned vs
 base, tuned + RAG vs tuned and tuned + distractors vs tuned; and the teacher-forced loss and perplexity of base and
 tuned on the reference answers.
-Writes <run>/report.json, report.md and report.png.
+Returns the report (report.json's content); pipeline.evaluate writes it with report.md and report.png (report.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from titletune import fidelity, files, generate, metrics, prompts, ragrows, retrieval
-from titletune.capacity import FILE as CAPACITY_FILE
+from titletune import generate, metrics, prompts, retrieval
 from titletune.config import RAG_K
 from titletune.errors import UserError
 from titletune.generate import Sampling
-from titletune.runs import Run, read_json
+from titletune.runs import Run
 
 log = logging.getLogger(__name__)
 
@@ -50,16 +48,6 @@ PROMPTS = {"plain": "row_prompt", "rag": "rag_prompt", "distractors": "distracto
 PAIRS = (("tuned", "base"), ("tuned+rag", "tuned"), ("tuned+distractors", "tuned"))
 # Hits searched per question for the distractors-only prompt, beyond k: room to leave the product's own entry out.
 DISTRACTOR_SLACK = 3
-EXAMPLE_CHARS = 300  # report.md cuts long texts here; report.json keeps them whole
-LABELS = {
-    "rouge1": "ROUGE-1",
-    "rouge2": "ROUGE-2",
-    "rougeL": "ROUGE-L F1",
-    "rougeL_p": "ROUGE-L P",
-    "rougeL_r": "ROUGE-L R",
-    "numbers": "numbers supported",
-    "bleu": "BLEU",
-}
 
 
 @dataclass(frozen=True)
@@ -91,7 +79,8 @@ class EvalSettings:
 
 
 def evaluate_run(run: Run, settings: EvalSettings | None = None, engine=None, batch_size: int = 8) -> dict:
-    """Score the six systems on `settings.samples` seen and as many held-out products; write the reports.
+    """Score the six systems on `settings.samples` seen and as many held-out products; return the report (written by
+    pipeline.evaluate).
 
     engine: a loaded generate.TransformersEngine/LlamaCppEngine (reused, not reloaded), "transformers",
     "llamacpp", or None (transformers). Loss and perplexity need transformers; with llamacpp they are null.
@@ -198,10 +187,6 @@ def evaluate_run(run: Run, settings: EvalSettings | None = None, engine=None, ba
         report["seen_new_phrasing"] = new_phrasing(run, seen, engine, settings, batch_size)
         report["seconds"]["new_phrasing"] = round(time.perf_counter() - t0, 2)
     report["seconds"]["total"] = round(time.perf_counter() - started, 2)
-    write_reports(run.dir, report)
-    from titletune import card  # imported here: card imports this module for its tables
-
-    card.write(run)  # the card's results follow the new report
     log.info(
         "evaluate: %s",
         " ".join(f"{p}: tuned rougeL {report[p]['tuned']['rougeL']['mean']}" for p in POPULATIONS if p in report),
@@ -263,7 +248,7 @@ def _sample_file(path: Path, run: Run, train: list[dict], n: int, seed: int) -> 
     min_chars, max_chars = int(data_cfg["min_content_chars"]), int(data_cfg["max_content_chars"])
     train_keys = {title_key(r["title"]) for r in train}
     # RAG-aware training's read products (ragrows.py) were neither asked plainly nor held out: in no population.
-    read_keys = {title_key(r["title"]) for r in ragrows.read_rows(run.data)}
+    read_keys = {title_key(r["title"]) for r in run.read_products()}
     rngs = {pop: random.Random(f"{seed}:{pop}") for pop in POPULATIONS}
     pools: dict[str, list[dict]] = {pop: [] for pop in POPULATIONS}
     counts = dict.fromkeys(POPULATIONS, 0)
@@ -290,200 +275,3 @@ def _sample_file(path: Path, run: Run, train: list[dict], n: int, seed: int) -> 
 
 def _round(x: float | None) -> float | None:
     return None if x is None else round(float(x), 4)
-
-
-# ---------------------------------------------------------------- reports
-
-
-def table(report: dict, pop: str) -> str:
-    """A markdown table of one population: one row per system, each mean with its 95% interval."""
-    names = [*metrics.METRICS, "loss", "ppl"]
-    head = "| system | " + " | ".join(LABELS.get(n, n) for n in names) + " |\n|---" + "|---" * len(names) + "|"
-    rows = []
-    for system, m in report[pop].items():
-        cells = [_with_ci(m[n], 2 if n == "bleu" else 3) for n in metrics.METRICS]
-        cells += ["-" if m.get(n) is None else f"{m[n]:.2f}" for n in ("loss", "ppl")]
-        rows.append(f"| {system} | " + " | ".join(cells) + " |")
-    return "\n".join([head, *rows])
-
-
-def _with_ci(m: dict, digits: int) -> str:
-    if m["mean"] is None:
-        return "-"
-    low, high = m["ci"]
-    return f"{m['mean']:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
-
-
-def verdicts(report: dict, pop: str) -> list[str]:
-    """One sentence per tested pair: the ROUGE-L F1 difference, its interval, and whether it is significant."""
-    out = []
-    for pair, by_metric in (report.get("differences") or {}).get(pop, {}).items():
-        d = by_metric["rougeL"]
-        if d["mean"] is None:
-            continue
-        low, high = d["ci"]
-        verdict = "significant at the 5% level" if d["significant"] else "not significant: the interval includes 0"
-        out.append(
-            f"- **{pair.replace(' - ', ' vs ')}**: ROUGE-L F1 {d['mean']:+.3f} (95% CI {low:+.3f} to {high:+.3f}, "
-            f"paired bootstrap over {d['n']} products): {verdict}."
-        )
-    return out
-
-
-def summary(report: dict) -> str:
-    """The tables and the verdicts, for the terminal."""
-    parts = []
-    for pop in POPULATIONS:
-        if pop in report:
-            extra = new_phrasing_lines(report) if pop == "seen" and report.get("seen_new_phrasing") else []
-            parts.append(
-                f"{pop} ({report['counts'][pop]} products)\n{table(report, pop)}\n"
-                + "\n".join([*verdicts(report, pop), *extra])
-            )
-    return "\n\n".join(parts)
-
-
-def render_md(report: dict, exported: dict | None = None, capacity: dict | None = None) -> str:
-    """report.md: the report; the capacity table beside the seen recall when capacity.json (`capacity`) is there;
-    and the export's fidelity table when export.json (`exported`) has one."""
-    s = report["settings"]
-    d = s["sampling"]
-    lines = [
-        "# Evaluation report",
-        "",
-        f"Run `{report['run']}`, engine {report['engine']}, data: {report['data']}. Up to {s['samples']} products per "
-        f"population (seed {s['seed']}). Every system decodes the same way: {decoding(d)}, at most "
-        f"{d['max_new_tokens']} new tokens, repetition penalty {d['repetition_penalty']}. RAG puts the top "
-        f"{s['rag_k']} entries of the index ({report['index']}) into the prompt; retrieval answers with the best "
-        "entry's description.",
-        "",
-        "Each cell is the mean with its 95% bootstrap interval. ROUGE is stemmed, 0-1, the mean over products; "
-        "numbers supported is the share of the numbers in an answer found in the reference or the title (answers "
-        "without numbers do not count); BLEU is sacrebleu corpus BLEU (0-100); loss and perplexity are teacher-forced "
-        "on the reference answer tokens only.",
-        "",
-    ]
-    for pop, title, note in (
-        (
-            "seen",
-            "Seen products (from the training set)",
-            "Did the model learn the catalogue? When the index holds the training products, retrieval finds the very "
-            "product asked about and scores near 1 by construction: it is the ceiling, not a baseline.",
-        ),
-        (
-            "heldout",
-            "Held-out products (never trained on)",
-            "Does the tuned model carry over to new products? Retrieval and RAG find them only in an index that holds "
-            "them (--rag-index with the full catalogue); over the training products they find the most similar ones.",
-        ),
-    ):
-        lines += [f"## {title}", "", note, ""]
-        if pop in report:
-            lines += [table(report, pop), "", *verdicts(report, pop), ""]
-        else:
-            lines += ["_No products in this population._", ""]
-        if pop == "seen" and report.get("seen_new_phrasing"):
-            lines += [*new_phrasing_lines(report), ""]
-        if pop == "seen" and "seen" in report and all(k in (capacity or {}) for k in CAPACITY_KEYS):
-            lines += [*capacity_lines(report, capacity), ""]
-    systems = list(report.get("systems") or SYSTEMS)
-    lines += ["## Examples", ""]
-    picked = [e for e in report["examples"] if e["population"] == "heldout"][:3]
-    picked += [e for e in report["examples"] if e["population"] == "seen"][: 3 - len(picked)]
-    for e in picked:
-        lines += [
-            f"**{e['population']}**: {_cell(e['question'])} (retrieved: {_cell('; '.join(e['retrieved']))})",
-            "",
-            "| reference | " + " | ".join(systems) + " |",
-            "|---" * (len(systems) + 1) + "|",
-            "| " + " | ".join(_cell(e[k]) for k in ["reference", *systems]) + " |",
-            "",
-        ]
-    lines.append("![ROUGE-L F1 and numbers supported per system, with 95% intervals](report.png)")
-    fidelity_table = fidelity.table(exported["files"], exported.get("fidelity_merged")) if exported else []
-    if fidelity_table:
-        lines += ["", "## Export fidelity", "", *fidelity_table]
-    return "\n".join(lines) + "\n"
-
-
-CAPACITY_KEYS = ("ratio", "trainable", "products", "answer_tokens", "views", "recall")
-
-
-def capacity_lines(report: dict, capacity: dict) -> list[str]:
-    """What the adapter was asked to hold (capacity.json, written before training) beside the seen recall reached."""
-    reached = _with_ci(report["seen"]["tuned"]["rougeL"], 3)
-    return [
-        "### Capacity",
-        "",
-        "| capacity ratio (answer tokens per trainable parameter) | trainable parameters | products trained | mean "
-        "answer tokens | views | predicted seen ROUGE-L | seen ROUGE-L reached | products scored |",
-        "|---:|---:|---:|---:|---:|---:|---|---:|",
-        f"| {capacity['ratio']:.3g} | {capacity['trainable']:,} | {capacity['products']:,} | "
-        f"{capacity['answer_tokens']:.1f} | {capacity['views']:g} | {capacity['recall']:.2f} | {reached} | "
-        f"{report['counts']['seen']} |",
-        "",
-        "The prediction was made before training by the provisional capacity law (titletune/config.py; "
-        "bench/README.md, Capacity): seen ROUGE-L against log10 of the ratio, fitted on the 135M model.",
-    ]
-
-
-def decoding(sampling: dict) -> str:
-    """How report.json's `settings.sampling` decodes, in words: greedy, or its temperature and top-p."""
-    if sampling["temperature"] == 0:
-        return "greedy"
-    return f"temperature {sampling['temperature']}, top-p {sampling['top_p']}"
-
-
-def new_phrasing_lines(report: dict) -> list[str]:
-    """The seen products asked in phrasings training never used, beside the trained phrasing's ROUGE-L F1."""
-    n = report["seen_new_phrasing"]
-    seen = report["seen"]
-    return [
-        "Asked in a phrasing training never used (the prompt set's heldout.txt), ROUGE-L F1: "
-        f"base {_with_ci(n['base'], 3)}, tuned {_with_ci(n['tuned'], 3)}; in the trained phrasing: "
-        f"base {_with_ci(seen['base']['rougeL'], 3)}, tuned {_with_ci(seen['tuned']['rougeL'], 3)}.",
-    ]
-
-
-def _cell(text: str) -> str:
-    text = " ".join((text or "").split())
-    if len(text) > EXAMPLE_CHARS:
-        text = text[: EXAMPLE_CHARS - 1] + "\u2026"
-    return text.replace("|", "\\|") or "(empty)"
-
-
-def plot(report: dict, path: Path) -> None:
-    """Grouped bars with 95% intervals: ROUGE-L F1 and numbers supported per system, one group per population."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    pops = [p for p in POPULATIONS if p in report]
-    systems = list(report[pops[0]])
-    fig = Figure(figsize=(11, 4), layout="constrained")
-    FigureCanvasAgg(fig)
-    width = 0.8 / len(systems)
-    for ax, metric in zip(fig.subplots(1, 2), ("rougeL", "numbers"), strict=True):
-        for k, system in enumerate(systems):
-            cells = [report[p][system][metric] for p in pops]
-            means = [c["mean"] or 0.0 for c in cells]
-            errors = [
-                [m - (c["ci"][0] if c["ci"][0] is not None else m) for m, c in zip(means, cells, strict=True)],
-                [(c["ci"][1] if c["ci"][1] is not None else m) - m for m, c in zip(means, cells, strict=True)],
-            ]
-            xs = [i + (k - (len(systems) - 1) / 2) * width for i in range(len(pops))]
-            ax.bar(xs, means, width, yerr=errors, capsize=3, label=system)
-        ax.set_xticks(range(len(pops)), pops)
-        ax.set_ylim(0, 1.05)
-        ax.set_title(f"{LABELS[metric]} (95% CI)")
-    fig.axes[0].legend(fontsize=8)
-    with files.atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-
-
-def write_reports(run_dir: Path, report: dict) -> None:
-    files.write_atomic(run_dir / "report.json", json.dumps(report, indent=2, ensure_ascii=False) + "\n")
-    exported = run_dir / "export.json"
-    exported = json.loads(exported.read_text()) if exported.is_file() else None
-    capacity = read_json(run_dir / CAPACITY_FILE)
-    files.write_atomic(run_dir / "report.md", render_md(report, exported, capacity))
-    plot(report, run_dir / "report.png")

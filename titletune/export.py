@@ -9,7 +9,6 @@ export leaves no GGUF under a final name, and the previous export's files stay a
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import importlib.metadata
 import importlib.util
 import json
@@ -428,7 +427,7 @@ def _write(gguf_type, run_dir: Path, merged_dir: Path, base_type, converter, tok
         "type": gguf_type,
         "source": source,
         "bytes": path.stat().st_size,
-        "sha256": sha256(path),
+        "sha256": files.sha256(path),
         "seconds": round(seconds, 2),
         "round_trip_seconds": round(time.perf_counter() - checked_at, 2),
     }
@@ -494,8 +493,9 @@ def _fidelity(run_dir: Path, ref: dict, parity, written: list[dict], verify: boo
 def export_run(run, gguf_types: list[str], export_args, question: str | None = None, trust_remote_code: bool = False):
     """A run's GGUF files, Modelfile and export.json, from its merged/ (merged first from adapter/ when missing:
     the base in 16-bit + the adapter, which needs no unsloth). Each GGUF is loaded in llama.cpp and asked `question`,
-    through the run's own system prompt; then the run's card (card.py) again. Returns the run. trust_remote_code: the
-    command's own --trust-remote-code, for the merge (Run.trust_remote_code: never the run folder's)."""
+    through the run's own system prompt. Returns the run; report.md and the card follow in pipeline.finish.
+    trust_remote_code: the command's own --trust-remote-code, for the merge (Run.trust_remote_code: never the run
+    folder's)."""
     from transformers import AutoTokenizer
 
     if not run.trained:
@@ -522,13 +522,6 @@ def export_run(run, gguf_types: list[str], export_args, question: str | None = N
             fidelity_tokens=export_args.fidelity_tokens,
             decoding=modelfile_decoding(run),
         )
-        if (run.dir / "report.json").is_file():  # --export-only: the report's fidelity table follows the new files
-            from titletune import evaluate
-
-            evaluate.write_reports(run.dir, json.loads((run.dir / "report.json").read_text()))
-    from titletune import card  # imported here: card imports this module (sha256)
-
-    card.write(run)  # its files, hashes and fidelity table follow the new export
     return run
 
 
@@ -547,13 +540,6 @@ def modelfile_decoding(run) -> dict:
 # -------------------------------------------------------------------------------------------------------- helpers
 
 
-def sha256(path: Path) -> str:
-    """The file's SHA-256, read in 1 MB chunks (a GGUF or a merged model can be many GB)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _tail(text: str | None, n: int) -> str:

@@ -385,35 +385,6 @@ def judge(gguf_type: str, numbers: dict) -> str | None:
     return None
 
 
-def table(entries: list[dict], merged: dict | None = None) -> list[str]:
-    """The "Export fidelity" Markdown table of export.json's files (those with numbers)."""
-    rows = [e for e in entries if e.get("fidelity")]
-    if not rows:
-        return []
-    f0 = rows[0]["fidelity"]
-    lines = [
-        (
-            f"On {f0['prompts']} products of the run (test and train), greedy answers of at most {f0['max_tokens']} "
-            "tokens are compared with merged/ in transformers; perplexity and KL divergence (merged/ || file) are "
-            "teacher-forced on the reference descriptions."
-        ),
-        "",
-        (
-            "| file | identical answers | agreeing prefix (tokens) | KL divergence (mean / max) | perplexity "
-            "(merged/) | ROUGE-L | tokens/s | MB |"
-        ),
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for e in rows:
-        f = e["fidelity"]
-        lines.append(
-            f"| {e['name']} | {f['identical']:.0%} | {f['agreeing_prefix']} | {f['kl_divergence']:.4g} / "
-            f"{f['kl_divergence_max']:.4g} | {f['perplexity']} ({f['perplexity_merged']}) | {f['rougeL']} | "
-            f"{f['tokens_per_second']} | {e['bytes'] / 1e6:.0f} |"
-        )
-    if merged:
-        lines += ["", f"merged/ in transformers: {merged['tokens_per_second']} tokens/s."]
-    return lines
 
 
 # ------------------------------------------------------------------------------------------------------ child

@@ -235,14 +235,12 @@ def quoted(text: str) -> str | None:
 
 def open_index(run, rag_index: str | Path | None = None) -> Index:
     """The index a run's retrieval and RAG search: over `rag_index` (any trn-format file, e.g. the full catalogue),
-    else over the run's training products, the read ones of RAG-aware training included (ragrows.py)."""
-    from titletune import ragrows
+    else over the run's training products, the read ones of RAG-aware training included (Run.read_products)."""
     from titletune.config import cache_dir
 
     if rag_index:
         return for_file(rag_index, run.data_settings, cache_dir() / "rag")
-    read = ragrows.read_rows(run.data)
-    return for_rows(run.dir / "rag", "train", run.split("train") + read)
+    return for_rows(run.dir / "rag", "train", run.split("train") + run.read_products())
 
 
 def match_query(text: str, frequent: dict[str, int] | None = None) -> str:

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import yaml
 
-from titletune import files, lock, models, ollama, prompts
+from titletune import files, lock, models, ollama, prompts, ragrows
 from titletune.config import EMBEDDED, ROOT, cache_dir
 from titletune.errors import UserError
 
@@ -149,6 +149,10 @@ class Run:
     def split(self, name: str) -> list[dict]:
         """The rows of data/<name>.jsonl ([] when the run has none)."""
         return read_split(self.dir, name) if (self.data / f"{name}.jsonl").is_file() else []
+
+    def read_products(self) -> list[dict]:
+        """The products RAG-aware training only read (data/rag_read.jsonl, ragrows.py; [] without it)."""
+        return ragrows.read_rows(self.data)
 
 
 def read_split(run_dir: str | Path, split: str) -> list[dict]:
