@@ -395,7 +395,7 @@ def test_llama_cpp_crashing_keeps_the_files_unpublished_and_says_so(run, merged,
     hook.mkdir()
     (hook / "sitecustomize.py").write_text(
         "import os, signal\n"
-        "if b'titletune.fidelity' in open('/proc/self/cmdline', 'rb').read():\n"
+        "if b'titletune.llamacpp_child' in open('/proc/self/cmdline', 'rb').read():\n"
         "    os.kill(os.getpid(), signal.SIGILL)\n"
     )
     monkeypatch.setenv("PYTHONPATH", str(hook))

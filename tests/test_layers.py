@@ -18,7 +18,7 @@ LAYERS = {
     "settings": ("config", "machine", "lock", "prompts", "reading", "capacity", "models", "ollama", "specials"),
     "data": ("selection", "retrieval", "ragrows", "prepare"),
     "runs": ("runs", "resume", "backends"),
-    "stages": ("generate", "training", "fidelity", "export", "evaluate", "serve"),
+    "stages": ("generate", "training", "llamacpp_child", "fidelity", "export", "evaluate", "serve"),
     "outputs": ("reports", "card", "preflight"),
     "steps": ("pipeline",),
 }

@@ -105,7 +105,7 @@ def test_a_child_killed_by_sigill_is_an_engine_crash_and_the_file_stays(tmp_path
             """
             import os, signal
             with open("/proc/self/cmdline", "rb") as f:
-                if b"titletune.fidelity" in f.read():
+                if b"titletune.llamacpp_child" in f.read():
                     os.kill(os.getpid(), signal.SIGILL)
             """
         )

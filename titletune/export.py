@@ -540,8 +540,6 @@ def modelfile_decoding(run) -> dict:
 # -------------------------------------------------------------------------------------------------------- helpers
 
 
-
-
 def _tail(text: str | None, n: int) -> str:
     lines = [line for line in (text or "").strip().splitlines() if line.strip()]
     return "\n".join(lines[-n:]) or "no output"

@@ -16,7 +16,7 @@ file in its own child process as soon as the file is written (`Parity`), the 16-
 many at once as there are cores; in each, every product's teacher-forced passes go in one multi-sequence batch, and
 the file's own answers are generated for all products at once.
 
-llama.cpp runs in a child process (`python -m titletune.fidelity`): it aborts the whole process on some broken files,
+llama.cpp runs in a child process (`python -m titletune.llamacpp_child`): it aborts the whole process on some broken files,
 and after hours of training that must be an error, not a crash.
 """
 
@@ -36,23 +36,19 @@ from pathlib import Path
 
 from titletune import llamacpp, machine
 from titletune.errors import UserError
+from titletune.llamacpp_child import first_difference
 
 # llama_cpp is imported only in the child (see export.py: libgomp reads OMP_WAIT_POLICY once, when it loads).
 
 log = logging.getLogger(__name__)
 
-# Thresholds, from measurements (bench/README.md, "Export fidelity"): a 16-bit file of the embedded model, trained and
-# merged in bf16, measured mean KL 0.00001-0.0004 and every greedy answer identical (the default run: 9e-06, 4/4);
-# q8_0 about 0.001-0.002, q4_k_m about 0.03-0.05 (the default run: 0.0022 and 0.036, 2/4 identical each). A 16-bit
-# file must stay within F16_MAX_KL (10x the worst measured) and give at least F16_MIN_IDENTICAL identical answers:
-# one near-tie flipping a token is rounding, half of them is a broken file. A quant above QUANT_WARN_KL (2x q4_k_m's
+# Thresholds, from the measured spread (bench/README.md, "Export fidelity": the thresholds). A 16-bit file must stay
+# within F16_MAX_KL (10x the worst 16-bit file measured) and give at least F16_MIN_IDENTICAL identical answers: one
+# near-tie flipping a token is rounding, half of them is a broken file. A quant above QUANT_WARN_KL (2x q4_k_m's
 # worst) gets a warning: it still loads, but answers noticeably unlike merged/.
 F16_MAX_KL = 0.005
 F16_MIN_IDENTICAL = 0.5
 QUANT_WARN_KL = 0.1
-# tokens/s: this many greedy tokens of one answer, one at a time, as a chat generates them (about 0.1 s for the
-# embedded model); the parity answers are generated for all products at once, which is not a user's speed.
-SPEED_TOKENS = 16
 
 
 @dataclass
@@ -229,7 +225,7 @@ def round_trip(path: Path, tokenizer, chosen: list[Sample], end: int, stops: lis
         )
     for ids, want, text in zip(got["tokenized"], expected_texts, texts, strict=True):
         if ids != want:
-            at = _first_difference(ids, want)
+            at = first_difference(ids, want)
             raise UserError(
                 f"{name} tokenizes text differently from the merged model's tokenizer (pre-tokenizer "
                 f"tokenizer.ggml.pre={meta.get('tokenizer.ggml.pre')!r}, model "
@@ -240,7 +236,7 @@ def round_trip(path: Path, tokenizer, chosen: list[Sample], end: int, stops: lis
             )
     for ids, want, conv in zip(got["rendered"], expected, conversations, strict=True):
         if ids != want:
-            at = _first_difference(ids, want)
+            at = first_difference(ids, want)
             cause = (
                 f"llama-cpp-python uses its built-in '{got['chat_format']}' format for this template, not the template"
                 if got["chat_format"] != "chat_template.default"
@@ -279,10 +275,6 @@ def round_trip(path: Path, tokenizer, chosen: list[Sample], end: int, stops: lis
     }
 
 
-def _first_difference(a: list[int], b: list[int]) -> int:
-    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-
-
 def _show(tokenizer, ids: list[int]) -> str:
     return repr(tokenizer.decode(ids)) if ids else "(end)"
 
@@ -293,9 +285,9 @@ def _show(tokenizer, ids: list[int]) -> str:
 class Parity:
     """llama.cpp's side of the check, started for each file as soon as it is written: one child process per file, as
     many at once as there are cores, each on its share of them. The 16-bit file is written first, so its child runs
-    while the quants are made. On 2 cores two files measured at once on one thread each beat one after the other on
-    two: the large teacher-forced batch gains only 1.3x from a second thread (655 against 502 tokens/s), and a file's
-    token by token steps leave the other core idle. A context manager: leaving it waits for children still running."""
+    while the quants are made. Two files at once on one thread each beat one after the other on two: the large
+    teacher-forced batch gains little from a second thread, and a file's token by token steps leave the other core
+    idle (bench/README.md, "Export fidelity"). A context manager: leaving it waits for children still running."""
 
     def __init__(self, ref: dict, files: int):
         self.ref = ref
@@ -335,7 +327,7 @@ def numbers(results: list[dict], ref: dict) -> list[dict]:
     first_train = next((i for i, r in enumerate(rows) if r["split"] == "train"), 0)
     out = []
     for got in results:
-        agree = [_first_difference(g, r["greedy"]) for g, r in zip(got["greedy"], rows, strict=True)]
+        agree = [first_difference(g, r["greedy"]) for g, r in zip(got["greedy"], rows, strict=True)]
         identical = [g == r["greedy"] for g, r in zip(got["greedy"], rows, strict=True)]
         nll_file = [x for per in got["nll"] for x in per]
         answers = got["answers"]
@@ -385,8 +377,6 @@ def judge(gguf_type: str, numbers: dict) -> str | None:
     return None
 
 
-
-
 # ------------------------------------------------------------------------------------------------------ child
 
 
@@ -405,7 +395,7 @@ def child(gguf_path: Path, request: dict) -> dict:
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:  # a reference can be megabytes
         json.dump(request, f)
     try:
-        cmd = [sys.executable, "-m", "titletune.fidelity", f.name]
+        cmd = [sys.executable, "-m", "titletune.llamacpp_child", f.name]
         result = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
     finally:
         os.unlink(f.name)
@@ -422,185 +412,3 @@ def child(gguf_path: Path, request: dict) -> dict:
 
 class EngineCrash(UserError):
     """llama.cpp died by a signal while measuring a GGUF: the engine or this machine failed, not the file."""
-
-
-class _Captured(Exception):
-    pass
-
-
-def _rendered(llm, messages: list[dict]) -> list[int]:
-    """The prompt ids create_chat_completion would evaluate for `messages`: its chat handler is run for real and
-    stopped at the point where it hands the tokens to create_completion."""
-    seen = {}
-
-    def capture(prompt, *args, **kwargs):
-        seen["ids"] = list(prompt)
-        raise _Captured
-
-    llm.create_completion = capture  # an instance attribute: the class's method is untouched
-    try:
-        llm.create_chat_completion(messages=messages, max_tokens=1, temperature=0.0)
-    except _Captured:
-        pass
-    finally:
-        del llm.create_completion
-    return seen["ids"]
-
-
-def _main(request_path: str) -> None:
-    """`python -m titletune.fidelity request.json` -> one JSON line on stdout (see child)."""
-    import llama_cpp
-
-    request = json.loads(Path(request_path).read_text())
-    threads = request["threads"]
-    op = request["op"]
-    if op == "render":
-        llm = llamacpp.load(request["path"], vocab_only=True)
-        out = {
-            "metadata": dict(llm.metadata),
-            "chat_format": llm.chat_format if llm.chat_handler is None else "custom handler",
-            "rendered": [_rendered(llm, conv) for conv in request["conversations"]],
-            "tokenized": [llm.tokenize(t.encode(), add_bos=False, special=True) for t in request["texts"]],
-        }
-        ids = {
-            int(llm.metadata[k])
-            for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id")
-            if k in llm.metadata
-        }
-        out["tokens"] = {str(i): llm.detokenize([i], special=True).decode(errors="replace") for i in ids}
-    elif op == "parity":
-        out = {"files": []}
-        for path in request["paths"]:
-            print(f"measuring {Path(path).name}", file=sys.stderr, flush=True)  # a crash's last line names the file
-            out["files"].append(_parity(llama_cpp, {**request, "path": path}, threads))
-    elif op == "answer":  # export.read_metadata and export.verify
-        messages = request["messages"]
-        llm = llamacpp.load(request["path"], threads=threads, vocab_only=not messages)
-        out = {"metadata": dict(llm.metadata)}
-        if messages:
-            started = time.perf_counter()
-            reply = llm.create_chat_completion(messages=messages, max_tokens=request["max_tokens"], temperature=0.0)
-            out.update(
-                answer=reply["choices"][0]["message"]["content"].strip(),
-                tokens=reply["usage"]["completion_tokens"],
-                seconds=time.perf_counter() - started,
-            )
-        llm.close()
-    else:
-        raise SystemExit(f"unknown op {op!r}")
-    print(json.dumps(out))
-
-
-def _parity(llama_cpp, request: dict, threads: int) -> dict:
-    """The child's numbers for one file: every product's teacher-forced passes in one multi-sequence batch, then the
-    file's own greedy answers generated for all products at once, from where each parts from merged/'s.
-
-    Sequence i holds product i's prompt and reference answer (perplexity, KL), sequence n + i its prompt and merged/'s
-    greedy answer (agreement): the shared prompt start and each prompt belong to both. The argmax along merged/'s
-    greedy answer gives the agreeing prefix exactly (both engines are deterministic, so they agree up to the first
-    position where the argmax differs); only from there is the file's own answer generated."""
-    import numpy as np
-    from llama_cpp import _internals
-
-    started = time.perf_counter()
-    ref = request["reference"]
-    rows, end, max_tokens = ref["rows"], ref["end"], ref["max_tokens"]
-    n = len(rows)
-    llm = llamacpp.load(request["path"], n_ctx=64)  # the weights and the vocabulary
-    vocab = llm.n_vocab()
-    shared = min(len(r["prompt_ids"]) for r in rows) - 1  # the chat template and system message: evaluated once
-    for r in rows[1:]:
-        shared = min(shared, _first_difference(r["prompt_ids"], rows[0]["prompt_ids"]))
-
-    # (token, position, sequences, logits wanted, key of the logits row): keys are (row, "ref" | "greedy", index).
-    plan = [(tok, pos, range(2 * n), False, None) for pos, tok in enumerate(rows[0]["prompt_ids"][:shared])]
-    for i, r in enumerate(rows):
-        prompt, answer, g = r["prompt_ids"], r["answer_ids"], r["greedy"]
-        p = len(prompt)
-        same = min(_first_difference(g, answer), len(answer) - 1)
-        both = (i, n + i)
-        plan += [(tok, pos, both, False, None) for pos, tok in enumerate(prompt[:-1]) if pos >= shared]
-        plan.append((prompt[-1], p - 1, both, True, (i, 0)))  # predicts answer[0] and g[0]
-        for j, tok in enumerate(answer[:-1]):
-            plan.append((tok, p + j, both if j < same else (i,), True, (i, j + 1)))
-        for j in range(same, len(g) - 1):
-            plan.append((g[j], p + j, (n + i,), True, (n + i, j + 1)))
-    cells = len(plan) + n * (max_tokens + 1) + SPEED_TOKENS + 16
-    params = type(llm.context_params).from_buffer_copy(llm.context_params)
-    params.n_ctx, params.n_batch, params.n_ubatch = cells, len(plan), min(len(plan), 512)
-    params.n_seq_max, params.kv_unified = 2 * n, True
-    params.n_threads, params.n_threads_batch = threads, request.get("batch_threads", threads)
-    ctx = _internals.LlamaContext(model=llm._model, params=params, verbose=False)
-    memory = llama_cpp.llama_get_memory(ctx.ctx)
-
-    def decode(entries) -> list[np.ndarray]:
-        """One llama_decode of (token, position, sequences, logits?) entries; the logits rows asked for, in order."""
-        batch = _internals.LlamaBatch(n_tokens=len(entries), embd=0, n_seq_max=2 * n)
-        b = batch.batch
-        for j, (tok, pos, seqs, want, _) in enumerate(entries):
-            b.token[j], b.pos[j], b.n_seq_id[j], b.logits[j] = tok, pos, len(seqs), want
-            for k, s in enumerate(seqs):
-                b.seq_id[j][k] = s
-        b.n_tokens = len(entries)
-        ctx.decode(batch)
-        out = [
-            np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx.ctx, j), shape=(vocab,)).copy()
-            for j, entry in enumerate(entries)
-            if entry[3]
-        ]
-        batch.close()
-        return out
-
-    logits = dict(zip((e[4] for e in plan if e[3]), decode(plan), strict=True))
-    # Every core for the one large batch above; one thread for the steps below, a few tokens each, where waking the
-    # other threads measured 2.5x slower (59 against 23 ms a step for q4_k_m, 2 cores, OMP_WAIT_POLICY=PASSIVE).
-    ctx.set_n_threads(threads, threads)
-    merged = np.load(ref["logprobs"])
-    greedy, nll, kl, live = [], [], [], {}
-    for i, r in enumerate(rows):
-        answer, g = r["answer_ids"], r["greedy"]
-        same = min(_first_difference(g, answer), len(answer) - 1)
-        rows_ref = np.stack([logits[(i, j)] for j in range(len(answer))])
-        lq = rows_ref - rows_ref.max(axis=1, keepdims=True)
-        lq -= np.log(np.exp(lq).sum(axis=1, keepdims=True))
-        nll.append([-float(lq[j, tok]) for j, tok in enumerate(answer)])
-        lp = merged[f"arr_{i}"].astype(np.float32)
-        kl.extend(float(x) for x in (np.exp(lp) * (lp - lq)).sum(axis=1, dtype=np.float64))
-        preds = [int(np.argmax(logits[(i, j)] if j <= same else logits[(n + i, j)])) for j in range(len(g))]
-        k = _first_difference(preds, g)
-        out = list(g) if k == len(g) else g[:k] + [preds[k]]
-        if out[-1] != end and len(out) < max_tokens:
-            # Sequence n + i keeps the prompt and the agreeing prefix; the file goes on from its own token.
-            llama_cpp.llama_memory_seq_rm(memory, n + i, len(r["prompt_ids"]) + k, -1)
-            live[i] = out
-        greedy.append(out)
-    while live:  # the file's own answers, one token per product per step
-        step = [(o[-1], len(rows[i]["prompt_ids"]) + len(o) - 1, (n + i,), True, None) for i, o in live.items()]
-        for (i, o), row in zip(list(live.items()), decode(step), strict=True):
-            o.append(int(np.argmax(row)))
-            if o[-1] == end or len(o) >= max_tokens:
-                del live[i]
-    # tokens/s as a user sees it: one answer, one token at a time, after its prompt
-    llama_cpp.llama_memory_seq_rm(memory, n, len(rows[0]["prompt_ids"]) - 1, -1)  # from the prompt's last token
-    tok, pos = rows[0]["prompt_ids"][-1], len(rows[0]["prompt_ids"]) - 1
-    t0 = time.perf_counter()
-    for _ in range(SPEED_TOKENS):
-        (row,) = decode([(tok, pos, (n,), True, None)])
-        tok, pos = int(np.argmax(row)), pos + 1
-    speed = time.perf_counter() - t0
-    answers = [llm.detokenize([t for t in o if t != end]).decode(errors="replace").strip() for o in greedy]
-    ctx.close()
-    llm.close()
-    return {
-        "greedy": greedy,
-        "answers": answers,
-        "nll": nll,
-        "kl": kl,
-        "tokens": SPEED_TOKENS,
-        "seconds": speed,
-        "file_seconds": time.perf_counter() - started,
-    }
-
-
-if __name__ == "__main__":
-    _main(sys.argv[1])

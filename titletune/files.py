@@ -99,6 +99,7 @@ def staged_dir(final: str | Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
+
 def sha256(path: Path) -> str:
     """The file's SHA-256, read in 1 MB chunks (a GGUF or a merged model can be many GB)."""
     digest = hashlib.sha256()

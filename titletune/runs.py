@@ -396,6 +396,8 @@ def read_config(run_dir: Path) -> dict:
 
 
 SECTIONS = ("script", "model", "data", "export", "training")  # the argument dataclasses, as save_config writes them
+
+
 def note_ignored_trust(run_dir: Path, config: dict | None = None, flag: bool = False) -> None:
     """One line when a run folder's config says trust_remote_code: true and the command was not given the flag."""
     config = read_config(Path(run_dir)) if config is None else config
