@@ -237,11 +237,12 @@ def _rag_settings(args: argparse.Namespace, run) -> tuple[str | None, int]:
 
 def serve(args: argparse.Namespace) -> None:
     """The playground page and an OpenAI-compatible API for the tuned and the base model, and the tuned one with
-    catalogue entries (titletune/serve.py), in this process (so stopping us stops it)."""
+    catalogue entries (titletune/serve/), in this process (so stopping us stops it)."""
     from titletune import machine, runs
 
     try:
-        from titletune import serve as server
+        from titletune.serve import app as server
+        from titletune.serve import models as serving
     except ImportError as e:
         raise UserError(
             f"the server needs llama-cpp-python[server] ({e}); pip install 'llama-cpp-python[server]'"
@@ -265,10 +266,10 @@ def serve(args: argparse.Namespace) -> None:
         logging.getLogger(name).setLevel(logging.INFO)
     threads = args.threads or machine.llama_threads()
     rag_index, rag_k = _rag_settings(args, run)
-    served = server.load(
+    served = serving.load(
         run, args.gguf, args.base_gguf, threads, args.max_queue, args.request_timeout, rag_index=rag_index, rag_k=rag_k
     )
-    app = server.app(served, key)
+    app = server.create_app(served, key)
     print(server.banner(served, f"http://{_url_host(args.host)}:{args.port}", key), flush=True)
     server.run(app, served, sock)
 

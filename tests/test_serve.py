@@ -26,6 +26,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from titletune.llamacpp import N_CTX  # the context the server opens
+
 ROOT = Path(__file__).resolve().parents[1]
 INFER = ROOT / "infer.py"
 KEY = "test-key-5f1c"
@@ -291,7 +293,7 @@ def test_tuned_rag_answers_with_the_entry_it_retrieved(server):
     assert status == 200 and "retrieved" not in bare
     # The entry's description and rag.txt's words come on top of the question.
     assert body["usage"]["prompt_tokens"] > bare["usage"]["prompt_tokens"] + 20, (body["usage"], bare["usage"])
-    room = 2048 - bare["usage"]["prompt_tokens"]  # what the bare question leaves: too little with the entry
+    room = N_CTX - bare["usage"]["prompt_tokens"]  # what the bare question leaves: too little with the entry
     assert call(url, chat("tuned", f"Tell me about {title}.", max_tokens=room))[0] == 200
     status, error, _ = call(url, chat("tuned+rag", f"Tell me about {title}.", max_tokens=room))
     assert status == 400 and error["error"]["code"] == LONG and error["error"]["param"] == "max_tokens", error
@@ -344,9 +346,9 @@ def test_tuned_rag_requests_at_once_each_retrieve_their_own_product(server):
         ),
         (chat("tuned", "Hi", max_tokens=5000), None, {}, 400, "max_tokens 5000 does not fit", LONG),
         (chat("tuned", "Hi", max_tokens=0), None, {}, 400, "'max_tokens' must be a whole number >= 1", None),
-        (chat("tuned", "What is " + "a long title " * 900), None, {}, 400, "reads at most 2048", LONG),
-        (chat("tuned+rag", "What is " + "a long title " * 900), None, {}, 400, "reads at most 2048", LONG),
-        (chat("tuned+rag", "x" * 60_000), None, {}, 400, "reads at most 2048", LONG),  # one word, searched
+        (chat("tuned", "What is " + "a long title " * 900), None, {}, 400, f"reads at most {N_CTX}", LONG),
+        (chat("tuned+rag", "What is " + "a long title " * 900), None, {}, 400, f"reads at most {N_CTX}", LONG),
+        (chat("tuned+rag", "x" * 60_000), None, {}, 400, f"reads at most {N_CTX}", LONG),  # one word, searched
         (
             {"model": "tuned+rag", "messages": [{"role": "system", "content": "Hi"}]},
             None,
@@ -550,7 +552,7 @@ def test_a_message_far_over_the_context_is_refused_within_seconds(guarded, conte
     tokenization could fit, and the rest is tokenized only until it is over the context."""
     url = f"{guarded.url}/v1/chat/completions"
     status, error, seconds = call(url, chat("tuned", content, max_tokens=8), key=KEY)
-    assert status == 400 and error["error"]["code"] == LONG and "reads at most 2048" in error["error"]["message"]
+    assert status == 400 and error["error"]["code"] == LONG and f"reads at most {N_CTX}" in error["error"]["message"]
     assert seconds < 3, f"{seconds:.1f} s for the 400"
     status, body, _ = call(url, chat("tuned", "What is a garlic press?", max_tokens=4), key=KEY)
     assert status == 200, body
@@ -623,10 +625,10 @@ class Recording:
 @pytest.fixture(scope="module")
 def recorded():
     """The app in this process, serving the embedded model as "tuned" through a Recording."""
-    from titletune import serve
+    from titletune.serve.models import Model, Served
 
     llm = Recording()
-    served = serve.Served({"tuned": serve.Model("tuned", Path("tuned.gguf"), llm, 4)}, None, "", [], 4, 30.0)
+    served = Served({"tuned": Model("tuned", Path("tuned.gguf"), llm, 4)}, None, "", [], 4, 30.0)
     return served, llm
 
 
@@ -637,10 +639,10 @@ def asgi(served, requests: list[tuple]) -> list:
 
     import httpx
 
-    from titletune import serve
+    from titletune.serve.app import create_app
 
     async def go():
-        transport = httpx.ASGITransport(app=serve.app(served))
+        transport = httpx.ASGITransport(app=create_app(served))
         async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1", timeout=60) as c:
             return [await c.request(method, path, json=body) for method, path, body in requests]
 
@@ -699,12 +701,13 @@ def test_messages_reach_the_model_as_role_and_content_only(recorded):
 
 
 def test_a_hub_base_without_its_gguf_serves_no_base_and_says_so(tmp_path):
-    from titletune import runs, serve
+    from titletune import runs
+    from titletune.serve import app, models
 
     run = runs.load(make_run(tmp_path, base_model="HuggingFaceTB/SmolLM2-360M-Instruct"))
-    served = serve.load(run, None, None, threads=1, max_queue=4, timeout=30.0)
+    served = models.load(run, None, None, threads=1, max_queue=4, timeout=30.0)
     assert list(served.models) == ["tuned"] and served.rag is not None  # tuned+rag needs no base
-    assert "base is not served" in serve.banner(served, "http://127.0.0.1:8000", None).splitlines()[0]
+    assert "base is not served" in app.banner(served, "http://127.0.0.1:8000", None).splitlines()[0]
     models, page, base, tuned = asgi(
         served,
         [
@@ -725,14 +728,15 @@ def test_tuned_rag_fills_the_last_user_message_with_the_rag_prompt(recorded, tmp
     """What reaches the model: the system message and the earlier turns as sent, and in the last user message's place
     the run's rag.txt around the entries retrieved for it (rag_entry.txt each), as infer.py --rag fills them, made
     plain text like any message."""
-    from titletune import prompts, retrieval, serve
+    from titletune import prompts, retrieval
+    from titletune.serve.models import Rag, Served
 
     served, llm = recorded
     model = served.models["tuned"]
     ps = prompts.load(prompts.DEFAULT_SET)
     rows = [{"id": pid, "title": title, "content": content} for pid, title, content in PRODUCTS]
-    rag = serve.Rag(retrieval.for_rows(tmp_path / "rag", "train", rows), 2, ps)
-    with_rag = serve.Served({"tuned": model}, None, "", [], 4, 30.0, rag=rag)
+    rag = Rag(retrieval.for_rows(tmp_path / "rag", "train", rows), 2, ps)
+    with_rag = Served({"tuned": model}, None, "", [], 4, 30.0, rag=rag)
     question = f"Tell me about {PRODUCTS[1][1]}.<|im_end|>"  # a chat marker: made plain text in the filled prompt
     messages = [
         {"role": "system", "content": "Answer from the catalogue."},
@@ -755,10 +759,12 @@ def test_tuned_rag_fills_the_last_user_message_with_the_rag_prompt(recorded, tmp
 
 
 def test_a_gguf_outside_a_run_serves_no_tuned_rag_and_says_so(tmp_path):
-    from titletune import models, serve
+    from titletune import models
+    from titletune.serve import app
+    from titletune.serve import models as serving
 
-    served = serve.load(None, str(models.embedded_gguf()), None, threads=1, max_queue=4, timeout=30.0)
-    assert served.rag is None and "--rag-index FILE" in serve.banner(served, "http://127.0.0.1:8000", None)
+    served = serving.load(None, str(models.embedded_gguf()), None, threads=1, max_queue=4, timeout=30.0)
+    assert served.rag is None and "--rag-index FILE" in app.banner(served, "http://127.0.0.1:8000", None)
     listed, page, rag = asgi(
         served,
         [

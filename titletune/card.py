@@ -14,7 +14,7 @@ import logging
 import shlex
 from pathlib import Path
 
-from titletune import capacity, export, files, models, reports
+from titletune import capacity, export, files, llamacpp, models, reports
 from titletune.config import RAG_SHARE_ON
 from titletune.errors import UserError
 from titletune.runs import OUTPUTS, Run, read_json
@@ -427,7 +427,7 @@ def _how_to(run: Run, src: dict) -> list[str]:
             "",
             "",
             "low.llama_model_default_params = no_repack",
-            f"llm = llama_cpp.Llama(model_path={json.dumps(run.gguf().name)}, n_ctx=2048)",
+            f"llm = llama_cpp.Llama(model_path={json.dumps(run.gguf().name)}, n_ctx={llamacpp.N_CTX})",
             *messages,
             'print(llm.create_chat_completion(messages, temperature=0)["choices"][0]["message"]["content"])',
             "```",

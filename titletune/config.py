@@ -71,7 +71,7 @@ CAPACITY_WARN = 0.5
 FIDELITY_SAMPLES = 2
 FIDELITY_TOKENS = 32
 FIDELITY_ANSWER_TOKENS = 32
-# infer.py --serve (serve.py): each model answers one request at a time and the others wait for it in arrival order.
+# infer.py --serve (titletune/serve/): each model answers one request at a time; the others wait in arrival order.
 # Requests waiting per model beyond the one generating: the playground asks both models once per question, so 16 is a
 # handful of people at once, or a script's burst (the load test sends 9 to each model). The embedded model generates
 # ~70 tokens/s on one of 2 cores, so its default answer (88-128 tokens) takes 1-2 s and 16 waiting ones are done in

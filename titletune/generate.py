@@ -3,7 +3,10 @@
 Two engines with the same small surface (`generate`, and `loss` where the engine has logits):
 - `TransformersEngine`: one base model in memory plus the LoRA adapter; base answers come from the same weights
   with the adapter switched off (`disable_adapter()`), so the model is loaded once. Or the run's merged/ folder.
-- `LlamaCppEngine`: GGUF files through llama-cpp-python, which renders the chat template embedded in the GGUF.
+- `LlamaCppEngine`: GGUF files through llama-cpp-python, which renders the chat template embedded in the GGUF. What
+  it shares with the server (titletune/serve/) is here once: which GGUF answers as which model (`gguf_files`), the
+  sampling settings as llama.cpp's arguments (`Sampling.llama_cpp`) and the token estimate of messages without a
+  rendered template (`message_tokens`); the context both open is llamacpp.N_CTX.
 Questions always go through the run's own prompts/ (system prompt included) and the tokenizer's chat template,
 exactly as in training. Before any template renders them, every message is rebuilt from its role and content and the
 content is made plain text for that model's own special tokens (specials.py).
@@ -49,12 +52,23 @@ class Sampling:
     num_beams: int = field(default=1, metadata={"help": "Beam search width, transformers engine only."})
 
     def for_run(self, run: Run) -> Sampling:
-        """These settings with max_new_tokens filled in from the run: about 4 characters a token in the catalogue's
-        English, for the longest answer training kept, plus room for the answer template around it."""
+        """These settings with max_new_tokens filled in from the run: answer_tokens of its --max_content_chars."""
         if self.max_new_tokens is not None:
             return self
         chars = int(run.data_settings["max_content_chars"])
-        return dataclasses.replace(self, max_new_tokens=chars // 4 + ANSWER_TEMPLATE_TOKENS)
+        return dataclasses.replace(self, max_new_tokens=answer_tokens(chars))
+
+    def llama_cpp(self) -> dict:
+        """These settings as keyword arguments of llama_cpp.Llama.create_chat_completion, the same for the llama.cpp
+        engine and the server. Fill in max_new_tokens first (for_run): None answers up to the end of the context."""
+        return {
+            "max_tokens": self.max_new_tokens,
+            "temperature": self.temperature,  # 0 = greedy in llama.cpp
+            "top_p": self.top_p,
+            "top_k": self.top_k,
+            "min_p": 0.0,  # llama.cpp defaults to 0.05; transformers has none
+            "repeat_penalty": self.repetition_penalty,
+        }
 
     def check(self) -> None:
         problems = []
@@ -72,6 +86,12 @@ class Sampling:
             problems.append(f"--num-beams must be >= 1, got {self.num_beams}")
         if problems:
             raise UserError("; ".join(problems) + ".")
+
+
+def answer_tokens(max_content_chars: int) -> int:
+    """The default answer length for products cut at `max_content_chars`: about 4 characters a token in the
+    catalogue's English, for the longest answer training kept, plus room for the answer template around it."""
+    return max_content_chars // 4 + ANSWER_TEMPLATE_TOKENS
 
 
 def conversation(ps: prompts.PromptSet, question: str) -> list[dict]:
@@ -317,19 +337,12 @@ class LlamaCppEngine:
         self.systems = tuple(systems)
         self.threads = threads or machine.llama_threads()
         self.n_ctx = n_ctx
-        self.paths: dict[str, Path] = {}
-        if "tuned" in self.systems:
-            self.paths["tuned"] = check_gguf(gguf) if gguf else run.gguf()
-        if "base" in self.systems:
-            if base_gguf:
-                self.paths["base"] = check_gguf(base_gguf)
-            elif run.is_embedded:
-                self.paths["base"] = models.embedded_gguf()
-            else:
-                raise UserError(
-                    f"base answers with --engine llamacpp need a GGUF of the base model {run.config['base_model']}; "
-                    "pass --base-gguf FILE, or --only tuned, or --engine transformers."
-                )
+        self.paths = gguf_files(run, gguf, base_gguf, self.systems)
+        if "base" in self.systems and "base" not in self.paths:
+            raise UserError(
+                f"base answers with --engine llamacpp need a GGUF of the base model {run.config['base_model']}; "
+                "pass --base-gguf FILE, or --only tuned, or --engine transformers."
+            )
         self.llms = {system: self._load(path) for system, path in self.paths.items()}
         self.specials = {system: specials.from_llama(llm) for system, llm in self.llms.items()}
 
@@ -341,9 +354,7 @@ class LlamaCppEngine:
         """The messages' tokens in the GGUF's own vocabulary, plus a few per message for the chat template's
         markers. Text is tokenized as text (special=False), as llama.cpp's chat path does with message content."""
         system, llm = next(iter(self.llms.items()))
-        conversation = self.specials[system].messages(conversation)
-        text = sum(len(llm.tokenize(m["content"].encode(), add_bos=False, special=False)) for m in conversation)
-        return text + 8 * len(conversation) + 8
+        return message_tokens(llm, self.specials[system].messages(conversation))
 
     def _load(self, path: Path):
         return llamacpp.load(path, n_ctx=self.n_ctx, threads=self.threads)
@@ -369,16 +380,36 @@ class LlamaCppEngine:
             out = llm.create_chat_completion(
                 # Made plain before rendering: llama-cpp-python tokenizes the rendered prompt, specials parsed.
                 messages=self.specials[system].messages(conv),
-                max_tokens=sampling.max_new_tokens,
-                temperature=sampling.temperature,  # 0 = greedy in llama.cpp
-                top_p=sampling.top_p,
-                top_k=sampling.top_k,
-                min_p=0.0,  # llama.cpp defaults to 0.05; transformers has none
-                repeat_penalty=sampling.repetition_penalty,
                 seed=0,
+                **sampling.llama_cpp(),
             )
             answers.append((out["choices"][0]["message"]["content"] or "").strip())
         return answers
+
+
+def message_tokens(llm, messages: list[dict]) -> int:
+    """The messages' tokens in a GGUF's own vocabulary (llm: a llama_cpp.Llama), plus a few per message for the chat
+    template's markers. Text is tokenized as text (special=False), as llama.cpp's chat path does with message
+    content; the messages must already be plain text for the model's special tokens (specials.py)."""
+    text = sum(len(llm.tokenize(m["content"].encode(), add_bos=False, special=False)) for m in messages)
+    return text + 8 * len(messages) + 8
+
+
+def gguf_files(
+    run: Run | None, gguf: str | Path | None, base_gguf: str | Path | None, systems: tuple[str, ...] = SYSTEMS
+) -> dict[str, Path]:
+    """The GGUF that answers as each of `systems`, as the llama.cpp engine and the server choose it. Tuned: `gguf`,
+    else the run's. Base: `base_gguf`, else the embedded GGUF when the run's base is the embedded model; left out when
+    there is neither (the caller says what to pass)."""
+    paths: dict[str, Path] = {}
+    if "tuned" in systems:
+        paths["tuned"] = check_gguf(gguf) if gguf else run.gguf()
+    if "base" in systems:
+        if base_gguf:
+            paths["base"] = check_gguf(base_gguf)
+        elif run is not None and run.is_embedded:
+            paths["base"] = models.embedded_gguf()
+    return paths
 
 
 def check_gguf(path: str | Path) -> Path:
