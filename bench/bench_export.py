@@ -51,8 +51,7 @@ def child(run_dir: str, out_dir: str, gguf: str, samples: int) -> dict:
         export.parse_gguf_types(gguf),
         run.prompts.system,
         tokenizer,
-        verify=samples > 0,
-        samples=chosen,
+        export.Options(verify=samples > 0, samples=chosen),
     )
     wall = time.perf_counter() - started
     return {

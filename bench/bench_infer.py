@@ -9,8 +9,8 @@ gguf loads as the project does (titletune.llamacpp: no extra buffer types); gguf
 its AMX or repacked weight layouts where the build has them (on an AMX Xeon, quantized files then crash).
 
 The model is the embedded SmolLM2-135M-Instruct (models.embedded_hf_dir()), or --model (a merged run, which has the
-same shapes). Its GGUFs are made the way train.py makes them: export.convert (llama.cpp's convert_hf_to_gguf.py) to
-f16, then export.quantize to q8_0 and q4_k_m. Every engine gets the same prompt token ids (the tokenizer's chat
+same shapes). Its GGUFs are made the way train.py makes them: converter.convert (llama.cpp's convert_hf_to_gguf.py) to
+f16, then converter.quantize to q8_0 and q4_k_m. Every engine gets the same prompt token ids (the tokenizer's chat
 template over the qa prompt set: system prompt + one catalogue question) and decodes greedily for exactly
 --max_new_tokens tokens, batch 1: the end-of-sequence token is not allowed to stop it, so every engine does the same
 work. One engine per subprocess (its own threads and OpenMP state); each does one untimed warm-up generation, then
@@ -165,20 +165,20 @@ def _summarise(results: list[tuple[float, float, float, list[int]]], new: int) -
 
 def make_ggufs(model_dir: Path, out_dir: Path) -> dict[str, Path]:
     """f16 from the converter, q8_0 and q4_k_m from llama.cpp's quantizer; files already in out_dir are reused."""
-    from titletune import export
+    from titletune import converter
 
     out_dir.mkdir(parents=True, exist_ok=True)
     f16 = out_dir / "model.f16.gguf"
     if not f16.is_file():
         started = time.perf_counter()
-        export.convert(model_dir, f16, "f16")
+        converter.convert(model_dir, f16, "f16")
         print(f"converted to {f16} in {time.perf_counter() - started:.0f} s", file=sys.stderr)
     files = {"f16": f16}
     for qtype in ("q8_0", "q4_k_m"):
         files[qtype] = out_dir / f"model.{qtype}.gguf"
         if not files[qtype].is_file():
             with quiet_stderr():  # llama.cpp warns for each tensor whose 576 columns do not fit q4_K's 256-blocks
-                export.quantize(f16, files[qtype], qtype)
+                converter.quantize(f16, files[qtype], qtype)
     return files
 
 

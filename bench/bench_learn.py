@@ -111,17 +111,17 @@ def full_ft(argv: list[str]) -> None:
     passes, SFTTrainer and settings as a LoRA run; the model is saved as the run's merged/."""
     import train as entry
 
-    from titletune import prompts, training
+    from titletune import prompts, training, trainset
     from titletune.backends import hf
 
-    script_args, model_args, data_args, _, training_args = entry.parse(argv)
+    script_args, model_args, data_args, _, training_args = entry.parse(argv).groups
     run_dir = Path(training_args.output_dir)
     from titletune import models
 
     # fp32 weights under bf16 autocast (training_args.bf16): mixed precision, as full fine-tuning is usually run
     model, tokenizer = hf.load(models.resolve(model_args.model_name_or_path), model_args, bf16=False)
     prompt_set = prompts.load(run_dir / "prompts")
-    train_ds, _ = training.load_datasets(run_dir, prompt_set, data_args.passes, training_args.seed)
+    train_ds, _ = trainset.load_datasets(run_dir, prompt_set, data_args.passes, training_args.seed)
     trainer = training.build_trainer(model, tokenizer, train_ds, None, training_args, run_dir)
     outcome = training.train(trainer, run_dir, False)
     model.save_pretrained(run_dir / "merged", safe_serialization=True)

@@ -15,7 +15,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from titletune import prompts, selection
+from titletune import chunks, prompts, selection
 from titletune import prepare as stage
 from titletune.prepare import prepare
 from titletune.runs import read_split as load_split
@@ -413,7 +413,7 @@ def awkward_file(path: Path) -> Path:
 def test_parallel_reading_writes_what_one_process_writes(tmp_path, qa, monkeypatch, max_samples):
     path = awkward_file(tmp_path / "awkward.json")
     monkeypatch.setattr(selection, "CHUNK_BYTES", 4096)  # ~25 chunks: duplicates and ids cross chunk boundaries
-    assert len(selection._chunks(path, path.stat().st_size, selection.CHUNK_BYTES)) > 10
+    assert len(chunks.ranges(path, path.stat().st_size, selection.CHUNK_BYTES)) > 10
     one, out1 = run(tmp_path, qa, name="one", data=str(path), max_samples=max_samples, data_workers="1")
     two, out2 = run(tmp_path, qa, name="two", data=str(path), max_samples=max_samples, data_workers="2")
     one.pop("seconds"), two.pop("seconds")
@@ -438,9 +438,9 @@ def test_data_workers_auto_and_bad_values(tmp_path, qa):
     gz = tmp_path / "p.json.gz"
     gz.write_bytes(gzip.compress(path.read_bytes()))
     assert data_workers("4", gz) == 1  # a gzip stream cannot be cut into chunks
-    with pytest.raises(UserError, match="--data_workers must be 'auto' or a number"):
+    with pytest.raises(UserError, match="--data-workers must be 'auto' or a number"):
         run(tmp_path, qa, data=str(path), data_workers="0")
-    with pytest.raises(UserError, match="--data_workers must be 'auto' or a number"):
+    with pytest.raises(UserError, match="--data-workers must be 'auto' or a number"):
         run(tmp_path, qa, data=str(path), data_workers="many")
 
 
@@ -450,12 +450,12 @@ def test_data_workers_auto_and_bad_values(tmp_path, qa):
 def test_passes_ask_each_product_in_as_many_phrasings(tmp_path, qa):
     """The train split is read `passes` times; pass i asks every product the next line of user.txt, and the split file
     still holds one row per product."""
-    from titletune import training
+    from titletune import trainset
 
     _, out = run(tmp_path, qa, max_samples="30")
     split = load_split(out, "train")
     passes = 4
-    train_ds, _ = training.load_datasets(out, qa, passes=passes, seed=42)
+    train_ds, _ = trainset.load_datasets(out, qa, passes=passes, seed=42)
     assert len(load_split(out, "train")) == len(split)  # the file is untouched
     assert len(train_ds) == passes * len(split)
     assert train_ds.column_names == ["prompt", "completion"]
@@ -468,9 +468,7 @@ def test_passes_ask_each_product_in_as_many_phrasings(tmp_path, qa):
         assert {train_ds[turn * n + k]["completion"][0]["content"] for turn in range(passes)} == {
             product["completion"][0]["content"]
         }
-    assert len(training.load_datasets(out, qa, passes=1, seed=42)[0]) == n
-    with pytest.raises(UserError, match="--passes must be >= 1, got 0"):
-        training.load_datasets(out, qa, passes=0, seed=42)
+    assert len(trainset.load_datasets(out, qa, passes=1, seed=42)[0]) == n
 
 
 def test_held_out_phrasings_are_never_trained(tmp_path, qa):

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from titletune import converter, fidelity, llamacpp, ollama
 from titletune import export as gguf_export
-from titletune import fidelity, llamacpp, ollama
 from titletune import reports as report_md
 from titletune.config import FIDELITY_TOKENS, cache_dir
 from titletune.errors import UserError
@@ -76,9 +76,8 @@ def products(n: int) -> list[fidelity.Sample]:
 @pytest.fixture(scope="module")
 def run(merged, tokenizer, tmp_path_factory) -> tuple[Path, dict]:
     run_dir = tmp_path_factory.mktemp("run")
-    report = gguf_export.export(
-        run_dir, merged, ["q4_k_m", "q8_0"], SYSTEM, tokenizer, question=QUESTION, samples=products(4)
-    )
+    options = gguf_export.Options(question=QUESTION, samples=products(4))
+    report = gguf_export.export(run_dir, merged, ["q4_k_m", "q8_0"], SYSTEM, tokenizer, options)
     return run_dir, report
 
 
@@ -94,7 +93,7 @@ def test_export_json_matches_files(run):
     run_dir, report = run
     assert json.loads((run_dir / "export.json").read_text()) == report
     assert [f["type"] for f in report["files"]] == ["f16", "q4_k_m", "q8_0"]
-    assert report["llama_cpp_python"] == gguf_export.llama_cpp_version()
+    assert report["llama_cpp_python"] == converter.llama_cpp_version()
     assert Path(report["converter"]).is_file()
     for entry in report["files"]:
         path = run_dir / entry["name"]
@@ -209,7 +208,7 @@ def test_quantize_crash_leaves_no_file(run, monkeypatch, tmp_path):
 
     monkeypatch.setattr(llama_cpp, "llama_model_quantize", dies_halfway)
     with pytest.raises(RuntimeError):
-        gguf_export.quantize(run_dir / "model.f16.gguf", tmp_path / "model.q8_0.gguf", "q8_0")
+        converter.quantize(run_dir / "model.f16.gguf", tmp_path / "model.q8_0.gguf", "q8_0")
     assert list(tmp_path.iterdir()) == []
 
     def fails(src, dst, params):
@@ -218,10 +217,10 @@ def test_quantize_crash_leaves_no_file(run, monkeypatch, tmp_path):
 
     monkeypatch.setattr(llama_cpp, "llama_model_quantize", fails)
     with pytest.raises(UserError, match="could not quantize"):
-        gguf_export.quantize(run_dir / "model.f16.gguf", tmp_path / "model.q8_0.gguf", "q8_0")
+        converter.quantize(run_dir / "model.f16.gguf", tmp_path / "model.q8_0.gguf", "q8_0")
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(UserError, match="valid: q8_0"):
-        gguf_export.quantize(run_dir / "model.f16.gguf", tmp_path / "model.q3_zz.gguf", "q3_zz")
+        converter.quantize(run_dir / "model.f16.gguf", tmp_path / "model.q3_zz.gguf", "q3_zz")
 
 
 def test_failed_conversion_leaves_no_file(run, merged, tmp_path):
@@ -231,10 +230,10 @@ def test_failed_conversion_leaves_no_file(run, merged, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     with pytest.raises(UserError, match="failed"):
-        gguf_export.convert(bad, out / "model.f16.gguf", converter=Path(run[1]["converter"]))
+        converter.convert(bad, out / "model.f16.gguf", converter=Path(run[1]["converter"]))
     assert list(out.iterdir()) == []
     with pytest.raises(UserError, match="no config.json"):
-        gguf_export.convert(tmp_path / "missing", out / "model.f16.gguf")
+        converter.convert(tmp_path / "missing", out / "model.f16.gguf")
 
 
 def test_misread_tokenizer_is_an_error_not_a_crash(run, merged, tokenizer, tmp_path):
@@ -251,7 +250,7 @@ def test_misread_tokenizer_is_an_error_not_a_crash(run, merged, tokenizer, tmp_p
     (broken / "tokenizer.json").write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
     out = tmp_path / "run"
     with pytest.raises(UserError, match="llama.cpp|tokenizes"):
-        gguf_export.export(out, broken, ["q8_0"], SYSTEM, tokenizer, verify=False)
+        gguf_export.export(out, broken, ["q8_0"], SYSTEM, tokenizer, gguf_export.Options(verify=False))
     assert list(out.iterdir()) == []
 
 
@@ -261,10 +260,10 @@ def test_find_converter_explicit_dir_and_env(tmp_path, monkeypatch):
         folder.mkdir()
         (folder / "convert_hf_to_gguf.py").write_text("")
     monkeypatch.setenv("LLAMA_CPP_DIR", str(theirs))
-    assert gguf_export.find_converter(str(mine)) == mine / "convert_hf_to_gguf.py"
-    assert gguf_export.find_converter() == theirs / "convert_hf_to_gguf.py"
-    with pytest.raises(UserError, match="--llama_cpp_dir"):
-        gguf_export.find_converter(str(tmp_path))
+    assert converter.find_converter(str(mine)) == mine / "convert_hf_to_gguf.py"
+    assert converter.find_converter() == theirs / "convert_hf_to_gguf.py"
+    with pytest.raises(UserError, match="--llama-cpp-dir"):
+        converter.find_converter(str(tmp_path))
 
 
 def test_cached_converter_needs_no_network(run, monkeypatch):
@@ -276,8 +275,8 @@ def test_cached_converter_needs_no_network(run, monkeypatch):
 
     monkeypatch.delenv("LLAMA_CPP_DIR", raising=False)
     monkeypatch.setattr(subprocess, "run", no_download)
-    expected = cache_dir() / f"llama.cpp-{gguf_export.llama_cpp_version()}" / "convert_hf_to_gguf.py"
-    assert gguf_export.find_converter() == expected
+    expected = cache_dir() / f"llama.cpp-{converter.llama_cpp_version()}" / "convert_hf_to_gguf.py"
+    assert converter.find_converter() == expected
     assert (expected.parent / "gguf-py" / "gguf" / "lazy.py").is_file()
     assert (expected.parent / "conversion" / "llama.py").is_file()
 
@@ -294,8 +293,8 @@ def test_an_export_never_downloads_the_converter(tmp_path, monkeypatch):
     monkeypatch.setenv("TITLETUNE_CACHE", str(tmp_path))
     monkeypatch.setattr(subprocess, "run", no_pip)
     with pytest.raises(UserError) as err:
-        gguf_export.find_converter()
-    assert "make setup" in str(err.value) and "--llama_cpp_dir" in str(err.value)
+        converter.find_converter()
+    assert "make setup" in str(err.value) and "--llama-cpp-dir" in str(err.value)
     assert [p.name for p in tmp_path.iterdir()] == []
 
 
@@ -305,8 +304,8 @@ def test_fetch_offline_says_what_to_do(tmp_path, monkeypatch):
     monkeypatch.setenv("TITLETUNE_CACHE", str(tmp_path))
     monkeypatch.setenv("PIP_NO_INDEX", "1")  # a real pip run that cannot reach any index
     with pytest.raises(UserError) as err:
-        gguf_export.fetch_converter()
-    assert "--llama_cpp_dir" in str(err.value) and "LLAMA_CPP_DIR" in str(err.value)
+        converter.fetch_converter()
+    assert "--llama-cpp-dir" in str(err.value) and "LLAMA_CPP_DIR" in str(err.value)
     assert [p.name for p in tmp_path.iterdir()] == []  # no half-made cache entry
 
 
@@ -339,7 +338,7 @@ def editing_converter(tmp_path_factory, run):
     real = Path(run[1]["converter"])
     folder = tmp_path_factory.mktemp("llama.cpp")
     (folder / "gguf-py").symlink_to(real.parent / "gguf-py")
-    (folder / gguf_export.CONVERTER).write_text(
+    (folder / converter.CONVERTER).write_text(
         f"""import json, os, subprocess, sys
 args = sys.argv[1:]
 out = args[args.index("--outfile") + 1]
@@ -379,10 +378,9 @@ def test_a_broken_gguf_fails_the_export_with_its_cause(
     previous = ["model.f16.gguf", "model.q4_k_m.gguf", "Modelfile", "export.json"]
     for name in previous:
         (out / name).hardlink_to(run[0] / name)  # the same inode: a file replaced by the export would not be
+    options = gguf_export.Options(llama_cpp_dir=str(editing_converter), samples=products(2))
     with pytest.raises(UserError, match=message):
-        gguf_export.export(
-            out, merged, ["q4_k_m"], SYSTEM, tokenizer, llama_cpp_dir=str(editing_converter), samples=products(2)
-        )
+        gguf_export.export(out, merged, ["q4_k_m"], SYSTEM, tokenizer, options)
     assert sorted(p.name for p in out.iterdir()) == sorted(previous)  # no staging folder, no temp file
     assert all((out / name).samefile(run[0] / name) for name in previous)
 
@@ -405,7 +403,7 @@ def test_llama_cpp_crashing_keeps_the_files_unpublished_and_says_so(run, merged,
     for name in previous:
         (out / name).hardlink_to(run[0] / name)
     with pytest.raises(fidelity.EngineCrash) as err:
-        gguf_export.export(out, merged, ["q4_k_m"], SYSTEM, tokenizer, samples=products(2))
+        gguf_export.export(out, merged, ["q4_k_m"], SYSTEM, tokenizer, gguf_export.Options(samples=products(2)))
     message = str(err.value)
     assert "SIGILL" in message and "illegal instruction" in message and "--export-only" in message
     assert sorted(p.name for p in out.iterdir()) == sorted([*previous, gguf_export.UNCHECKED])

@@ -14,12 +14,12 @@ PACKAGE = ROOT / "titletune"
 
 # Bottom up. A module may import any module of its own layer or one below; a package (backends, serve) is one entry.
 LAYERS = {
-    "ground": ("errors", "logs", "files", "text", "metrics", "llamacpp"),
+    "ground": ("errors", "logs", "files", "text", "metrics", "llamacpp", "teacher"),
     "settings": ("config", "machine", "lock", "prompts", "reading", "capacity", "models", "ollama", "specials"),
-    "data": ("selection", "retrieval", "ragrows", "prepare"),
-    "runs": ("runs", "resume", "backends"),
-    "stages": ("generate", "training", "llamacpp_child", "fidelity", "export", "evaluate", "serve"),
-    "outputs": ("reports", "card", "preflight"),
+    "data": ("chunks", "selection", "indexing", "retrieval", "ragrows", "prepare", "trainset"),
+    "runs": ("claims", "runs", "resume", "backends"),
+    "stages": ("generate", "training", "llamacpp_child", "fidelity", "converter", "export", "evaluate", "serve"),
+    "outputs": ("reports", "card_usage", "card", "preflight"),
     "steps": ("pipeline",),
 }
 LAYER = {module: rank for rank, modules in enumerate(LAYERS.values()) for module in modules}

@@ -10,7 +10,7 @@ import pytest
 import yaml
 from conftest import SAMPLE, TINY, assert_user_error, losses, prepare_cli, run_cli
 
-from titletune import prepare, prompts, ragrows, training
+from titletune import prepare, prompts, ragrows, trainset
 from titletune.config import RAG_DISTRACTORS, RAG_MAX_LENGTH, DataArguments
 
 
@@ -52,8 +52,8 @@ def test_the_neighbours_are_the_same_on_every_preparation(shared_data, tmp_path)
 
 def test_each_pass_adds_rag_rows_with_the_own_entry_or_distractors_only(prepared):
     ps = prompts.load(prepared / "prompts")
-    plain, _ = training.load_datasets(prepared, ps, passes=4, seed=42)
-    mixed, _ = training.load_datasets(prepared, ps, passes=4, seed=42, rag_share=0.25, rag_distractors=0.3)
+    plain, _ = trainset.load_datasets(prepared, ps, passes=4, seed=42)
+    mixed, _ = trainset.load_datasets(prepared, ps, passes=4, seed=42, rag_share=0.25, rag_distractors=0.3)
     extra = [mixed[i] for i in range(len(plain), len(mixed))]
     assert [mixed[i] for i in range(len(plain))] == [plain[i] for i in range(len(plain))]  # plain rows unchanged
     train = _lines(prepared / "data" / "train.jsonl")
@@ -85,7 +85,7 @@ def test_each_pass_adds_rag_rows_with_the_own_entry_or_distractors_only(prepared
     assert 0.15 * 4 * len(train) < rag < 0.35 * 4 * len(train)  # a seeded quarter of each pass
     assert own and distractors_only and 0.15 < distractors_only / rag < 0.45
     assert read and read_rows == {r["title"]: 4 for r in read}  # every read product, once a pass
-    again, _ = training.load_datasets(prepared, ps, passes=4, seed=42, rag_share=0.25, rag_distractors=0.3)
+    again, _ = trainset.load_datasets(prepared, ps, passes=4, seed=42, rag_share=0.25, rag_distractors=0.3)
     assert [again[i] for i in range(len(again))] == [mixed[i] for i in range(len(mixed))]  # seeded: every rank, resume
 
 
@@ -124,14 +124,14 @@ def test_no_read_products_without_rag_rows_or_at_rag_read_0(shared_data, tmp_pat
 
 
 def test_a_share_outside_0_to_1_is_refused(tmp_path):
-    assert_user_error(prepare_cli(tmp_path, SAMPLE, "--rag-share", "1.5"), r"--rag_share must be a fraction")
-    assert_user_error(prepare_cli(tmp_path, SAMPLE, "--rag-read", "1"), r"--rag_read must be a fraction")
+    assert_user_error(prepare_cli(tmp_path, SAMPLE, "--rag-share", "1.5"), r"--rag-share must be a fraction")
+    assert_user_error(prepare_cli(tmp_path, SAMPLE, "--rag-read", "1"), r"--rag-read must be a fraction")
 
 
 def test_a_run_prepared_without_neighbours_says_how_to_get_them(tmp_path):
     assert prepare_cli(tmp_path, SAMPLE, "--max-samples", "20").returncode == 0
-    with pytest.raises(Exception, match="prepared without --rag_share"):
-        training.load_datasets(tmp_path / "run", None, passes=1, seed=42, rag_share=0.5)
+    with pytest.raises(Exception, match="prepared without --rag-share"):
+        trainset.load_datasets(tmp_path / "run", None, passes=1, seed=42, rag_share=0.5)
 
 
 @pytest.fixture(scope="module")

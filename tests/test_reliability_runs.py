@@ -70,7 +70,7 @@ def dead_pid() -> int:
     "flags, pattern",
     [
         (["--prompts", "/typo"], r"prompt set /typo lacks system\.txt"),
-        (["--model-name-or-path", "/no/such/model"], r"--model_name_or_path /no/such/model: no such folder"),
+        (["--model-name-or-path", "/no/such/model"], r"--model-name-or-path /no/such/model: no such folder"),
     ],
 )
 def test_overwrite_with_a_bad_flag_leaves_the_finished_run_untouched(tmp_path, flags, pattern):
@@ -114,7 +114,7 @@ def test_a_run_folder_in_use_is_refused_and_a_stale_lock_is_taken_over(tmp_path)
     for command in (
         ("train.py", "--prepare-only", "--output-dir", str(run), "--overwrite"),
         ("train.py", "--export-only", "--run", str(run), "--gguf", "q8_0"),
-        ("infer.py", "--run", str(run), "--evaluate", "--samples", "1"),
+        ("infer.py", "evaluate", "--run", str(run), "--samples", "1"),
     ):
         assert_user_error(run_cli(*command, check=False), held)
         assert snapshot(run) == before
@@ -127,12 +127,12 @@ def test_a_run_folder_in_use_is_refused_and_a_stale_lock_is_taken_over(tmp_path)
 
 
 def test_auto_run_names_are_unique_within_a_second(tmp_path):
-    from titletune import runs
+    from titletune import claims
 
     (tmp_path / "run-20261122-101500").mkdir()
     (tmp_path / "run-20261122-101500-2").mkdir()
-    assert runs.unused_name(tmp_path, "run-20261122-101500") == "run-20261122-101500-3"
-    assert runs.unused_name(tmp_path, "run-20261122-101501") == "run-20261122-101501"
+    assert claims.unused_name(tmp_path, "run-20261122-101500") == "run-20261122-101500-3"
+    assert claims.unused_name(tmp_path, "run-20261122-101501") == "run-20261122-101501"
 
 
 # --------------------------------------------------------------------------------------------------------- resume
@@ -160,12 +160,12 @@ def resumable(tiny_run, tmp_path) -> Path:
 @pytest.mark.parametrize(
     "flags, pattern",
     [
-        (["--lora-r", "32"], r"--resume continues the same run, and --lora_r 16 -> 32 would make it another one"),
+        (["--lora-r", "32"], r"--resume continues the same run, and --lora-r 16 -> 32 would make it another one"),
         (
             ["--model-name-or-path", "some-org/another-model", "--seed", "7"],
             (
-                r"--model_name_or_path embedded -> some-org/another-model, --seed 42 -> 7 would make it another one.*"
-                r"start a new run with them: python train\.py --output-dir <new folder> --model_name_or_path "
+                r"--model-name-or-path embedded -> some-org/another-model, --seed 42 -> 7 would make it another one.*"
+                r"start a new run with them: python train\.py --output-dir <new folder> --model-name-or-path "
                 r"some-org/another-model --seed 7"
             ),
         ),

@@ -209,9 +209,9 @@ def test_markers_stay_text_under_llama3_and_mistral_templates(name, bos, eos, ma
     often as in the same conversation without them, i.e. only where the template itself writes it."""
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
-    from titletune import export, prompts, specials
+    from titletune import converter, prompts, specials
 
-    folder = export.find_converter().parent / "models" / "templates"
+    folder = converter.find_converter().parent / "models" / "templates"
     template = Jinja2ChatFormatter((folder / f"{name}.jinja").read_text(), eos_token=eos, bos_token=bos)
     family = specials.Specials(dict(enumerate(markers)), lambda text: [])
     plain = prompts.defang if how == "defang" else family.plain
@@ -227,11 +227,11 @@ def test_markers_stay_text_under_llama3_and_mistral_templates(name, bos, eos, ma
 
 
 def test_training_rows_lose_the_special_tokens_of_the_model_being_trained(tmp_path, embedded_tokenizer):
-    """training.plain_rows: a product holding a special token that only this tokenizer has (one added here) is made
+    """trainset.plain_rows: a product holding a special token that only this tokenizer has (one added here) is made
     plain text in its training messages; a split without any is left as it is (no map over the data)."""
     from datasets import Dataset
 
-    from titletune import prompts, training
+    from titletune import prompts, trainset
 
     tokenizer = embedded_tokenizer.__class__.from_pretrained(embedded_tokenizer.name_or_path)
     tokenizer.add_special_tokens({"additional_special_tokens": ["{{order_id}}"]})
@@ -247,7 +247,7 @@ def test_training_rows_lose_the_special_tokens_of_the_model_being_trained(tmp_pa
     for split, rows in (("train", [row, other]), ("val", [other])):
         (tmp_path / "data" / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     train, val = Dataset.from_list([row, other]), Dataset.from_list([other])
-    made_train, made_val = training.plain_rows(tokenizer, tmp_path, train, val)
+    made_train, made_val = trainset.plain_rows(tokenizer, tmp_path, train, val)
     special = set(tokenizer.all_special_ids)
     for made in made_train:
         for message in made["prompt"] + made["completion"]:
@@ -256,7 +256,7 @@ def test_training_rows_lose_the_special_tokens_of_the_model_being_trained(tmp_pa
     assert made_train[0]["prompt"][0]["content"].replace(prompts.ZWSP, "") == row["prompt"][0]["content"]
     assert made_train[1] == other and made_val[0] == other
     (tmp_path / "data" / "train.jsonl").write_text(json.dumps(other) + "\n")
-    assert training.plain_rows(tokenizer, tmp_path, train, val) == (train, val)  # nothing to make plain: untouched
+    assert trainset.plain_rows(tokenizer, tmp_path, train, val) == (train, val)  # nothing to make plain: untouched
 
 
 def test_infer_answers_a_question_made_of_special_tokens(run_dir):

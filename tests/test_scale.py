@@ -194,11 +194,11 @@ def test_data_cache_keeps_the_most_recent_entries_and_runs_keep_their_files(tmp_
 
 
 def test_datasets_are_memory_mapped_and_hold_the_chat_columns_only(tmp_path):
-    from titletune import training
+    from titletune import trainset
 
     run_dir = tmp_path / "run"
     prepare.prepare(DataArguments(data=str(SAMPLE), max_samples="30"), 7, run_dir, prompts.load(QA))
-    train_ds, _val_ds = training.load_datasets(run_dir)
+    train_ds, _val_ds = trainset.load_datasets(run_dir)
     assert train_ds.column_names == ["prompt", "completion"]
     assert len(train_ds) == len(runs.read_split(run_dir, "train"))
     assert train_ds[0]["prompt"] == runs.read_split(run_dir, "train")[0]["prompt"]
@@ -206,7 +206,7 @@ def test_datasets_are_memory_mapped_and_hold_the_chat_columns_only(tmp_path):
         f["filename"].startswith(str(run_dir / "data" / "cache")) for f in train_ds.cache_files
     )
     (run_dir / "data" / "val.jsonl").write_bytes(b"")
-    assert training.load_datasets(run_dir)[1] is None
+    assert trainset.load_datasets(run_dir)[1] is None
 
 
 def test_unsloth_refuses_sharded_launches_and_points_to_hf(monkeypatch):
@@ -243,7 +243,7 @@ def test_presets_parse():
 
     import train
 
-    script, model, _, export, training_args = train.parse(["--config", str(PRESET_70B)])
+    script, model, _, export, training_args = train.parse(["--config", str(PRESET_70B)]).groups
     assert script.backend == "hf" and model.load_in_4bit and model.bnb_4bit_quant_storage == "bfloat16"
     assert training_args.gradient_checkpointing_kwargs == {"use_reentrant": False}
     assert not export.merge and export.gguf == "none"

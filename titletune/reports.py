@@ -96,7 +96,20 @@ def render_md(report: dict, exported: dict | None = None, capacity: dict | None 
         "without numbers do not count); BLEU is sacrebleu corpus BLEU (0-100); loss and perplexity are teacher-forced "
         "on the reference answer tokens only.",
         "",
+        *_populations(report, capacity),
+        *_examples(report),
+        "![ROUGE-L F1 and numbers supported per system, with 95% intervals](report.png)",
     ]
+    fidelity = fidelity_table(exported["files"], exported.get("fidelity_merged")) if exported else []
+    if fidelity:
+        lines += ["", "## Export fidelity", "", *fidelity]
+    return "\n".join(lines) + "\n"
+
+
+def _populations(report: dict, capacity: dict | None) -> list[str]:
+    """report.md's section of each population: its note, the table and verdicts, and for the seen products the new
+    phrasings and the capacity table."""
+    lines = []
     for pop, title, note in (
         (
             "seen",
@@ -120,8 +133,13 @@ def render_md(report: dict, exported: dict | None = None, capacity: dict | None 
             lines += [*new_phrasing_lines(report), ""]
         if pop == "seen" and "seen" in report and all(k in (capacity or {}) for k in CAPACITY_KEYS):
             lines += [*capacity_lines(report, capacity), ""]
+    return lines
+
+
+def _examples(report: dict) -> list[str]:
+    """Up to three examples, held-out products first: the question, what was retrieved, and every system's answer."""
     systems = list(report.get("systems") or SYSTEMS)
-    lines += ["## Examples", ""]
+    lines = ["## Examples", ""]
     picked = [e for e in report["examples"] if e["population"] == "heldout"][:3]
     picked += [e for e in report["examples"] if e["population"] == "seen"][: 3 - len(picked)]
     for e in picked:
@@ -133,11 +151,7 @@ def render_md(report: dict, exported: dict | None = None, capacity: dict | None 
             "| " + " | ".join(_cell(e[k]) for k in ["reference", *systems]) + " |",
             "",
         ]
-    lines.append("![ROUGE-L F1 and numbers supported per system, with 95% intervals](report.png)")
-    fidelity = fidelity_table(exported["files"], exported.get("fidelity_merged")) if exported else []
-    if fidelity:
-        lines += ["", "## Export fidelity", "", *fidelity]
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def capacity_lines(report: dict, capacity: dict) -> list[str]:

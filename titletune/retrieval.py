@@ -13,7 +13,7 @@ X."), so a search tries, until it has k entries:
    every posting list of the question's words.
 FTS5 ships with Python's sqlite3; the index lives on disk and a query reads only the b-tree pages and posting lists
 it needs, so it serves the full 1.4M-product catalogue in bounded memory (bench/README.md, "Catalogue search index").
-An index is built once, streamed in batches, written under a temporary name and renamed, and reused:
+An index is built once (indexing.py), streamed in batches, written under a temporary name and renamed, and reused:
 - over a run's training products (the default): <run>/rag/train.sqlite;
 - over any trn-format file (--rag-index FILE): <cache>/rag/<key>.sqlite, keyed by the file and the data settings.
 An index found cut short or damaged on reuse is rebuilt, with a warning; one of an older FORMAT is rebuilt.
@@ -26,11 +26,10 @@ import json
 import logging
 import re
 import sqlite3
-from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 
-from titletune import files
+from titletune import files, indexing
 from titletune.errors import UserError
 from titletune.text import title_key
 
@@ -38,13 +37,7 @@ log = logging.getLogger(__name__)
 
 # bm25() weights of the title and description columns: the question names the title, so a title match counts most.
 WEIGHTS = (4.0, 1.0)
-BATCH = 10_000  # rows per INSERT batch: memory stays flat whatever the file size
 MAX_TERMS = 32  # a question longer than this is cut: FTS5 cost grows with the terms of a query
-# The broad query (step 3) leaves out words found in more than this share of the products ("the", "is", "book" in a
-# catalogue of books): each costs a walk of a posting list as long as the catalogue's share of it, and bm25 gives it
-# almost no weight. Measured at full catalogue size in bench/README.md. The floor keeps small indexes (a run's own
-# products, fast at any query) from losing words that merely repeat among a few hundred titles.
-FREQUENT_SHARE, FREQUENT_FLOOR = 0.1, 1000
 # The words the questions of prompts/qa (user.txt, heldout.txt) wrap a title in. A question without quote marks is
 # cut to its title by dropping these words at its two ends ("Tell me about X." -> "X"); words inside stay.
 PHRASING = frozenset(
@@ -54,14 +47,12 @@ PHRASING = frozenset(
 # How many of those dropped words the exact lookup puts back on each side, in case they were the title's own ("Tell
 # me about The Art of War." names "The Art of War" as much as "Art of War"; the longer one found wins).
 REGAIN = 3
-# The titles index numbers a product (words << SHIFT) | its rowid in `products`, where words is how many distinct
-# words its title has: FTS5 walks a posting list in rowid order, so the matches of a title query come shortest title
-# first and a LIMIT stops the walk early, without ranking every match (bm25() would walk every posting list whole, to
-# count it). The first CANDIDATES of them are put in order by how exactly their title is the one named.
-SHIFT, CANDIDATES = 32, 50
-FORMAT = 4  # bump when the schema, the cleaning, the tokenizer or FREQUENT_* change, so old indexes are rebuilt
+# A title query's matches come shortest title first (indexing.SHIFT); the first CANDIDATES of them are put in order
+# by how exactly their title is the one named.
+CANDIDATES = 50
+# Bump when the schema, the cleaning, the tokenizer or FREQUENT_* (indexing.py) change, so old indexes are rebuilt.
+FORMAT = 4
 SQLITE_MAGIC = b"SQLite format 3\x00"
-TOKENIZE = "tokenize='unicode61 remove_diacritics 2'"
 _ROWS = "SELECT rowid, pid, title, content FROM products WHERE rowid IN ({})"
 
 
@@ -106,7 +97,7 @@ class Index:
         if not query:
             return []
         numbers = self._run("SELECT rowid FROM titles WHERE titles MATCH ? ORDER BY bm25(titles) LIMIT ?", (query, k))
-        rowids = [number & ((1 << SHIFT) - 1) for (number,) in numbers]
+        rowids = [number & ((1 << indexing.SHIFT) - 1) for (number,) in numbers]
         rows = {row[0]: row for row in self._run(_ROWS.format(", ".join("?" * len(rowids))), rowids)}
         return [_entry(rows[r])[1] for r in rowids if r in rows]
 
@@ -118,7 +109,7 @@ class Index:
     def _exact(self, named: Named) -> list[tuple[int, dict]]:
         if not named.keys:
             return []
-        keyed = {key_hash(key): key for key in named.keys}
+        keyed = {indexing.key_hash(key): key for key in named.keys}
         marks = ", ".join("?" * len(keyed))
         found = dict(self._run(f"SELECT hash, product FROM exact WHERE hash IN ({marks})", keyed))
         if not found:
@@ -137,7 +128,7 @@ class Index:
             "SELECT rowid FROM titles WHERE titles MATCH ? ORDER BY rowid LIMIT ?",
             (" ".join(f'"{term}"' for term in named.terms), max(k, CANDIDATES) + len(found)),
         )
-        rowids = [rowid for (number,) in numbers if (rowid := number & ((1 << SHIFT) - 1)) not in found]
+        rowids = [rowid for (number,) in numbers if (rowid := number & ((1 << indexing.SHIFT) - 1)) not in found]
         if not rowids:
             return []
         rows = {row[0]: row for row in self._run(_ROWS.format(", ".join("?" * len(rowids))), rowids)}
@@ -204,11 +195,6 @@ class Named:
         self.terms = list(dict.fromkeys(self.terms))[:MAX_TERMS]
 
 
-def key_hash(key: str) -> int:
-    """A title key's number in the exact table: 64 bits of blake2b, signed as SQLite's integers are."""
-    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big", signed=True)
-
-
 # Quote marks around a title, as the question phrasings put them, each as (opening, closing) patterns: a mark with a
 # letter or digit on its outer side is an apostrophe ("Women's", "Kids' Toys"), not a quote.
 _QUOTES = [
@@ -252,58 +238,6 @@ def match_query(text: str, frequent: dict[str, int] | None = None) -> str:
         common.remove(min(common, key=frequent.__getitem__))
     kept = [term for term in terms if term not in common][:MAX_TERMS]
     return " OR ".join(f'"{term}"' for term in kept)
-
-
-def build(target: Path, products: Iterable[tuple[str, str, str]]) -> int:
-    """Write an index of (id, title, content) rows to `target`, atomically; returns how many rows it holds."""
-    count = 0
-    with files.atomic_path(target) as tmp:
-        db = sqlite3.connect(tmp)
-        try:
-            db.execute("PRAGMA journal_mode=OFF")  # a crash leaves a temp file, which atomic_path removes
-            db.execute("PRAGMA synchronous=OFF")
-            db.execute("PRAGMA temp_store=FILE")  # the keys are sorted on disk, not in memory
-            db.execute(f"CREATE VIRTUAL TABLE products USING fts5(pid UNINDEXED, title, content, {TOKENIZE})")
-            # The titles again, alone and as title_key() writes them, so that a question's title words (cut by the
-            # same function) match them token for token. Contentless: only the posting lists are kept; the title
-            # itself is read from `products` (rowids: see SHIFT).
-            db.execute(f"CREATE VIRTUAL TABLE titles USING fts5(title, content='', {TOKENIZE})")
-            db.execute("CREATE TEMP TABLE keyed(hash INTEGER, product INTEGER)")
-            batch = []
-            for row in products:
-                batch.append(row)
-                if len(batch) == BATCH:
-                    count = _insert(db, batch, count)
-                    batch = []
-            count = _insert(db, batch, count)
-            for table in ("products", "titles"):  # one b-tree per term: faster queries
-                db.execute(f"INSERT INTO {table}({table}) VALUES ('optimize')")
-            # Inserted in hash order, so the b-tree is written front to back; the first of two equal keys is kept.
-            db.execute("CREATE TABLE exact(hash INTEGER PRIMARY KEY, product INTEGER NOT NULL)")
-            db.execute("INSERT OR IGNORE INTO exact SELECT hash, product FROM temp.keyed ORDER BY hash, product")
-            db.execute("DROP TABLE temp.keyed")
-            db.execute("CREATE VIRTUAL TABLE temp.vocab USING fts5vocab(main, products, 'row')")
-            db.execute("CREATE TABLE frequent(term TEXT PRIMARY KEY, doc INTEGER) WITHOUT ROWID")
-            limit = max(FREQUENT_FLOOR, int(FREQUENT_SHARE * count))
-            db.execute("INSERT INTO frequent SELECT term, doc FROM temp.vocab WHERE doc > ?", (limit,))
-            db.commit()
-        finally:
-            db.close()
-    return count
-
-
-def _insert(db: sqlite3.Connection, batch: list[tuple[str, str, str]], count: int) -> int:
-    """One batch into the tables, rowids counted on from `count`; returns the new count."""
-    if count + len(batch) >> SHIFT:
-        raise UserError(f"the search index holds at most {(1 << SHIFT) - 1:,} products; this catalogue has more.")
-    rows = [(rowid, *row, title_key(row[1])) for rowid, row in enumerate(batch, count + 1)]
-    db.executemany("INSERT INTO products(rowid, pid, title, content) VALUES (?, ?, ?, ?)", [r[:4] for r in rows])
-    db.executemany(
-        "INSERT INTO titles(rowid, title) VALUES (?, ?)",
-        [(min(len(set(key.split())), 1 << 16) << SHIFT | rowid, key) for rowid, _, _, _, key in rows],
-    )
-    db.executemany("INSERT INTO temp.keyed VALUES (?, ?)", [(key_hash(key), rowid) for rowid, _, _, _, key in rows])
-    return count + len(batch)
 
 
 def diagnose(path: Path) -> str | None:
@@ -354,7 +288,7 @@ def for_rows(folder: Path, name: str, rows: list[dict]) -> Index:
     want = {"format": FORMAT, "rows": len(rows), "ids": ids}
     # The stamp first: an index of an older FORMAT is rebuilt as such, not reported as damaged.
     if not (_read_stamp(stamp) == want and _reusable(target)):
-        build(target, ((str(r["id"]), r["title"], r["content"]) for r in rows))
+        indexing.build(target, ((str(r["id"]), r["title"], r["content"]) for r in rows))
         files.write_atomic(stamp, json.dumps(want))
     return Index(target, f"{len(rows):,} {name} products of the run")
 
@@ -383,45 +317,8 @@ def for_file(path: str | Path, data: dict, cache: Path) -> Index:
     if not _reusable(target):
         log.info("rag: indexing %s (once; cached as %s)", path, target)
         try:
-            count = build(target, _products(path, data))
+            count = indexing.build(target, indexing.products(path, data))
         except sqlite3.OperationalError as e:  # a full disk, most often
             raise UserError(f"could not build the search index {target}: {e}. Free disk space there.") from None
         log.info("rag: %s products indexed", f"{count:,}")
     return Index(target, f"{path.name}")
-
-
-def _products(path: Path, data: dict) -> Iterator[tuple[str, str, str]]:
-    from titletune.reading import iter_products
-    from titletune.selection import clean_product, hashes
-    from titletune.text import truncate
-
-    seen: set[int] = set()
-    counts: Counter = Counter()
-    for row in iter_products(path, data["title_field"], data["content_field"], stats=counts, progress=True):
-        got = clean_product(row, int(data["min_content_chars"]))
-        if isinstance(got, str):
-            counts[got] += 1
-            continue
-        title, key, content = got
-        rank = hashes(key, 0)[0]  # dedupe as training does: one 64-bit hash per distinct title_key
-        if rank in seen:
-            continue
-        seen.add(rank)
-        yield str(row["id"]), title, truncate(content, int(data["max_content_chars"]))
-    if not seen:  # raised inside build(), so no empty index is cached
-        raise UserError(_no_products(path, data, counts))
-
-
-_NOT_DROPS = ("bad_utf8", "blank_lines")  # counted while reading, but the row is kept or there was none
-
-
-def _no_products(path: Path, data: dict, counts: Counter) -> str:
-    read = counts.pop("rows_read", 0)
-    reasons = ", ".join(
-        f"{n:,} {reason.replace('_', ' ')}" for reason, n in counts.most_common() if n and reason not in _NOT_DROPS
-    )
-    return (
-        f"--rag-index {path} holds no product to index ({read:,} lines read; dropped: {reasons or 'none'}). "
-        f"Pass a catalogue file: JSON lines (or a JSON array) of objects with the fields {data['title_field']!r} and "
-        f"{data['content_field']!r}, plain or gzip-compressed, like data/sample_trn.json."
-    )

@@ -20,14 +20,13 @@ import datetime as dt
 import functools
 import json
 import logging
-import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import yaml
 
-from titletune import files, lock, models, ollama, prompts, ragrows
+from titletune import claims, files, lock, models, ollama, prompts, ragrows
 from titletune.config import EMBEDDED, ROOT, cache_dir
 from titletune.errors import UserError
 
@@ -143,7 +142,7 @@ class Run:
             return found[0]
         raise UserError(
             f"{self.dir} has no GGUF export; pass --gguf FILE, or export one: "
-            f"python train.py --export_only --run {self.dir} --gguf q4_k_m"
+            f"python train.py --export-only --run {self.dir} --gguf q4_k_m"
         )
 
     def split(self, name: str) -> list[dict]:
@@ -166,7 +165,7 @@ def read_split(run_dir: str | Path, split: str) -> list[dict]:
     path = Path(run_dir) / "data" / f"{split}.jsonl"
     if not path.is_file():
         raise UserError(
-            f"{path} does not exist; prepare the data first: python train.py --prepare_only --output_dir {run_dir}"
+            f"{path} does not exist; prepare the data first: python train.py --prepare-only --output-dir {run_dir}"
         )
     with open(path, "rb") as f:
         return [orjson.loads(line) for line in f if line.strip()]
@@ -209,41 +208,17 @@ def resolve_dir(output_dir: str | None) -> Path:
     seconds apart, and each rank computing its own would split one run across several folders.
     """
     if not output_dir or output_dir == "auto":
-        return OUTPUTS / _from_rank_zero(unused_name(OUTPUTS, dt.datetime.now().strftime("run-%Y%m%d-%H%M%S")))
+        name = claims.unused_name(OUTPUTS, dt.datetime.now().strftime("run-%Y%m%d-%H%M%S"))
+        return OUTPUTS / claims.from_rank_zero(name)
     return Path(output_dir).expanduser().resolve()
-
-
-def unused_name(parent: Path, name: str) -> str:
-    """`name`, or name-2, name-3, ... when it is taken: a timestamp has one-second resolution."""
-    taken, n = name, 1
-    while (parent / taken).exists():
-        n += 1
-        taken = f"{name}-{n}"
-    return taken
-
-
-def _from_rank_zero(value: str) -> str:
-    """Rank 0's value on every rank of an initialised process group (TrainingArguments starts it); else `value`."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return value
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        raise UserError(
-            "--output_dir auto under several processes needs the process group started first; "
-            "pass --output_dir outputs/<name> so every process writes to the same folder."
-        )
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 def check_target(run_dir: Path, overwrite: bool, resume: bool) -> None:
     """Refuse, before anything is written, a run folder this command may not use: a file, a folder with files in it
     (unless --resume, or --overwrite of a titletune run), or no run to --resume."""
     if run_dir.exists() and not run_dir.is_dir():
-        raise UserError(f"--output_dir {run_dir} is a file; give a folder.")
-    busy = _busy(run_dir)
+        raise UserError(f"--output-dir {run_dir} is a file; give a folder.")
+    busy = claims.busy(run_dir)
     if resume:
         if not busy:
             raise UserError(f"--resume: {run_dir} holds no run to resume. Run without --resume to start it.")
@@ -256,54 +231,16 @@ def check_target(run_dir: Path, overwrite: bool, resume: bool) -> None:
         return
     if not overwrite:
         raise UserError(
-            f"--output_dir {run_dir} already exists and is not empty. Pass --overwrite to replace it, "
-            "--resume to continue it, or choose another --output_dir."
+            f"--output-dir {run_dir} already exists and is not empty. Pass --overwrite to replace it, "
+            "--resume to continue it, or choose another --output-dir."
         )
     if not (run_dir / CONFIG).is_file():
         # Refuse to replace a folder we did not make: a typo must not wipe someone's files.
         raise UserError(f"--overwrite: {run_dir} is not a titletune run (no {CONFIG}); remove it yourself.")
 
 
-def _busy(run_dir: Path) -> bool:
-    return run_dir.is_dir() and any(p.name != lock.NAME for p in run_dir.iterdir())
-
-
-@dataclasses.dataclass
-class Claim:
-    """A run folder this process writes to (`claimed`): its lock, and the run that --overwrite moved aside, kept
-    until the new run has saved a checkpoint or finished."""
-
-    dir: Path
-    lock: Path
-    new: bool
-    previous: Path | None = None
-
-    def saved(self) -> bool:
-        return (self.dir / "adapter").exists() or any(self.dir.glob("checkpoint-*"))
-
-    def drop_previous(self) -> None:
-        """The new run has something to resume from: the run it replaces goes."""
-        if self.previous is not None:
-            shutil.rmtree(self.previous, ignore_errors=True)
-            log.info("--overwrite: removed the previous run (%s)", self.previous.name)
-            self.previous = None
-
-    def restore_previous(self) -> None:
-        """The new run failed before saving anything: the run it was to replace comes back, as it was."""
-        if self.previous is None:
-            return
-        if self.dir.exists():  # the failed run could not be removed: the old one stays where it is, and is named
-            log.warning("--overwrite: the new run failed; the previous run is in %s", self.previous)
-            return
-        os.rename(self.previous, self.dir)
-        log.warning(
-            "--overwrite: the new run failed before its first checkpoint; %s holds the previous run again", self.dir
-        )
-        self.previous = None
-
-
 @contextlib.contextmanager
-def claimed(run_dir: Path, overwrite: bool, resume: bool) -> Iterator[Claim]:
+def claimed(run_dir: Path, overwrite: bool, resume: bool) -> Iterator[claims.Claim]:
     """The run folder, made (or, with --overwrite, made anew) and locked for the block (lock.py).
 
     A new run that fails before it saved anything (no checkpoint, no adapter) is removed: it could not be resumed or
@@ -326,35 +263,10 @@ def claimed(run_dir: Path, overwrite: bool, resume: bool) -> Iterator[Claim]:
         lock.release(claim.lock)
 
 
-def create(run_dir: Path, overwrite: bool, resume: bool) -> Claim:
+def create(run_dir: Path, overwrite: bool, resume: bool) -> claims.Claim:
     """Make and lock the run folder (check_target says what is allowed); --overwrite moves the old run aside."""
     check_target(run_dir, overwrite, resume)
-    if resume:
-        return Claim(run_dir, lock.acquire(run_dir), new=False)
-    previous = None
-    if _busy(run_dir):  # --overwrite of a run: no other command may be writing to it either
-        old_lock = lock.acquire(run_dir)
-        previous = run_dir.with_name(f".{run_dir.name}.old-{dt.datetime.now():%Y%m%d-%H%M%S}-{os.getpid()}")
-        os.rename(run_dir, previous)
-        old_lock = previous / lock.NAME
-    try:
-        try:
-            run_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as e:  # a parent is a regular file, no permission, read-only disk
-            raise UserError(
-                f"cannot create --output_dir {run_dir}: {e.strerror or e}. Choose another --output_dir."
-            ) from e
-        claim = Claim(run_dir, lock.acquire(run_dir), new=True, previous=previous)
-    except BaseException:
-        if previous is not None:
-            shutil.rmtree(run_dir, ignore_errors=True)
-            os.rename(previous, run_dir)
-            lock.release(run_dir / lock.NAME)
-        raise
-    if previous is not None:
-        lock.release(old_lock)  # the old run goes back (if it does) as it was, without our lock
-        log.info("--overwrite: moved the previous run aside to %s until this one saves a checkpoint", previous.name)
-    return claim
+    return claims.make(run_dir, resume)
 
 
 def as_dict(obj) -> dict:

@@ -2,8 +2,8 @@
 
 Which products are kept depends only on the file, the filters and the seed: the sample is the max_samples smallest
 seeded title hashes (`hashes`) among the distinct valid products, and a product's split depends on its title alone
-(`split_of`). The parallel path (--data_workers) is here too, beside the code it must match: it writes byte for byte
-what one process writes.
+(`split_of`). The parallel path (--data-workers) is here too, beside the code it must match: it writes byte for byte
+what one process writes (its processes and chunks: chunks.py).
 """
 
 from __future__ import annotations
@@ -11,20 +11,23 @@ from __future__ import annotations
 import hashlib
 import heapq
 import os
-import sys
 from array import array
 from collections import Counter
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import orjson
 
-from titletune import files
+from titletune import chunks, files
 from titletune import prompts as prompts_lib
 from titletune.config import DataArguments
 from titletune.errors import UserError
 from titletune.prompts import PromptSet
-from titletune.reading import PROGRESS_MIN_BYTES, is_gzip, rows_of, sniff
+from titletune.reading import is_gzip, rows_of, sniff
 from titletune.text import clean_text, clean_title, title_key, truncate
+
+if TYPE_CHECKING:
+    import numpy as np
 
 SPLITS = ("train", "val", "test")
 
@@ -110,7 +113,7 @@ class SplitWriter:
             self.abort()
             raise UserError(
                 f"none of the {total} kept product(s) fell in the train split (val {self.counts['val']}, test "
-                f"{self.counts['test']}): raise --max_samples, or pass --val_size 0 --test_size 0 to train on them all."
+                f"{self.counts['test']}): raise --max-samples, or pass --val-size 0 --test-size 0 to train on them all."
             )
         for split in SPLITS:
             files.sync(self.tmp[split])  # on disk before the rename (files.py)
@@ -204,7 +207,7 @@ class Selection:
         return [item[2:] for item in sorted(items, key=lambda item: item[1])]
 
 
-# Parallel reading (--data_workers): a plain JSON-lines file is cut at line ends into chunks that worker processes
+# Parallel reading (--data-workers): a plain JSON-lines file is cut at line ends into chunks that worker processes
 # read, clean, filter and dedupe on their own. The main process then dedupes across chunks (the first occurrence in
 # file order wins, as in one process) and takes the max_samples smallest ranks, so the output is byte for byte the
 # one a single process writes.
@@ -214,7 +217,7 @@ MAX_WORKERS = 8
 
 
 def data_workers(value: str | int, path: Path) -> int:
-    """--data_workers as a number of processes: 'auto' is one per usable CPU (at most 8) for a plain JSON-lines file
+    """--data-workers as a number of processes: 'auto' is one per usable CPU (at most 8) for a plain JSON-lines file
     of 64 MB or more, else 1. A gzip file or a JSON array is always read by one process."""
     text = str(value).strip().lower()
     if text == "auto":
@@ -229,58 +232,16 @@ def data_workers(value: str | int, path: Path) -> int:
         except ValueError:
             workers = 0
         if workers < 1:
-            raise UserError(f"--data_workers must be 'auto' or a number of processes >= 1, got {value!r}.")
+            raise UserError(f"--data-workers must be 'auto' or a number of processes >= 1, got {value!r}.")
     if workers > 1 and (is_gzip(path) or sniff(path) == b"["):
         return 1
     return workers
 
 
-def _chunks(path: Path, size: int, chunk_bytes: int) -> list[tuple[int, int]]:
-    """(start, end) byte ranges that cover the file, each starting at the beginning of a line."""
-    starts = [0]
-    with open(path, "rb") as f:
-        for cut in range(chunk_bytes, size, chunk_bytes):
-            if cut <= starts[-1]:
-                continue  # the previous line was longer than a chunk
-            f.seek(cut - 1)
-            skipped = 0
-            while block := f.read(1 << 16):
-                newline = block.find(b"\n")
-                if newline >= 0:
-                    skipped += newline + 1
-                    break
-                skipped += len(block)
-            start = cut - 1 + skipped
-            if start < size:
-                starts.append(start)
-    return list(zip(starts, [*starts[1:], size], strict=True))
-
-
-def _read_chunk(path: str, start: int, end: int) -> bytes:
-    with open(path, "rb") as f:
-        f.seek(start)
-        return f.read(end - start)
-
-
-def _count_lines(task: tuple[str, int, int]) -> int:
-    """Lines in one chunk, so that every worker knows the file line number of its first line (ids without uid)."""
-    data = _read_chunk(*task)
-    return data.count(b"\n") + (1 if data and not data.endswith(b"\n") else 0)
-
-
-def _worker_signals() -> None:
-    """Worker initializer: Ctrl-C is the main process's to handle (it stops the pool and cleans up), and SIGTERM
-    ends a worker at once, as it did before the fork copied the main process's handler (errors.cli)."""
-    import signal
-
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-
-
 def _chunk_worker(task: dict) -> dict:
     """Read, clean, filter and dedupe one chunk; keep its max_samples smallest ranks under task['bound'], or with
     max_samples 'all' write every distinct product, rendered, to task['tmp']."""
-    lines = _read_chunk(task["path"], task["start"], task["end"]).split(b"\n")
+    lines = chunks.read(task["path"], task["start"], task["end"]).split(b"\n")
     if lines and not lines[-1]:
         lines.pop()  # the chunk ends with a newline
     counts: Counter = Counter()
@@ -313,20 +274,6 @@ def _chunk_worker(task: dict) -> dict:
     }
 
 
-def _smallest(items: list[tuple], n: int) -> tuple[list[tuple], int]:
-    """The n items (rank, order, ...) with the smallest distinct ranks, each rank's earliest occurrence, and the rank
-    that every later chunk must be under to matter (2**64 while fewer than n are known)."""
-    items.sort(key=lambda item: (item[0], item[1]))
-    kept, last = [], None
-    for item in items:
-        if item[0] != last:
-            kept.append(item)
-            last = item[0]
-            if len(kept) == n:
-                break
-    return kept, (kept[-1][0] if len(kept) == n else 1 << 64)
-
-
 def select_parallel(
     path: Path,
     args: DataArguments,
@@ -337,106 +284,68 @@ def select_parallel(
     writer: SplitWriter,
     workers: int,
 ) -> tuple[array, array]:
-    """The parallel equivalent of the loop in prepare(); writes through `writer`, returns the EDA lengths."""
-    import multiprocessing
-    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-    from concurrent.futures.process import BrokenProcessPool
+    """The parallel equivalent of the loop in prepare(); writes through `writer`, returns the EDA lengths.
 
-    import numpy as np
-
-    size = path.stat().st_size
-    chunks = _chunks(path, size, CHUNK_BYTES)
-    results: list[dict | None] = [None] * len(chunks)
-    tmp = [files.tmp_name(writer.folder / f"chunk{i}.jsonl") for i in range(len(chunks))]
-    candidates: list[tuple] = []
-    bound = 1 << 64
-    # fork on Linux, as torch's DataLoader does: a worker runs only titletune's data code, never torch, and needs no
-    # `if __name__ == "__main__"` guard in the caller's script. The pool starts before the progress bar's thread.
-    method = "fork" if sys.platform == "linux" else "spawn"
-    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method), initializer=_worker_signals)
-    finished = False
-    bar = None
-    if size >= PROGRESS_MIN_BYTES:
-        from tqdm import tqdm
-
-        bar = tqdm(
-            total=size, unit="B", unit_scale=True, desc=f"reading {path.name} ({workers} workers)", disable=None
-        )
-    try:
-        line_counts = list(pool.map(_count_lines, [(str(path), start, end) for start, end in chunks]))
-        firsts = np.concatenate([[1], 1 + np.cumsum(line_counts)[:-1]]).tolist()
-        base = {
-            "path": str(path),
-            "seed": seed,
-            "max_samples": max_samples,
-            "min_chars": args.min_content_chars,
-            "max_chars": args.max_content_chars,
-            "title_field": args.title_field,
-            "content_field": args.content_field,
-            "prompts": prompts,
-        }
-        pending: dict = {}
-        following = 0
-        while following < len(chunks) or pending:
-            # A few chunks ahead of the workers, no more: each later chunk gets the tightest bound known so far.
-            while following < len(chunks) and len(pending) < 2 * workers:
-                start, end = chunks[following]
-                task = {**base, "index": following, "start": start, "end": end, "first": firsts[following]}
-                pending[pool.submit(_chunk_worker, {**task, "bound": bound, "tmp": str(tmp[following])})] = following
-                following += 1
-            done, _ = wait(pending, return_when=FIRST_COMPLETED)
-            for future in done:
-                index = pending.pop(future)
-                result = future.result()
-                counts.update(result.pop("counts"))
-                candidates.extend(result.pop("items"))
-                if max_samples is not None and len(candidates) > 2 * max_samples:
-                    candidates, bound = _smallest(candidates, max_samples)
-                results[index] = result
-                if bar is not None:
-                    bar.update(chunks[index][1] - chunks[index][0])
-        finished = True
-    except BrokenProcessPool:
-        raise UserError(
-            "a data-prep worker process died (out of memory?); run again with --data_workers 1 (one process)."
-        ) from None
-    finally:
-        pool.shutdown(wait=True, cancel_futures=not finished)  # Ctrl-C or an error: the chunks not begun never run
-        if bar is not None:
-            bar.close()
-        if not finished:
-            for file in tmp:
-                file.unlink(missing_ok=True)
+    The workers read their chunks (chunks.run, _chunk_worker); the main process dedupes across them (_dedupe), then
+    writes the sample's products, or every distinct product from the chunk files the workers rendered them to, in
+    file order.
+    """
+    ranges = chunks.ranges(path, path.stat().st_size, CHUNK_BYTES)
+    tmp = [files.tmp_name(writer.folder / f"chunk{i}.jsonl") for i in range(len(ranges))]
+    settings = {
+        "path": str(path),
+        "seed": seed,
+        "max_samples": max_samples,
+        "min_chars": args.min_content_chars,
+        "max_chars": args.max_content_chars,
+        "title_field": args.title_field,
+        "content_field": args.content_field,
+        "prompts": prompts,
+    }
+    merged = chunks.run(_chunk_worker, path, ranges, settings, tmp, counts, workers)
     if not counts["rows_read"]:
         raise UserError(
             f"data file {path} holds no JSON rows (only blank lines); re-download it or pass another --data."
         )
-    # Across chunks, the first occurrence of a rank in file order is the distinct product; later ones are duplicates.
-    ranks = np.concatenate([np.frombuffer(r["ranks"], dtype=np.uint64) for r in results])
-    first = np.zeros(len(ranks), dtype=bool)
-    first[np.unique(ranks, return_index=True)[1]] = True
-    distinct = int(first.sum())
-    counts["duplicate_title"] += len(ranks) - distinct
-    title_lengths, content_lengths = array("I"), array("I")
-    for name, lengths in (("title_lengths", title_lengths), ("content_lengths", content_lengths)):
-        lengths.frombytes(np.concatenate([np.frombuffer(r[name], np.uint32) for r in results])[first].tobytes())
+    first, lengths = _dedupe(merged.results, counts)
     try:
         if max_samples is not None:
-            chosen, _ = _smallest(candidates, max_samples)
-            counts["over_max_samples"] += distinct - len(chosen)
+            chosen, _ = chunks.smallest(merged.candidates, max_samples)
+            counts["over_max_samples"] += int(first.sum()) - len(chosen)
             for _rank, _order, *product in sorted(chosen, key=lambda item: item[1]):
                 writer.add(*product)
         else:
-            offset = 0
-            for index, result in enumerate(results):
-                keep = first[offset : offset + len(result["ranks"])].tolist()
-                with open(tmp[index], "rb") as f:
-                    for line, wanted, u, truncated in zip(f, keep, result["u"], result["truncated"], strict=True):
-                        if wanted:
-                            writer.add_line(line, u, bool(truncated))
-                offset += len(result["ranks"])
-                tmp[index].unlink()
+            _write_all(merged.results, first, tmp, writer)
     finally:
         for file in tmp:
             file.unlink(missing_ok=True)
-    return title_lengths, content_lengths
+    return lengths
+
+
+def _dedupe(results: list[dict], counts: Counter) -> tuple[np.ndarray, tuple[array, array]]:
+    """Across chunks, the first occurrence of a rank in file order is the distinct product; later ones are duplicates
+    (counted). Returns the mask of first occurrences over the chunks' products in order, and the distinct products'
+    EDA lengths (titles, contents)."""
+    import numpy as np
+
+    ranks = np.concatenate([np.frombuffer(r["ranks"], dtype=np.uint64) for r in results])
+    first = np.zeros(len(ranks), dtype=bool)
+    first[np.unique(ranks, return_index=True)[1]] = True
+    counts["duplicate_title"] += len(ranks) - int(first.sum())
+    title_lengths, content_lengths = array("I"), array("I")
+    for name, lengths in (("title_lengths", title_lengths), ("content_lengths", content_lengths)):
+        lengths.frombytes(np.concatenate([np.frombuffer(r[name], np.uint32) for r in results])[first].tobytes())
+    return first, (title_lengths, content_lengths)
+
+
+def _write_all(results: list[dict], first: np.ndarray, tmp: list[Path], writer: SplitWriter) -> None:
+    """max_samples 'all': each chunk file's distinct products, chunk by chunk, each file removed once written."""
+    offset = 0
+    for index, result in enumerate(results):
+        keep = first[offset : offset + len(result["ranks"])].tolist()
+        with open(tmp[index], "rb") as f:
+            for line, wanted, u, truncated in zip(f, keep, result["u"], result["truncated"], strict=True):
+                if wanted:
+                    writer.add_line(line, u, bool(truncated))
+        offset += len(result["ranks"])
+        tmp[index].unlink()

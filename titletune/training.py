@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -16,7 +15,8 @@ from transformers import TrainerCallback
 from trl import SFTTrainer
 
 from titletune import capacity
-from titletune.errors import Terminated, UserError
+from titletune.errors import Problems, Terminated, UserError
+from titletune.trainset import load_datasets, plain_rows
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,16 @@ class Fitted:
     question: str | None  # the question one trained product was asked, exactly as in training
 
 
+@dataclass
+class Rows:
+    """What fit() makes the train rows of, besides the run's split files (trainset.load_datasets)."""
+
+    prompt_set: object = None  # None: the run's own copy, <run>/prompts
+    passes: int = 1  # views of each train product, each in another phrasing (--passes)
+    rag_share: float = 0.0  # share of the products also asked with catalogue entries in the prompt (--rag-share)
+    rag_distractors: float = 0.0  # share of those rows whose entries are distractors only (--rag-distractors)
+
+
 def fit(
     backend,
     base_model: str,
@@ -54,48 +64,30 @@ def fit(
     training_args,
     run_dir: Path,
     resume: bool,
-    prompt_set=None,
-    passes: int = 1,
+    rows: Rows | None = None,
     callbacks: tuple = (),
-    rag: tuple[float, float] = (0.0, 0.0),
 ) -> Fitted:
-    """Model -> LoRA -> SFTTrainer -> train (or resume), on the run's prepared splits, each train product `passes`
-    times in as many phrasings (see load_datasets). The backend decides how the model is loaded and wrapped;
+    """Model -> LoRA -> SFTTrainer -> train (or resume), on the run's prepared splits, each train product
+    `rows.passes` times in as many phrasings (see Rows). The backend decides how the model is loaded and wrapped;
     everything after that is shared. `callbacks` are added to the Trainer's (e.g. OnSave)."""
+    rows = rows or Rows()
+    a = training_args
     # memory-mapped Arrow, not Python lists
-    train_rows, val_rows = load_datasets(run_dir, prompt_set, passes, training_args.seed, *rag)
-    products, answers = sample_answers(Path(run_dir) / "data" / "train.jsonl", ANSWER_SAMPLE, training_args.seed)
-    model, tokenizer = backend.load(
-        base_model, model_args, training_args.trust_remote_code, training_args.max_length, bf16=training_args.bf16
+    train_rows, val_rows = load_datasets(
+        run_dir, rows.prompt_set, rows.passes, a.seed, rows.rag_share, rows.rag_distractors
     )
+    products, answers = sample_answers(Path(run_dir) / "data" / "train.jsonl", ANSWER_SAMPLE, a.seed)
+    model, tokenizer = backend.load(base_model, model_args, a.trust_remote_code, a.max_length, bf16=a.bf16)
     train_rows, val_rows = plain_rows(tokenizer, run_dir, train_rows, val_rows)
     model = backend.add_lora(model, model_args, training_args)
-    trainable, total = model.get_nb_trainable_parameters()
-    log.info(
-        "model %s: %.1fM trainable of %.1fM parameters (LoRA r=%d)",
-        model_args.model_name_or_path,
-        trainable / 1e6,
-        total / 1e6,
-        model_args.lora_r,
-    )
-    a = training_args
+    trainable = _trainable(model, model_args)
     per_step = a.per_device_train_batch_size * a.gradient_accumulation_steps * a.world_size
-    epochs = a.max_steps * per_step / len(train_rows) if a.max_steps > 0 else a.num_train_epochs  # --max_steps wins
-    views = passes * epochs
+    epochs = a.max_steps * per_step / len(train_rows) if a.max_steps > 0 else a.num_train_epochs  # --max-steps wins
+    views = rows.passes * epochs
     if a.process_index == 0:
         plan_capacity(trainable, products, capacity.mean_tokens(tokenizer, answers), views, run_dir)
     trainer = build_trainer(model, tokenizer, train_rows, val_rows, training_args, run_dir)
-    log.info(
-        "training on %d products x %d passes (+ RAG rows) = %d rows: batch %d per device x %d accumulation x %d "
-        "processes = %d per step",
-        products,
-        passes,
-        len(train_rows),
-        a.per_device_train_batch_size,
-        a.gradient_accumulation_steps,
-        a.world_size,
-        per_step,
-    )
+    _log_batches(products, rows.passes, len(train_rows), training_args, per_step)
     for callback in callbacks:
         trainer.add_callback(callback)
     outcome = train(trainer, run_dir, resume)
@@ -108,6 +100,35 @@ def fit(
     )
     question = train_rows[0]["prompt"][-1]["content"] if len(train_rows) else None
     return Fitted(model, tokenizer, trainer, outcome, question)
+
+
+def _trainable(model, model_args) -> int:
+    """The adapter's trainable parameters, logged beside the model's total."""
+    trainable, total = model.get_nb_trainable_parameters()
+    log.info(
+        "model %s: %.1fM trainable of %.1fM parameters (LoRA r=%d)",
+        model_args.model_name_or_path,
+        trainable / 1e6,
+        total / 1e6,
+        model_args.lora_r,
+    )
+    return trainable
+
+
+def _log_batches(products: int, passes: int, n_rows: int, training_args, per_step: int) -> None:
+    """One line: the products, the passes, the rows they make, and the batch of one optimizer step."""
+    a = training_args
+    log.info(
+        "training on %d products x %d passes (+ RAG rows) = %d rows: batch %d per device x %d accumulation x %d "
+        "processes = %d per step",
+        products,
+        passes,
+        n_rows,
+        a.per_device_train_batch_size,
+        a.gradient_accumulation_steps,
+        a.world_size,
+        per_step,
+    )
 
 
 def sample_answers(path: Path, limit: int | None, seed: int) -> tuple[int, list[str]]:
@@ -232,182 +253,26 @@ class OnSave(TrainerCallback):
             first()
 
 
-def check_args(training_args) -> None:
-    """Raise once, before any work, with every training setting that cannot give a trained model."""
+def check_args(training_args, problems: Problems | None = None) -> None:
+    """Every training setting that cannot give a trained model, before any work (raised at once, or added to
+    `problems` for the caller to raise with its own)."""
     a = training_args
-    problems = []
+    found = Problems() if problems is None else problems
     if not a.learning_rate > 0:
-        problems.append(
-            f"--learning_rate must be > 0, got {a.learning_rate} (LoRA: about 2e-4 on a GPU preset; the CPU default 3e-3)"
+        found.add(
+            f"--learning-rate must be > 0, got {a.learning_rate} (LoRA: about 2e-4 on a GPU preset; the CPU default 3e-3)"
         )
     if a.max_steps == 0 or a.max_steps < -1:
-        problems.append(
-            f"--max_steps must be a positive number of optimizer steps, or -1 to train --num_train_epochs epochs; "
+        found.add(
+            f"--max-steps must be a positive number of optimizer steps, or -1 to train --num-train-epochs epochs; "
             f"got {a.max_steps}"
         )
     if a.max_steps == -1 and not a.num_train_epochs > 0:
-        problems.append(f"--num_train_epochs must be > 0 when --max_steps is -1, got {a.num_train_epochs}")
-    for name in ("per_device_train_batch_size", "gradient_accumulation_steps"):
-        if getattr(a, name) < 1:
-            problems.append(f"--{name} must be >= 1, got {getattr(a, name)}")
-    if problems:
-        raise UserError("; ".join(problems) + ".")
-
-
-def load_datasets(
-    run_dir: Path,
-    prompt_set=None,
-    passes: int = 1,
-    seed: int = 42,
-    rag_share: float = 0.0,
-    rag_distractors: float = 0.0,
-) -> tuple:
-    """data/train.jsonl and data/val.jsonl (None when empty) as Arrow datasets, prompt and completion columns only.
-    The train split is read `passes` times: pass i asks every product in its i-th phrasing (prompts.pick_question),
-    so that a product is learned from several questions, not from one repeated (bench/README.md: the study). With
-    rag_share, each pass adds RAG-aware rows for a seeded share of the products (rag_rows, ragrows.py). The Trainer's
-    sampler then shuffles all the rows together. The split files keep one row per product.
-
-    load_dataset, not Dataset.from_list: the rows are memory-mapped Arrow instead of Python objects (1.3M products
-    would take GBs in every process), and SFTTrainer's Dataset.map tokenisation is cached on disk beside them, in
-    <run>/data/cache, so a resumed run and every rank after the first reuse it (TRL maps on the main process first).
-    Deleting the run deletes its cache.
-    """
-    from datasets import concatenate_datasets, load_dataset
-
-    from titletune import prompts as prompts_lib
-
-    if passes < 1:
-        raise UserError(f"--passes must be >= 1, got {passes}.")
-    cache = str(Path(run_dir) / "data" / "cache")
-    files = {split: Path(run_dir) / "data" / f"{split}.jsonl" for split in ("train", "val")}
-    missing = [str(path) for path in files.values() if not path.is_file()]
-    if missing:
-        raise UserError(
-            f"{', '.join(missing)} missing; prepare the data first: python train.py --prepare_only "
-            f"--output_dir {run_dir}"
-        )
-    loaded = {
-        split: load_dataset("json", data_files=str(path), split="train", cache_dir=cache)
-        for split, path in files.items()
-        if path.stat().st_size > 0
-    }
-    if "train" not in loaded:
-        raise UserError(f"{files['train']} holds no products; prepare the data again with more --max_samples.")
-    if passes > 1:
-        prompt_set = prompt_set or prompts_lib.load(Path(run_dir) / "prompts")
-        first = loaded["train"]
-
-        def ask(turn):
-            def row(r):
-                rendered = prompts_lib.render(prompt_set, r["title"], r["content"], key=r["id"], seed=seed, turn=turn)
-                return {"prompt": rendered["prompt"]}
-
-            return row
-
-        copies = [first] + [first.map(ask(turn), desc=f"pass {turn + 1} phrasings") for turn in range(1, passes)]
-        loaded["train"] = concatenate_datasets(copies)
-    loaded = {split: ds.select_columns(["prompt", "completion"]) for split, ds in loaded.items()}
-    if rag_share > 0:
-        prompt_set = prompt_set or prompts_lib.load(Path(run_dir) / "prompts")
-        extra, read = rag_rows(run_dir, prompt_set, passes, seed, rag_share, rag_distractors, cache)
-        log.info(
-            "RAG-aware training: %d rows with catalogue entries (--rag_share %g), %d of them for the %d read-only "
-            "products (--rag_read)",
-            len(extra), rag_share, read * passes, read,
-        )  # fmt: skip
-        if len(extra):
-            loaded["train"] = concatenate_datasets([loaded["train"], extra.cast(loaded["train"].features)])
-    return loaded["train"], loaded.get("val")
-
-
-def rag_rows(run_dir: Path, prompt_set, passes: int, seed: int, share: float, distractors: float, cache: str):
-    """The RAG-aware rows of every pass (ragrows.py), from data/train.jsonl and the neighbours data preparation
-    wrote beside it (data/rag_train.jsonl, line for line), and the read-only products' rows (data/rag_read.jsonl).
-    Returns the rows and how many read-only products they hold."""
-    from datasets import concatenate_datasets, load_dataset
-
-    from titletune import ragrows
-
-    folder = Path(run_dir) / "data"
-    path = folder / ragrows.FILE
-    if not path.is_file() or not path.stat().st_size:
-        raise UserError(
-            f"{path} is missing: this run's data was prepared without --rag_share. Prepare it again with the flag "
-            f"(python train.py --rag-share {share} --output-dir <new run>)."
-        )
-    products = load_dataset("json", data_files=str(folder / "train.jsonl"), split="train", cache_dir=cache)
-    near = load_dataset("json", data_files=str(path), split="train", cache_dir=cache)
-    if len(near) != len(products) or near[0]["id"] != str(products[0]["id"]):
-        raise UserError(f"{path} does not match {folder / 'train.jsonl'}; prepare the data again (a new run).")
-    joined = concatenate_datasets(
-        [products.select_columns(["id", "title", "content"]), near.select_columns(["neighbours"])], axis=1
-    )
-
-    def for_pass(turn: int):
-        def rows(batch: dict) -> dict:
-            out: dict = {"prompt": [], "completion": []}
-            for pid, title, content, neighbours in zip(
-                batch["id"], batch["title"], batch["content"], batch["neighbours"], strict=True
-            ):
-                product = {"id": pid, "title": title, "content": content}
-                made = ragrows.row(prompt_set, product, neighbours or [], seed, turn, share, distractors)
-                if made is not None:
-                    out["prompt"].append(made["prompt"])
-                    out["completion"].append(made["completion"])
-            return out
-
-        return rows
-
-    passes_rows = [
-        joined.map(for_pass(turn), batched=True, remove_columns=joined.column_names, desc=f"pass {turn + 1} RAG rows")
-        for turn in range(passes)
-    ]
-    read_path, read = folder / ragrows.READ_FILE, []
-    if read_path.is_file() and read_path.stat().st_size:
-        read = load_dataset("json", data_files=str(read_path), split="train", cache_dir=cache)
-
-        def read_pass(turn: int):
-            def rows(r: dict) -> dict:
-                product = {"id": r["id"], "title": r["title"], "content": r["content"]}
-                return ragrows.read_row(prompt_set, product, r["neighbours"] or [], seed, turn)
-
-            return rows
-
-        passes_rows += [
-            read.map(read_pass(turn), remove_columns=read.column_names, desc=f"pass {turn + 1} read rows")
-            for turn in range(passes)
-        ]
-    return concatenate_datasets(passes_rows), len(read)
-
-
-def plain_rows(tokenizer, run_dir: Path, train_ds, eval_ds) -> tuple:
-    """The datasets with every special token of the model's own tokenizer made plain text in the messages
-    (specials.py). Data preparation made the common families' markers plain already, without a tokenizer; a product
-    that holds another special token of this one is rare, so the split files are searched first (orjson, seconds for
-    the whole catalogue) and the rows are mapped only when one does."""
-    import orjson
-
-    from titletune import specials
-
-    guard = specials.from_tokenizer(tokenizer)
-    found = 0
-    for name in ("train.jsonl", "val.jsonl", "rag_read.jsonl"):  # rag_read: RAG-aware training's read products
-        path = Path(run_dir) / "data" / name
-        with open(path, "rb") if path.is_file() else contextlib.nullcontext(()) as lines:
-            for line in lines:
-                row = orjson.loads(line) if line.strip() else {}
-                texts = [m["content"] for m in row.get("prompt", []) + row.get("completion", [])]
-                texts += [row[k] for k in ("title", "content") if "prompt" not in row and k in row]
-                found += any(guard.search(text) for text in texts)
-    if not found:
-        return train_ds, eval_ds
-    log.info("%d products hold special tokens of the model's tokenizer: made plain text", found)
-
-    def plain(row: dict) -> dict:
-        return {key: guard.messages(row[key], check_all=False) for key in ("prompt", "completion")}
-
-    return tuple(None if ds is None else ds.map(plain, desc="special tokens made plain") for ds in (train_ds, eval_ds))
+        found.add(f"--num-train-epochs must be > 0 when --max-steps is -1, got {a.num_train_epochs}")
+    found.at_least("--per-device-train-batch-size", a.per_device_train_batch_size, 1)
+    found.at_least("--gradient-accumulation-steps", a.gradient_accumulation_steps, 1)
+    if problems is None:
+        found.done()
 
 
 def build_trainer(model, tokenizer, train_ds, eval_ds, training_args, run_dir: Path):

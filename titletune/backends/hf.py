@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import logging
 import os
@@ -10,6 +11,7 @@ from pathlib import Path
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+from trl import get_peft_config, get_quantization_config
 
 from titletune import models
 from titletune.backends import launch
@@ -33,6 +35,8 @@ def _fsdp() -> bool:
 
 
 def _device_map(quantized: bool) -> dict | None:
+    # TRL 1.x has no get_kbit_device_map any more (its SFTTrainer places models itself); this is what it returned,
+    # {"": local process index}, with FSDP's exception.
     if not (torch.cuda.is_available() and quantized) or _fsdp():
         # FSDP places (and shards) the weights itself; with cpu_ram_efficient_loading rank 0 loads, the rest wait.
         return None
@@ -49,16 +53,7 @@ def load(base_model: str, model_args, trust_remote_code: bool = False, max_lengt
 
     bf16: training runs in bf16 (SFTConfig.bf16); on CPU the base is then loaded in bf16 rather than fp32.
     """
-    quantization_config = None
-    if model_args.load_in_4bit:
-        quantization_config = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type=model_args.bnb_4bit_quant_type or "nf4",
-            bnb_4bit_use_double_quant=model_args.use_bnb_nested_quant,
-            bnb_4bit_compute_dtype=_dtype(True),
-            # FSDP shards only float tensors: FSDP-QLoRA stores the packed 4-bit bytes as bf16 (the compute dtype).
-            bnb_4bit_quant_storage=model_args.bnb_4bit_quant_storage,  # None: uint8
-        )
+    quantization_config = _quantization_config(model_args)
     try:
         tokenizer = AutoTokenizer.from_pretrained(base_model, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(
@@ -76,6 +71,20 @@ def load(base_model: str, model_args, trust_remote_code: bool = False, max_lengt
         tokenizer.pad_token = tokenizer.eos_token
     disable_bnb_cpu_repack(model)
     return model, tokenizer
+
+
+def _quantization_config(model_args) -> BitsAndBytesConfig | None:
+    """TRL's get_quantization_config for a 4-bit base (quant type, nested quant and storage from ModelConfig; FSDP
+    shards only float tensors, so FSDP-QLoRA stores the packed 4-bit bytes as bf16 via bnb_4bit_quant_storage)."""
+    if not model_args.load_in_4bit:
+        return None  # --load-in-8bit is not a path titletune trains or merges: only a 4-bit base is quantized
+    overrides = dataclasses.replace(
+        model_args,
+        # TRL computes in --dtype (our default "auto" is no torch dtype): 4-bit computes in the device's 16-bit dtype.
+        dtype=str(_dtype(True)).removeprefix("torch."),
+        bnb_4bit_quant_type=model_args.bnb_4bit_quant_type or "nf4",  # a preset's `null` means nf4, TRL's default
+    )
+    return get_quantization_config(overrides)
 
 
 def disable_bnb_cpu_repack(model) -> int:
@@ -100,20 +109,21 @@ def add_lora(model, model_args, training_args):
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=bool(training_args.gradient_checkpointing)
         )
-    config = LoraConfig(
-        r=model_args.lora_r,
-        lora_alpha=model_args.lora_alpha,
-        lora_dropout=model_args.lora_dropout,
-        target_modules=model_args.lora_target_modules,
-        modules_to_save=model_args.lora_modules_to_save,
-        use_rslora=model_args.use_rslora,
-        use_dora=model_args.use_dora,
-        bias="none",
-        task_type="CAUSAL_LM",
-    )
+    config = _lora_config(model_args)
     # Under FSDP every parameter of a wrapped unit must share one dtype: no fp32 upcast of the norms (skipped
     # above) or of the LoRA weights (autocast_adapter_dtype), as TRL's prepare_peft_model does for sharded QLoRA.
     return get_peft_model(model, config, autocast_adapter_dtype=not sharded)
+
+
+def _lora_config(model_args) -> LoraConfig:
+    """TRL's get_peft_config: r, alpha, dropout, target modules, modules to save, rsLoRA and DoRA from ModelConfig."""
+    overrides = dataclasses.replace(
+        model_args,
+        use_peft=True,  # add_lora always adds one: train.py refuses --use-peft false; bench and tests pass bare configs
+        lora_task_type="CAUSAL_LM",  # merge() reloads the base as an AutoModelForCausalLM
+        lora_target_parameters=None,  # not passed by either backend: Unsloth's get_peft_model has no such option
+    )
+    return get_peft_config(overrides)
 
 
 def merge(
