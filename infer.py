@@ -1,21 +1,21 @@
-"""Ask the base and the fine-tuned model the same question, side by side; evaluate a run; or serve both models.
+"""Ask the base and the fine-tuned model the same question, side by side; chat; evaluate a run; or serve both models.
 
 The most recent run in outputs/ is used unless --run says otherwise. Questions go through the run's own
 prompts/ and the model's chat template, exactly as in training.
 
-    python infer.py "What is 'Girls Ballet Tutu Neon Pink'?"                    # base | tuned, latest run
-    python infer.py "Tell me about Hiking Socks." --run outputs/<run> --json   # one JSON object
-    python infer.py --interactive --only tuned                                 # a prompt loop; Ctrl-D quits
-    python infer.py --rag "What is 'Girls Ballet Tutu Neon Pink'?"             # + tuned with catalogue entries
-    python infer.py --rag --rag-index data/trn.json "Tell me about ..."        # search the whole catalogue
-    python infer.py "What is ...?" --engine llamacpp                           # the GGUF the run ships
-    python infer.py "What is ...?" --engine llamacpp --gguf outputs/<run>/model.q8_0.gguf --base-gguf base.gguf
-    python infer.py --evaluate --samples 20                                    # report.{json,md,png} in the run
-    python infer.py --evaluate --data data/trn.json --samples 50                 # products of any trn file
-    python infer.py --serve                                # playground at http://127.0.0.1:8000/, API at /v1
-    python infer.py --serve --gguf outputs/<run>/model.q8_0.gguf --port 8001       # another file as "tuned"
-    python infer.py --serve --rag-index data/trn.json     # "tuned+rag" searches the whole catalogue
-    python infer.py --serve --host 0.0.0.0     # other machines too: needs $TITLETUNE_API_KEY (or --api-key)
+    python infer.py "What is 'Girls Ballet Tutu Neon Pink'?"                    # ask: base | tuned, latest run
+    python infer.py ask "Tell me about Hiking Socks." --run outputs/<run> --json  # one JSON object
+    python infer.py ask --rag "What is 'Girls Ballet Tutu Neon Pink'?"           # + tuned with catalogue entries
+    python infer.py ask --rag --rag-index data/trn.json "Tell me about ..."      # search the whole catalogue
+    python infer.py ask "What is ...?" --engine llamacpp                         # the GGUF the run ships
+    python infer.py ask "What is ...?" --engine llamacpp --gguf outputs/<run>/model.q8_0.gguf --base-gguf base.gguf
+    python infer.py chat --only tuned                                            # a prompt loop; Ctrl-D quits
+    python infer.py evaluate --samples 20                                        # report.{json,md,png} in the run
+    python infer.py evaluate --data data/trn.json --samples 50                   # products of any trn file
+    python infer.py serve                                  # playground at http://127.0.0.1:8000/, API at /v1
+    python infer.py serve --gguf outputs/<run>/model.q8_0.gguf --port 8001          # another file as "tuned"
+    python infer.py serve --rag-index data/trn.json       # "tuned+rag" searches the whole catalogue
+    python infer.py serve --host 0.0.0.0       # other machines too: needs $TITLETUNE_API_KEY (or --api-key)
 
 On a CUDA machine the transformers engine uses the GPU by itself; nothing changes in the commands.
 """
@@ -33,10 +33,20 @@ import textwrap
 from pathlib import Path
 
 from titletune.config import RAG_K
-from titletune.errors import UserError, cli, full_disk_is_user_error
+from titletune.errors import Problems, UserError, cli, full_disk_is_user_error
 
-EXAMPLES = "examples:\n" + "\n".join(line for line in __doc__.splitlines() if line.startswith("    python "))
 SIDE_BY_SIDE_MIN = 80  # narrower terminals get stacked blocks: two 38-column answers are hard to read
+# What each command does, for the overview (`python infer.py --help`) and its own --help.
+COMMANDS = {
+    "ask": "Ask one question; base and tuned answer side by side (the command when none is named).",
+    "chat": "Ask questions in a loop, each answered as `ask` does; Ctrl-C or Ctrl-D quits.",
+    "evaluate": "Score six systems on seen and held-out products; writes report.json/.md/.png and the card.",
+    "serve": "The playground page and an OpenAI-compatible API: models 'tuned', 'base' and 'tuned+rag'.",
+}
+# The mode flags these commands replace; still accepted, as the command they name.
+OLD_FLAGS = {"--interactive": "chat", "--evaluate": "evaluate", "--serve": "serve"}
+TRUE_WORDS = {"yes", "true", "t", "y", "1"}  # the words HfArgumentParser reads as a boolean flag's value
+BOOL_WORDS = TRUE_WORDS | {"no", "false", "f", "n", "0"}
 
 
 class _Help(argparse.RawDescriptionHelpFormatter):
@@ -49,35 +59,111 @@ class _Help(argparse.RawDescriptionHelpFormatter):
         return f"{text} (default: %(default)s)"
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Every flag from the dataclasses (config.InferArguments, config.ModeArguments, generate.Sampling), with dashes or
-    underscores; one namespace, plus `sampling` (a generate.Sampling)."""
-    from transformers import HfArgumentParser
-
-    from titletune.config import InferArguments, ModeArguments
+def groups(command: str) -> tuple:
+    """The flag dataclasses of a command (config.py, generate.Sampling), in the order --help shows them."""
+    from titletune.config import (
+        AskArguments,
+        EngineArguments,
+        EvalArguments,
+        RagArguments,
+        RunArguments,
+        ServeArguments,
+    )
     from titletune.generate import Sampling
 
-    groups = (InferArguments, Sampling, ModeArguments)
-    parser = HfArgumentParser(groups, description=__doc__.split("\n\n")[0], formatter_class=_Help, epilog=EXAMPLES)
-    parser.add_argument(
-        "question", nargs="?", help="The question to ask, e.g. \"What is 'Girls Ballet Tutu Neon Pink'?\"."
+    return {
+        "ask": (RunArguments, EngineArguments, Sampling, AskArguments, RagArguments),
+        "chat": (RunArguments, EngineArguments, Sampling, AskArguments, RagArguments),
+        "evaluate": (RunArguments, EngineArguments, Sampling, EvalArguments, RagArguments),
+        "serve": (RunArguments, ServeArguments, RagArguments),
+    }[command]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """`[command] [flags]` -> one namespace with `command`, every flag of that command (dashes or underscores) and,
+    but for serve, `sampling` (a generate.Sampling). No command, or an old mode flag, reads as `ask` or that mode."""
+    from transformers import HfArgumentParser
+
+    from titletune.generate import Sampling
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(overview(), file=sys.stdout if argv else sys.stderr)
+        raise SystemExit(0 if argv else 2)
+    command, argv = split_command(argv)
+    dataclasses_ = groups(command)
+    parser = HfArgumentParser(
+        dataclasses_,
+        prog=f"infer.py {command}",
+        description=COMMANDS[command],
+        formatter_class=_Help,
+        epilog=_examples(command),
     )
-    argv = sys.argv[1:] if argv is None else argv
+    if command == "ask":
+        parser.add_argument("question", help="The question, e.g. \"What is 'Girls Ballet Tutu Neon Pink'?\".")
     args = parser.parse_args(_switches(parser, argv))  # argparse's own message and exit 2 for an unknown flag
-    args.sampling = Sampling(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Sampling)})
-    args.rag_given = any(a == "--rag" or a.startswith("--rag=") for a in argv)  # else the run decides (main)
+    args.command = command
+    if command in ("ask", "chat"):  # --rag not given: the run decides (main)
+        args.rag = args.rag if any(a == "--rag" or a.startswith("--rag=") for a in argv) else None
+    if Sampling in dataclasses_:
+        args.sampling = Sampling(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Sampling)})
     return args
+
+
+def split_command(argv: list[str]) -> tuple[str, list[str]]:
+    """The command named first, else the one an old mode flag (--interactive, --evaluate, --serve) turns on (a flag
+    followed by a false word, or =false, turns nothing on), else ask. The old flags leave argv with their words."""
+    if argv[0] in COMMANDS:
+        return argv[0], argv[1:]
+    rest, on = [], []
+    skip = False
+    for i, token in enumerate(argv):
+        name, _, value = token.partition("=")
+        if skip or name not in OLD_FLAGS:
+            rest += [] if skip else [token]
+            skip = False
+            continue
+        following = argv[i + 1].lower() if i + 1 < len(argv) and not value else ""
+        skip = following in BOOL_WORDS
+        word = (value or (following if skip else "true")).lower()
+        if word in TRUE_WORDS:
+            on.append(OLD_FLAGS[name])
+    return (on[0] if on else "ask"), rest
+
+
+def overview() -> str:
+    width = max(len(c) for c in COMMANDS)
+    lines = [
+        __doc__.split("\n\n")[0],
+        "",
+        "usage: python infer.py [COMMAND] [flags]   (COMMAND --help: its flags)",
+        "",
+    ]
+    lines += [f"  {c:<{width}}  {text}" for c, text in COMMANDS.items()]
+    lines += [
+        "",
+        _examples(None),
+        "",
+        "--interactive, --evaluate and --serve still work, as chat, evaluate and serve.",
+    ]
+    return "\n".join(lines)
+
+
+def _examples(command: str | None) -> str:
+    lines = [line for line in __doc__.splitlines() if line.startswith("    python ")]
+    if command:
+        lines = [line for line in lines if f"infer.py {command}" in line or (command == "ask" and '.py "' in line)]
+    return "examples:\n" + "\n".join(lines)
 
 
 def _switches(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
     """HfArgumentParser lets a boolean flag take a value (--rag false), so `--rag "What is X?"` would read the
     question as that value and fail. A boolean flag not followed by a true/false word is a switch: it means true."""
-    words = {"yes", "no", "true", "false", "t", "f", "y", "n", "1", "0"}
     flags = {o for a in parser._actions if a.nargs == "?" and a.const is True for o in a.option_strings}
     out = []
     for i, token in enumerate(argv):
         out.append(token)
-        if token in flags and (i + 1 == len(argv) or argv[i + 1].lower() not in words):
+        if token in flags and (i + 1 == len(argv) or argv[i + 1].lower() not in BOOL_WORDS):
             out.append("true")
     return out
 
@@ -86,15 +172,16 @@ def _switches(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
 def main(args: argparse.Namespace) -> None:
     from titletune import generate, runs
 
-    if args.serve:
+    if args.command == "serve":
         return serve(args)
     check(args)
     run = runs.load_or_latest(args.run, args.outputs)
-    if args.evaluate:
+    if args.command == "evaluate":
         return evaluate(args, run)
-    args.sampling.check()
-    if not args.rag_given:  # a run trained with catalogue entries in its prompts is asked with them too
+    if args.rag is None:  # a run trained with catalogue entries in its prompts is asked with them too
         args.rag = float(run.section("data").get("rag_share") or 0) > 0
+    if (args.rag_k is not None or args.rag_index) and not args.rag:
+        raise UserError("--rag-k and --rag-index are for RAG answers: add --rag (this run does not turn it on).")
     systems = (args.only,) if args.only else generate.SYSTEMS
     engine = generate.load_engine(run, args.engine, systems, *_engine_options(args))
     if args.rag:
@@ -102,44 +189,38 @@ def main(args: argparse.Namespace) -> None:
 
         rag_index, args.rag_k = _rag_settings(args, run)
         args.index = retrieval.open_index(run, rag_index)
-    if args.question:
+    if args.command == "ask":
         answer(engine, args.question, systems, args.sampling, args)
-    if args.interactive:
+    else:
         loop(engine, systems, args.sampling, args)
 
 
 def check(args: argparse.Namespace) -> None:
-    """Every problem with the flags at once, before any model loads."""
-    problems = []
-    if not (args.question or args.interactive or args.evaluate):
-        problems.append("give a question, or --interactive, --evaluate or --serve")
-    if args.data and not args.evaluate:
-        problems.append("--data needs --evaluate")
-    if args.evaluate and args.samples is not None and args.samples < 1:
-        problems.append(f"--samples must be >= 1, got {args.samples}")
-    if args.evaluate and (args.question or args.interactive):
-        problems.append("--evaluate takes no question and no --interactive")
-    if args.rag and args.evaluate:
-        problems.append("--rag is for questions; --evaluate always scores base + RAG and tuned + RAG")
-    if args.rag_k is not None and args.rag_k < 1:
-        problems.append(f"--rag-k must be >= 1, got {args.rag_k}")
-    if (args.rag_k is not None or args.rag_index) and not (args.rag or args.evaluate):
-        problems.append("--rag-k and --rag-index need --rag, --evaluate or --serve")
+    """Every problem with the flags of ask, chat and evaluate at once, before any model loads."""
+    problems = Problems()
+    if args.command == "evaluate":
+        if args.only:
+            problems.add("evaluate compares base and tuned; leave out --only")
+    else:  # evaluate's own checks are EvalSettings.check's, sampling and --rag-k included
+        if args.command == "ask" and not args.question.strip():
+            problems.add("the question is empty")
+        problems.at_least("--rag-k", args.rag_k, 1)
+        args.sampling.check(problems)
     if args.engine == "llamacpp" and args.sampling.num_beams != 1:
-        problems.append("--num-beams works only with --engine transformers (llama.cpp has no beam search)")
+        problems.add("--num-beams works only with --engine transformers (llama.cpp has no beam search)")
     if args.engine == "llamacpp" and args.dtype != "auto":
-        problems.append("--dtype is for --engine transformers (a GGUF computes in its own types)")
-    if args.threads is not None and args.threads < 1:
-        problems.append(f"--threads must be >= 1, got {args.threads}")
-    if problems:
-        raise UserError("; ".join(problems) + ".")
+        problems.add("--dtype is for --engine transformers (a GGUF computes in its own types)")
+    problems.at_least("--threads", args.threads, 1)
+    problems.done()
 
 
 def answer(engine, question: str, systems: tuple[str, ...], sampling, args) -> None:
     from titletune import generate
 
-    index = getattr(args, "index", None) if args.rag else None
-    answers = generate.ask(engine, [question], systems, sampling, index=index, k=args.rag_k or RAG_K)
+    if args.rag:  # main set args.index and args.rag_k (_rag_settings)
+        answers = generate.ask(engine, [question], systems, sampling, index=args.index, k=args.rag_k)
+    else:
+        answers = generate.ask(engine, [question], systems, sampling)
     names = [*generate.SYSTEMS, *(f"{m}+rag" for m in generate.SYSTEMS)]
     result = {s: (answers[s][0] if s in answers else None) for s in names}
     retrieved = answers["retrieved"][0] if "retrieved" in answers else None
@@ -209,19 +290,17 @@ def evaluate(args: argparse.Namespace, run) -> None:
     from titletune import evaluate as ev
     from titletune import generate, lock, pipeline, reports
 
-    if args.only:
-        raise UserError("--evaluate compares base and tuned; leave out --only.")
-    script = run.section("script")
+    rag_index, rag_k = _rag_settings(args, run)
     settings = ev.EvalSettings(
-        samples=args.samples or script.get("eval_samples") or ev.EvalSettings.samples,
+        samples=args.samples or run.section("script").get("eval_samples") or ev.EvalSettings.samples,
         seed=args.seed,
         data=args.data,
-        rag_k=args.rag_k or script.get("rag_k") or RAG_K,
-        rag_index=args.rag_index or script.get("rag_index"),
+        rag_k=rag_k,
+        rag_index=rag_index,
         sampling=args.sampling,
     )
     settings.check()
-    again = f"evaluate again: python infer.py --run {shlex.quote(str(run.dir))} --evaluate"
+    again = f"evaluate again: python infer.py evaluate --run {shlex.quote(str(run.dir))}"
     with full_disk_is_user_error(run.dir, lambda: again), lock.held(run.dir):  # it writes report.* and the card
         engine = generate.load_engine(run, args.engine, generate.SYSTEMS, *_engine_options(args))
         scored = pipeline.finish(run, settings=settings, engine=engine)
@@ -248,13 +327,11 @@ def serve(args: argparse.Namespace) -> None:
             f"the server needs llama-cpp-python[server] ({e}); pip install 'llama-cpp-python[server]'"
         ) from None
     key = server.api_key(args.api_key)
-    problems = server.check(args.host, args.port, key, args.max_queue, args.request_timeout)
-    if args.question or args.interactive or args.evaluate:
-        problems.insert(0, "--serve takes no question, --interactive or --evaluate")
-    if args.rag_k is not None and args.rag_k < 1:
-        problems.append(f"--rag-k must be >= 1, got {args.rag_k}")
-    if problems:
-        raise UserError("; ".join(problems) + ".")
+    problems = Problems()
+    problems.extend(server.check(args.host, args.port, key, args.max_queue, args.request_timeout))
+    problems.at_least("--rag-k", args.rag_k, 1)
+    problems.at_least("--threads", args.threads, 1)
+    problems.done()
     if args.run or not args.gguf:
         run = runs.load_or_latest(args.run, args.outputs)
     else:  # a GGUF inside a run folder brings that run's prompts and products; elsewhere, the default prompts

@@ -17,6 +17,7 @@ Stages: data -> model -> SFTTrainer -> adapter -> merge -> GGUF + Modelfile -> e
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import shlex
 import signal
@@ -24,28 +25,49 @@ import sys
 
 from titletune import backends, config, logs, machine, models, prepare, prompts, resume, runs
 from titletune.config import DEFAULTS, GPU_CONFIG, DataArguments, ExportArguments, ScriptArguments
-from titletune.errors import UserError, cli, full_disk_is_user_error
+from titletune.errors import Problems, UserError, cli, full_disk_is_user_error
 
 log = logging.getLogger("titletune")
 
 
-def parse(argv: list[str]):
-    """Choose the backend (importing unsloth first if it is the one), then parse every flag with TrlParser."""
+@dataclasses.dataclass
+class Invocation:
+    """What train.py runs with: TrlParser's five argument objects, and what parse decided before them."""
+
+    script: ScriptArguments
+    model: object  # trl.ModelConfig
+    data: DataArguments
+    export: ExportArguments
+    training: object  # trl.SFTConfig
+    resume_changes: dict  # what a --resume changed, {name: [old, new]} (run_config.yaml records it); {} otherwise
+
+    @property
+    def groups(self) -> tuple:
+        """The five argument objects, in the order run_config.yaml and resume.flat take them."""
+        return self.script, self.model, self.data, self.export, self.training
+
+
+def parse(argv: list[str]) -> Invocation:
+    """Choose the backend (importing unsloth first if it is the one), then parse every flag with TrlParser.
+    script.backend is the backend chosen, as run_config.yaml records it."""
     import torch
 
     cuda = torch.cuda.is_available()
+    asked = config.asked(argv)
     # --resume continues the same run: its own settings are the defaults, and only flags given now change them.
-    original = None
-    if "--resume" in argv:
-        resumed = runs.resolve_dir(config.requested(argv, "output_dir", "auto"))
+    original, resumed = None, None
+    if "resume" in asked.flags:
+        resumed = runs.resolve_dir(asked.value("output_dir", "auto"))
         original = resume.settings(resumed)
-    if cuda and original is None and "--config" not in argv and not any(a in argv for a in ("-h", "--help")):
+    if cuda and original is None and "config" not in asked.flags and not any(a in argv for a in ("-h", "--help")):
         argv = ["--config", str(GPU_CONFIG), *argv]
+        asked = config.asked(argv)
     # The backend once the config is known, so a preset's `backend:` counts; unsloth is imported here, once.
     fallback = {**DEFAULTS, "backend": "auto", **(original or {})}
-    load_in_4bit = config.requested(argv, "load_in_4bit", str(fallback["load_in_4bit"]))
-    requested = config.requested(argv, "backend", str(fallback["backend"] or "auto"))
-    backend = backends.choose(requested, load_in_4bit.lower() in ("true", "1", "yes"))
+    load_in_4bit = asked.value("load_in_4bit", str(fallback["load_in_4bit"]))
+    backend = backends.choose(
+        asked.value("backend", str(fallback["backend"] or "auto")), load_in_4bit.lower() in ("true", "1", "yes")
+    )
     backends.load_backend(backend)
     from trl import ModelConfig, SFTConfig, TrlParser
 
@@ -63,35 +85,39 @@ def parse(argv: list[str]):
     }
     parser.set_defaults_with_config(**{**DEFAULTS, **machine_defaults, **(original or {})})
     parsed = parser.parse_args_and_config(argv)
-    script_args = parsed[0]
-    script_args.backend = backend
-    given = config.given(argv)
-    data_args, training_args = parsed[2], parsed[-1]
-    if not parsed[1].use_peft:
+    inv = Invocation(*parsed[:5], resume_changes={})
+    inv.script.backend = backend
+    if not inv.model.use_peft:
         raise UserError(
             "--use-peft false asks for full fine-tuning, which titletune does not do: it trains LoRA adapters (QLoRA "
             "on a GPU) and merges them. Leave the flag out, and raise --lora-r for more capacity (README: Will it fit?)."
         )
-    if data_args.rag_share > 0 and "max_length" not in given and training_args.max_length < config.RAG_MAX_LENGTH:
-        training_args.max_length = config.RAG_MAX_LENGTH  # room for the entries of a RAG row (config.py)
+    if inv.data.rag_share > 0 and "max_length" not in asked.names and inv.training.max_length < config.RAG_MAX_LENGTH:
+        inv.training.max_length = config.RAG_MAX_LENGTH  # room for the entries of a RAG row (config.py)
     if original:  # recorded in run_config.yaml by main(): what this resume changed, [old, new]
-        script_args.resume_changes = resume.changes(original, parsed, given)
-        runs.note_ignored_trust(resumed, flag=parsed[-1].trust_remote_code)  # not resumed: only this command's flag
-    return parsed
+        inv.resume_changes = resume.changes(original, parsed, asked.names)
+        runs.note_ignored_trust(resumed, flag=inv.training.trust_remote_code)  # not resumed: only this command's flag
+    return inv
 
 
 @cli
-def main(script_args, model_args, data_args, export_args, training_args):
+def main(inv: Invocation):
     from titletune import export, training
 
-    args = (script_args, model_args, data_args, export_args, training_args)
+    args = inv.groups
+    script_args, model_args, data_args, export_args, training_args = args
     backend = backends.load_backend(script_args.backend)  # already imported by parse(): returns the module
-    gguf_types = export.check_args(export_args)
+    problems = Problems()  # every problem with the flags, said at once
+    gguf_types = export.check_args(export_args, problems)
+    if not script_args.export_only:
+        training.check_args(training_args, problems)
+        prepare.check_args(data_args, problems)
+    problems.done()
     if script_args.export_only:
         return export_only(script_args.run, gguf_types, export_args, training_args.trust_remote_code)
     run_dir = runs.resolve_dir(training_args.output_dir)  # under several processes, the same folder on every rank
     training_args.output_dir = str(run_dir)
-    prompt_set, base_model = check(backend, run_dir, gguf_types, *args)
+    prompt_set, base_model = check(backend, run_dir, gguf_types, inv)
     main_process = training_args.process_index == 0
     # The main process makes and locks the run folder (runs.claimed); under accelerate/torchrun the others wait.
     claimed = runs.claimed(run_dir, script_args.overwrite, script_args.resume) if main_process else None
@@ -101,7 +127,7 @@ def main(script_args, model_args, data_args, export_args, training_args):
             if main_process:
                 log.info("run folder %s (backend %s)", run_dir, script_args.backend)
                 if script_args.resume:
-                    changed = getattr(script_args, "resume_changes", {})
+                    changed = inv.resume_changes
                     resume.record(run_dir, changed)
                     log.info("resume: the run's own settings%s", f", changed: {changed}" if changed else ", unchanged")
                 else:
@@ -115,8 +141,9 @@ def main(script_args, model_args, data_args, export_args, training_args):
         # 2. Model, LoRA, SFTTrainer. A new run that fails before its first checkpoint is removed (runs.claimed).
         on_save = training.OnSave(resume.identity(resume.flat(args)), first=claim.drop_previous if claim else None)
         fitted = training.fit(
-            backend, base_model, model_args, training_args, run_dir, script_args.resume, prompt_set,
-            data_args.passes, callbacks=(on_save,), rag=(data_args.rag_share, data_args.rag_distractors),
+            backend, base_model, model_args, training_args, run_dir, script_args.resume,
+            training.Rows(prompt_set, data_args.passes, data_args.rag_share, data_args.rag_distractors),
+            callbacks=(on_save,),
         )  # fmt: skip
         training.save_adapter(fitted, run_dir)
         if fitted.outcome.interrupted:
@@ -128,23 +155,20 @@ def main(script_args, model_args, data_args, export_args, training_args):
         return finish(fitted, backend, base_model, run_dir, gguf_types, script_args, export_args, training_args)
 
 
-def check(backend, run_dir, gguf_types, script_args, model_args, data_args, export_args, training_args):
-    """Every check that can be made before anything is written: the flags, the run folder, a resume's changes, the
-    data, the prompt set, the model, and what the stages after training will need (preflight.py). A failure here
-    leaves every folder as it was. Returns the prompt set and the base model."""
-    from titletune import preflight, training
+def check(backend, run_dir, gguf_types, inv: Invocation):
+    """Every check that can be made before anything is written, after the flags (main): the run folder, a resume's
+    changes, the data, the prompt set, the model, and what the stages after training will need (preflight.py). A
+    failure here leaves every folder as it was. Returns the prompt set and the base model."""
+    from titletune import preflight
 
+    script_args, model_args, data_args, export_args, training_args = inv.groups
     backend.check(model_args, export_args)
-    training.check_args(training_args)
     runs.check_target(run_dir, script_args.overwrite, script_args.resume)
     if script_args.resume:  # a resumed run reuses its own prompts and splits: the same data in the same order
-        resume.check_changes(run_dir, getattr(script_args, "resume_changes", {}))
-        resume.check_checkpoints(
-            run_dir, resume.flat((script_args, model_args, data_args, export_args, training_args))
-        )
+        resume.check_changes(run_dir, inv.resume_changes)
+        resume.check_checkpoints(run_dir, resume.flat(inv.groups))
         prompt_set = prompts.load(run_dir / "prompts")
     else:
-        prepare.check_args(data_args)
         prepare.check_path(data_args.data)
         prompt_set = prompts.load(data_args.prompts)
     base_model = models.resolve(model_args.model_name_or_path)
@@ -233,5 +257,5 @@ def _go_on(run_dir) -> str:
 if __name__ == "__main__":
     models.disable_telemetry()  # before trl, datasets and huggingface_hub are imported
     logs.setup()  # the same: they read their progress-bar settings at import
-    args = cli(parse)(sys.argv[1:])  # a bad flag, or Ctrl-C during the imports: one line, no traceback
-    main(*args)
+    invocation = cli(parse)(sys.argv[1:])  # a bad flag, or Ctrl-C during the imports: one line, no traceback
+    main(invocation)

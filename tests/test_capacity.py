@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SMOL_R16 = 16 * 305_280
 # The 3B preset's r16 adapter on Llama 3.2 3B (28 layers, hidden 3072, MLP 8192, kv 1024): 1,519,616 per rank.
 LLAMA3B_R16 = 16 * 1_519_616
-FIXES = ("--lora-r", "--passes", "--max-samples", "--rag-share", "infer.py --serve", "tuned+rag")
+FIXES = ("--lora-r", "--passes", "--max-samples", "--rag-share", "infer.py serve", "tuned+rag")
 
 
 def test_a_small_catalogue_on_the_135m_r16_adapter_fits_without_a_warning():
@@ -227,7 +227,7 @@ def test_fit_prints_the_capacity_line_after_the_adapter_is_built_and_before_the_
         gradient_accumulation_steps=1, world_size=1, max_steps=-1, num_train_epochs=1, process_index=0,
     )  # fmt: skip
     with caplog.at_level(logging.INFO, logger="titletune.training"), pytest.raises(RuntimeError, match="stop"):
-        training.fit(backend, "base", model_args, training_args, tmp_path, False, passes=1)
+        training.fit(backend, "base", model_args, training_args, tmp_path, False, training.Rows(passes=1))
     saved = json.loads((tmp_path / capacity.FILE).read_text())
     assert saved["trainable"] == SMOL_R16 and saved["products"] == 12 and saved["views"] == 1
     assert saved["answer_tokens"] == pytest.approx(expected)

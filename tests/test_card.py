@@ -188,7 +188,7 @@ def test_files_and_fidelity_match_export_json(trained_run, text):
     assert str(trained_run.parent) not in text
     # What the GGUF alone answers and what the tuned+rag server adds, with this run's own figures.
     report = json.loads((trained_run / "report.json").read_text())
-    assert "It cannot search" in usage and f"python infer.py --serve --run path/to/{trained_run.name}" in usage
+    assert "It cannot search" in usage and f"python infer.py serve --run path/to/{trained_run.name}" in usage
     assert f"ROUGE-L F1 {report['heldout']['tuned+rag']['rougeL']['mean']:.3f}" in usage
     assert "trained without catalogue entries" in usage and f"--rag-share {RAG_SHARE_ON:g}" in usage
 

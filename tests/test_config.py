@@ -21,8 +21,8 @@ OURS = {f.name: f.default for c in (ScriptArguments, DataArguments, ExportArgume
 
 
 def resolved(parsed) -> dict:
-    """Every parsed argument, flat, as run_config.yaml records it (enums as their values)."""
-    return {k: v for args in parsed for k, v in runs.as_dict(args).items()}
+    """Every parsed argument (train.parse's Invocation), flat, as run_config.yaml records it (enums as values)."""
+    return {k: v for args in parsed.groups for k, v in runs.as_dict(args).items()}
 
 
 def same(got, want) -> bool:
@@ -110,7 +110,9 @@ def test_settings_given_are_read_from_flags_and_the_config_file(tmp_path):
     own = tmp_path / "mine.yaml"
     own.write_text("learning_rate: 1.0e-4\nbackend: hf\n")
     argv = ["--config", str(own), "--max-steps=3", "--lora_r", "8"]
-    assert config.given(argv) == {"learning_rate", "backend", "max_steps", "lora_r"}
-    assert config.requested(argv, "backend", "auto") == "hf"
-    assert config.requested(argv, "max_steps", "x") == "3"
-    assert config.requested([], "backend", "auto") == "auto"
+    asked = config.asked(argv)
+    assert asked.names == {"learning_rate", "backend", "max_steps", "lora_r"}
+    assert asked.value("backend", "auto") == "hf"
+    assert asked.value("max_steps", "x") == "3"
+    assert config.asked([]).value("backend", "auto") == "auto"
+    assert config.asked(["--resume"]).value("resume", "x") == "x"  # a switch at the end has no value

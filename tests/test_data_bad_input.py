@@ -205,7 +205,7 @@ FILTERED = [{"uid": f"E{i}", "title": f"Item {i}", "content": ""} for i in range
 FILTERED += [{"uid": f"S{i}", "title": f"Short {i}", "content": "tiny"} for i in range(3)]
 WRONG_FIELDS = [{"name": f"Lamp {i}", "description": "A lamp with a linen shade and a brass base."} for i in range(5)]
 GZIPPED = gzip.compress(jsonl(GOOD * 400))
-MAX_SAMPLES = r"--max_samples must be a positive number or 'all', got "
+MAX_SAMPLES = r"--max-samples must be a positive number or 'all', got "
 
 # (file maker, data arguments, the error message's pattern, also through the command line)
 ERRORS = [
@@ -215,14 +215,14 @@ ERRORS = [
         file_of(jsonl(FILTERED)),
         {},
         r"all 9 rows of .* were dropped: 6 empty content, 3 short content\. "
-        r"Fix: lower --min_content_chars \(now 20\)",
+        r"Fix: lower --min-content-chars \(now 20\)",
         True,
         id="every_row_filtered_out",
     ),
     pytest.param(
         file_of(jsonl(WRONG_FIELDS)),
         {},
-        r"5 missing field.*--title_field 'title'.*first row has description, name",
+        r"5 missing field.*--title-field 'title'.*first row has description, name",
         False,
         id="wrong_field_names",
     ),
@@ -253,7 +253,7 @@ ERRORS = [
         pytest.param(
             lambda _: SAMPLE,
             {"max_samples": value},
-            MAX_SAMPLES + rf"{value}\. Use --max_samples all",
+            MAX_SAMPLES + rf"{value}\. Use --max-samples all",
             True,
             id=f"max_samples_{value}",
         )
@@ -263,7 +263,7 @@ ERRORS = [
     pytest.param(
         lambda _: SAMPLE,
         {"val_size": 1.5},
-        r"--val_size must be a fraction in \[0, 1\), got 1.5",
+        r"--val-size must be a fraction in \[0, 1\), got 1.5",
         False,
         id="val_size_over_1",
     ),

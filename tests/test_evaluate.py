@@ -139,7 +139,7 @@ def test_infer_evaluate_cli(run_dir, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(run_dir, run, ignore=shutil.ignore_patterns("report.*"))
     proc = subprocess.run(
-        [sys.executable, str(INFER), "--evaluate", "--run", str(run), "--samples", "1", "--max-new-tokens", "8"],
+        [sys.executable, str(INFER), "evaluate", "--run", str(run), "--samples", "1", "--max-new-tokens", "8"],
         capture_output=True,
         text=True,
         timeout=600,

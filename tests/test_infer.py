@@ -159,7 +159,7 @@ def test_rag_prints_the_retrieved_titles_and_the_grounded_answer(run_dir):
     assert out["base"] and out["tuned"] and out["tuned+rag"]
     assert out["sampling"]["max_new_tokens"] == 12 and out["sampling"]["repetition_penalty"] == 1.0
     proc = infer(question, "--run", str(run_dir), "--rag-k", "2")
-    assert proc.returncode == 2 and "--rag-k and --rag-index need --rag, --evaluate or --serve" in proc.stderr
+    assert proc.returncode == 2 and "--rag-k and --rag-index are for RAG answers: add --rag" in proc.stderr
 
 
 def test_default_answer_length_comes_from_the_run(run_dir):
@@ -230,7 +230,7 @@ def test_interactive_answers_each_line_and_exits_cleanly_on_eof(run_dir):
         [
             sys.executable,
             str(INFER),
-            "--interactive",
+            "chat",
             "--run",
             str(run_dir),
             "--engine",
@@ -270,38 +270,41 @@ def test_render_columns_or_stacked():
     assert " | " not in infer_module.render("Q?", {**answers, "TUNED+RAG": "x"}, width=100)  # stacked below 120
 
 
-def test_help_documents_every_flag():
-    proc = infer("--help")
-    assert proc.returncode == 0
-    for flag in (
-        "--run",
-        "--engine",
-        "--gguf",
-        "--base-gguf",
-        "--use-merged",
-        "--only",
-        "--max-new-tokens",
-        "--temperature",
-        "--top-p",
-        "--top-k",
-        "--repetition-penalty",
-        "--num-beams",
-        "--interactive",
-        "--json",
-        "--evaluate",
-        "--data",
-        "--samples",
-        "--rag",
-        "--rag-k",
-        "--rag-index",
-        "--serve",
-        "--host",
-        "--port",
-        "--api-key",
-        "--max-queue",
-        "--request-timeout",
-    ):
-        assert flag in proc.stdout
+def test_help_documents_every_command_and_flag():
+    """The overview names the four commands; each command's --help documents every flag it takes, and only those."""
+    overview = infer("--help")
+    assert overview.returncode == 0
+    for command in ("ask", "chat", "evaluate", "serve"):
+        assert f"  {command}  " in overview.stdout
+    run_flags = ("--run", "--outputs", "--gguf", "--base-gguf", "--threads")
+    engine = ("--engine", "--use-merged", "--only", "--dtype", "--trust-remote-code")
+    sampling = ("--max-new-tokens", "--temperature", "--top-p", "--top-k", "--repetition-penalty", "--num-beams")
+    rag = ("--rag-k", "--rag-index")
+    expected = {
+        "ask": (*run_flags, *engine, *sampling, "--json", "--rag", *rag),
+        "chat": (*run_flags, *engine, *sampling, "--json", "--rag", *rag),
+        "evaluate": (*run_flags, *engine, *sampling, "--data", "--samples", "--seed", *rag),
+        "serve": (*run_flags, "--host", "--port", "--api-key", "--max-queue", "--request-timeout", *rag),
+    }
+    for command, flags in expected.items():
+        proc = infer(command, "--help")
+        assert proc.returncode == 0, proc.stderr
+        for flag in flags:
+            assert flag in proc.stdout, (command, flag)
+        assert ("--port" in proc.stdout) == (command == "serve") and ("--samples" in proc.stdout) == (
+            command == "evaluate"
+        )
+
+
+def test_the_old_mode_flags_still_name_their_commands():
+    """--interactive, --evaluate and --serve from before the commands: each reads as the command it names."""
+    import infer as infer_module
+
+    assert infer_module.split_command(["--interactive", "--only", "tuned"]) == ("chat", ["--only", "tuned"])
+    assert infer_module.split_command(["--run", "R", "--evaluate"]) == ("evaluate", ["--run", "R"])
+    assert infer_module.split_command(["--serve", "true", "--port", "9"]) == ("serve", ["--port", "9"])
+    assert infer_module.split_command(["--serve=false", "Q?"]) == ("ask", ["Q?"])
+    assert infer_module.split_command(["What is 'chat'?"]) == ("ask", ["What is 'chat'?"])
 
 
 def test_no_run_is_a_one_line_error(tmp_path):
@@ -341,7 +344,7 @@ def test_serve_answers_openai_chat_request():
         [
             sys.executable,
             str(INFER),
-            "--serve",
+            "serve",
             "--gguf",
             str(models.embedded_gguf()),
             "--host",
@@ -404,7 +407,7 @@ def test_serve_on_a_port_in_use_is_an_error_and_claims_nothing():
         busy.listen(1)
         port = busy.getsockname()[1]
         proc = subprocess.run(
-            [sys.executable, str(INFER), "--serve", "--gguf", str(models.embedded_gguf()), "--port", str(port)],
+            [sys.executable, str(INFER), "serve", "--gguf", str(models.embedded_gguf()), "--port", str(port)],
             capture_output=True,
             text=True,
             cwd=ROOT,
@@ -429,7 +432,7 @@ def test_a_question_longer_than_the_context_is_refused_before_generating(run_dir
 
 def test_a_too_long_question_does_not_end_an_interactive_session(run_dir):
     proc = subprocess.run(
-        [sys.executable, str(INFER), "--interactive", "--run", str(run_dir), "--engine", "llamacpp"]
+        [sys.executable, str(INFER), "chat", "--run", str(run_dir), "--engine", "llamacpp"]
         + ["--only", "base", "--max-new-tokens", "8", "--json"],
         input=f"{LONG_QUESTION}\nTell me about Hiking Socks.\n",
         capture_output=True,

@@ -1,5 +1,5 @@
 """The playground page in a real browser: headless Chromium (Debian's chromium + chromium-driver) driven by Selenium
-against infer.py --serve on the session's trained run: tuned is its q4_k_m GGUF, base the embedded GGUF.
+against infer.py serve on the session's trained run: tuned is its q4_k_m GGUF, base the embedded GGUF.
 
 Under CI (the CI variable set, as .ci/run does) a missing browser fails the test; elsewhere it skips, naming the
 install command.

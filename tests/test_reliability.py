@@ -68,7 +68,7 @@ def test_unknown_hub_model_without_network(tmp_path, monkeypatch):
     assert_user_error(
         result,
         r"could not load model 'some-org/does-not-exist-xyz' \(OSError: .*\)\. If this machine "
-        r"has no access to the model hub, pass --model_name_or_path with a local model folder",
+        r"has no access to the model hub, pass --model-name-or-path with a local model folder",
     )
     # The data was prepared, then the model failed: no half-made run is left to look like the newest one.
     assert not (tmp_path / "run").exists()
@@ -82,7 +82,7 @@ def test_local_folder_without_config_json(tmp_path):
     assert_user_error(
         result,
         r"has no config\.json, so it is not a transformers model folder\. Pass a folder written "
-        r"by save_pretrained, a hub id, or leave --model_name_or_path out",
+        r"by save_pretrained, a hub id, or leave --model-name-or-path out",
     )
     assert not (tmp_path / "run").exists()
 
@@ -177,7 +177,7 @@ def test_truncated_checkpoint_falls_back_to_the_newest_complete_one(tmp_path):
 def test_output_dir_under_a_regular_file(tmp_path):
     (tmp_path / "afile").write_text("not a folder")
     result = run_cli("train.py", "--prepare-only", "--output-dir", str(tmp_path / "afile" / "run"), check=False)
-    assert_user_error(result, r"cannot create --output_dir .*afile/run: Not a directory\. Choose another --output_dir")
+    assert_user_error(result, r"cannot create --output-dir .*afile/run: Not a directory\. Choose another --output-dir")
 
 
 def test_corrupt_run_config(tmp_path):
@@ -245,10 +245,10 @@ def test_ctrl_c_during_start_up_imports_exits_130_without_a_traceback(tmp_path):
 @pytest.mark.parametrize(
     "flags, pattern",
     [
-        (["--learning-rate", "-1"], r"--learning_rate must be > 0, got -1\.0"),
-        (["--max-steps", "0"], r"--max_steps must be a positive number of optimizer steps, or -1 .*got 0"),
-        (["--num-train-epochs", "0"], r"--num_train_epochs must be > 0 when --max_steps is -1, got 0"),
-        (["--per-device-train-batch-size", "0"], r"--per_device_train_batch_size must be >= 1, got 0"),
+        (["--learning-rate", "-1"], r"--learning-rate must be > 0, got -1\.0"),
+        (["--max-steps", "0"], r"--max-steps must be a positive number of optimizer steps, or -1 .*got 0"),
+        (["--num-train-epochs", "0"], r"--num-train-epochs must be > 0 when --max-steps is -1, got 0"),
+        (["--per-device-train-batch-size", "0"], r"--per-device-train-batch-size must be >= 1, got 0"),
         (["--passes", "0"], r"--passes must be >= 1 \(views of each product per epoch\), got 0"),
         (["--fidelity-samples", "-1"], r"--fidelity-samples must be >= 0 \(0 skips the numbers\), got -1"),
         (["--fidelity-tokens", "0"], r"--fidelity-tokens must be >= 1, got 0"),

@@ -1,4 +1,4 @@
-"""infer.py --serve as a real subprocess: the OpenAI-compatible API for "tuned" and "base" under load and bad input, a
+"""infer.py serve as a real subprocess: the OpenAI-compatible API for "tuned" and "base" under load and bad input, a
 client leaving mid-stream, the queue bound and the time limit, and the API key rule; "tuned+rag" searching the run's
 training products or a --rag-index file.
 
@@ -64,14 +64,14 @@ def free_port() -> int:
 
 
 class Server:
-    """infer.py --serve on a free port, as a user starts it; stopped (and its output kept) on exit."""
+    """infer.py serve on a free port, as a user starts it; stopped (and its output kept) on exit."""
 
     def __init__(self, *args: str, env: dict | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.lines: list[str] = []
         env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
-        command = [sys.executable, str(INFER), "--serve", "--port", str(self.port), *args]
+        command = [sys.executable, str(INFER), "serve", "--port", str(self.port), *args]
         self.proc = subprocess.Popen(
             command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT, env=env
         )
@@ -406,7 +406,7 @@ def test_other_addresses_need_an_api_key(run_dir):
         [
             sys.executable,
             str(INFER),
-            "--serve",
+            "serve",
             "--run",
             str(run_dir),
             "--host",
@@ -436,7 +436,7 @@ CATALOGUE = [  # invented: products the run was not trained on
 
 
 def test_rag_index_and_rag_k_apply_to_the_server(run_dir, tmp_path):
-    """--serve --rag-index FILE --rag-k 2: tuned+rag searches that file (indexed once at start, in the cache), not the
+    """serve --rag-index FILE --rag-k 2: tuned+rag searches that file (indexed once at start, in the cache), not the
     run's products, and puts 2 entries in the prompt."""
     path = tmp_path / "catalogue.jsonl"
     rows = [{"uid": uid, "title": title, "content": content} for uid, title, content in CATALOGUE]

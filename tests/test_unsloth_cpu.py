@@ -166,7 +166,7 @@ def test_unsloth_is_imported_once_across_parse_and_main():
         "from titletune import backends\n"
         "args = train.parse(['--backend', 'unsloth', '--prepare-only'])\n"
         "assert 'trl' in sys.modules and 'unsloth' in sys.modules\n"
-        "module = backends.load_backend(args[0].backend)\n"
+        "module = backends.load_backend(args.script.backend)\n"
         "print(module.__name__)\n"
     )
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -190,11 +190,11 @@ def test_auto_follows_the_measured_table(tmp_path):
     # The setting is read from either spelling, or from the --config preset when no flag gives it.
     preset = tmp_path / "p.yaml"
     preset.write_text("backend: hf\nload_in_4bit: true\n")
-    assert config.requested(["--load-in-4bit", "false", "--config", str(preset)], "load_in_4bit", "x") == "false"
-    assert config.requested(["--load_in_4bit=false"], "load_in_4bit", "x") == "false"
-    assert config.requested(["--config", str(preset)], "load_in_4bit", "x") == "True"
-    assert config.requested(["--config", str(preset)], "backend", "auto") == "hf"
-    assert config.requested([], "backend", "auto") == "auto"
+    assert config.asked(["--load-in-4bit", "false", "--config", str(preset)]).value("load_in_4bit", "x") == "false"
+    assert config.asked(["--load_in_4bit=false"]).value("load_in_4bit", "x") == "false"
+    assert config.asked(["--config", str(preset)]).value("load_in_4bit", "x") == "True"
+    assert config.asked(["--config", str(preset)]).value("backend", "auto") == "hf"
+    assert config.asked([]).value("backend", "auto") == "auto"
 
 
 def test_default_run_takes_the_auto_backend_of_this_machine(tmp_path):

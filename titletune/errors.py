@@ -19,6 +19,34 @@ class UserError(Exception):
     """A problem with the user's input or machine. The message says what was wrong and what to do."""
 
 
+def flag(name: str) -> str:
+    """A setting's flag as messages spell it: --max-samples for max_samples (both spellings are accepted)."""
+    return "--" + name.replace("_", "-")
+
+
+class Problems:
+    """Every problem with a command's flags, said at once: each check adds what it finds, and `done` raises one
+    UserError naming them all (so a user fixes the command once, not once per flag)."""
+
+    def __init__(self) -> None:
+        self.found: list[str] = []
+
+    def add(self, problem: str) -> None:
+        self.found.append(problem)
+
+    def at_least(self, flag: str, value: float | None, low: float, why: str = "") -> None:
+        """`flag` (spelled as the user types it, with dashes) must be >= low when given."""
+        if value is not None and value < low:
+            self.add(f"{flag} must be >= {low}{f' ({why})' if why else ''}, got {value}")
+
+    def extend(self, problems: list[str]) -> None:
+        self.found += problems
+
+    def done(self) -> None:
+        if self.found:
+            raise UserError("; ".join(self.found) + ".")
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM (kill, docker stop, a job scheduler), raised where Ctrl-C would be: a KeyboardInterrupt, so every
     clean-up that Ctrl-C gets (a new run folder removed, a lock released) happens for it too."""

@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from titletune import generate, metrics, prompts, retrieval
-from titletune.config import RAG_K
-from titletune.errors import UserError
+from titletune.config import EVAL_SAMPLES, RAG_K
+from titletune.errors import Problems, UserError
 from titletune.generate import Sampling
 from titletune.runs import Run
 
@@ -52,25 +52,25 @@ DISTRACTOR_SLACK = 3
 
 @dataclass(frozen=True)
 class EvalSettings:
-    """How a run is scored: the one record that train.py's evaluation after training and infer.py --evaluate both
+    """How a run is scored: the one record that train.py's evaluation after training and infer.py evaluate both
     build, saved in report.json as `settings`, so two reports of one run differ only where their settings do."""
 
-    samples: int = 20  # products per population; train.py passes --eval_samples
+    samples: int = EVAL_SAMPLES  # products per population; train.py passes --eval-samples
     seed: int | None = None  # which products are sampled; None: the run's own seed
     data: str | None = None  # a trn-format file to sample from; None: the run's own splits
     rag_k: int = RAG_K  # catalogue entries in a RAG prompt
     rag_index: str | None = None  # a trn-format file to search; None: the run's training products
     sampling: Sampling = field(default_factory=Sampling)  # the decoding of every system: infer.py's defaults
 
-    def check(self) -> None:
-        problems = []
-        if self.samples < 1:
-            problems.append(f"samples must be >= 1, got {self.samples}")
-        if self.rag_k < 1:
-            problems.append(f"--rag-k must be >= 1, got {self.rag_k}")
-        if problems:
-            raise UserError("; ".join(problems) + ".")
-        self.sampling.check()
+    def check(self, problems: Problems | None = None) -> None:
+        """Every problem with these settings (raised at once, or added to `problems`). The flags that set them:
+        --samples (infer.py evaluate) or --eval-samples (train.py), --rag-k, and the sampling flags."""
+        found = Problems() if problems is None else problems
+        found.at_least("--samples", self.samples, 1)
+        found.at_least("--rag-k", self.rag_k, 1)
+        self.sampling.check(found)
+        if problems is None:
+            found.done()
 
     def for_run(self, run: Run) -> EvalSettings:
         """These settings with the run's own seed and answer length filled in."""

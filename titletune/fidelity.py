@@ -34,7 +34,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from titletune import llamacpp, machine
+from titletune import llamacpp, machine, teacher
 from titletune.errors import UserError
 from titletune.llamacpp_child import first_difference
 
@@ -145,21 +145,12 @@ def reference(merged_dir: Path, end: int, rows: list[dict], max_tokens: int, fol
     try:
         model = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=dtype, use_safetensors=True).to(device).eval()
         rows = [dict(r) for r in rows]
-        # Teacher-forced on the references, right-padded into one batch: the causal mask keeps each row's positions
-        # what they are alone.
-        seqs = [r["prompt_ids"] + r["answer_ids"] for r in rows]
-        width = max(len(s) for s in seqs)
-        ids = torch.tensor([s + [end] * (width - len(s)) for s in seqs], device=device)
-        mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=device)
-        with torch.no_grad():
-            logits = model(ids, attention_mask=mask).logits.float()
         logprobs = []
-        for i, r in enumerate(rows):
-            p, a = len(r["prompt_ids"]), len(r["answer_ids"])
-            lp = torch.log_softmax(logits[i, p - 1 : p + a - 1], dim=-1)
-            r["nll"] = (-lp.gather(1, torch.tensor(r["answer_ids"], device=device)[:, None])[:, 0]).cpu().tolist()
-            logprobs.append(lp.cpu().numpy().astype(np.float16))  # 2 bytes a value; KL's error from it is ~1e-5
-        del logits
+        with torch.no_grad():  # teacher-forced on the references, all in one batch
+            examples = [(r["prompt_ids"] + r["answer_ids"], len(r["prompt_ids"])) for r in rows]
+            for r, lp in zip(rows, teacher.answer_logprobs(model, examples, end, len(rows)), strict=True):
+                r["nll"] = teacher.answer_nll(lp, r["answer_ids"]).cpu().tolist()
+                logprobs.append(lp.cpu().numpy().astype(np.float16))  # 2 bytes a value; KL's error from it is ~1e-5
         # Greedy answers in one left-padded batch (6x faster on CPU than one by one; the mask keeps them the same).
         width = max(len(r["prompt_ids"]) for r in rows)
         batch = torch.tensor([[end] * (width - len(r["prompt_ids"])) + r["prompt_ids"] for r in rows], device=device)
@@ -232,7 +223,7 @@ def round_trip(path: Path, tokenizer, chosen: list[Sample], end: int, stops: lis
                 f"tokenizer.ggml.model={meta.get('tokenizer.ggml.model')!r}): in {text[:60]!r}... from token {at}, "
                 f"llama.cpp {ids[at : at + 5]}, transformers {want[at : at + 5]}. The converter misread tokenizer.json "
                 "or does not know this pre-tokenizer: update llama-cpp-python (its converter), or pass "
-                "--llama_cpp_dir with a llama.cpp checkout that knows the model."
+                "--llama-cpp-dir with a llama.cpp checkout that knows the model."
             )
     for ids, want, conv in zip(got["rendered"], expected, conversations, strict=True):
         if ids != want:
@@ -366,7 +357,7 @@ def judge(gguf_type: str, numbers: dict) -> str | None:
             f"{numbers['kl_divergence']:.4g} (limit {F16_MAX_KL}), identical greedy answers {numbers['identical']:.0%} "
             f"(at least {F16_MIN_IDENTICAL:.0%}), perplexity {numbers['perplexity']} vs merged/ "
             f"{numbers['perplexity_merged']}. A 16-bit conversion should be nearly lossless: the converter misread a "
-            "weight or the architecture. Update llama-cpp-python (its converter), or pass --llama_cpp_dir."
+            "weight or the architecture. Update llama-cpp-python (its converter), or pass --llama-cpp-dir."
         )
     if not sixteen and numbers["kl_divergence"] > QUANT_WARN_KL:
         return (

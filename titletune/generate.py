@@ -19,9 +19,9 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from titletune import llamacpp, machine, models, prompts, specials
+from titletune import llamacpp, machine, models, prompts, specials, teacher
 from titletune.config import RAG_K
-from titletune.errors import UserError
+from titletune.errors import Problems, UserError
 from titletune.runs import Run
 
 SYSTEMS = ("base", "tuned")
@@ -37,7 +37,7 @@ class Sampling:
     max_new_tokens: int | None = field(
         default=None,
         metadata={
-            "help": "Longest answer in tokens (default: the run's answer length, --max_content_chars / 4 + 28 "
+            "help": "Longest answer in tokens (default: the run's answer length, --max-content-chars / 4 + 28 "
             "tokens: 128 for the CPU default, 528 for the GPU presets)."
         },
     )
@@ -52,7 +52,7 @@ class Sampling:
     num_beams: int = field(default=1, metadata={"help": "Beam search width, transformers engine only."})
 
     def for_run(self, run: Run) -> Sampling:
-        """These settings with max_new_tokens filled in from the run: answer_tokens of its --max_content_chars."""
+        """These settings with max_new_tokens filled in from the run: answer_tokens of its --max-content-chars."""
         if self.max_new_tokens is not None:
             return self
         chars = int(run.data_settings["max_content_chars"])
@@ -70,22 +70,19 @@ class Sampling:
             "repeat_penalty": self.repetition_penalty,
         }
 
-    def check(self) -> None:
-        problems = []
-        if self.max_new_tokens is not None and self.max_new_tokens < 1:
-            problems.append(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            problems.append(f"--temperature must be >= 0 (0 = greedy), got {self.temperature}")
+    def check(self, problems: Problems | None = None) -> None:
+        """Every problem with these settings (raised at once, or added to `problems`)."""
+        found = Problems() if problems is None else problems
+        found.at_least("--max-new-tokens", self.max_new_tokens, 1)
+        found.at_least("--temperature", self.temperature, 0, "0 = greedy")
         if not 0 < self.top_p <= 1:
-            problems.append(f"--top-p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            problems.append(f"--top-k must be >= 0 (0 = off), got {self.top_k}")
+            found.add(f"--top-p must be in (0, 1], got {self.top_p}")
+        found.at_least("--top-k", self.top_k, 0, "0 = off")
         if self.repetition_penalty <= 0:
-            problems.append(f"--repetition-penalty must be > 0 (1.0 = off), got {self.repetition_penalty}")
-        if self.num_beams < 1:
-            problems.append(f"--num-beams must be >= 1, got {self.num_beams}")
-        if problems:
-            raise UserError("; ".join(problems) + ".")
+            found.add(f"--repetition-penalty must be > 0 (1.0 = off), got {self.repetition_penalty}")
+        found.at_least("--num-beams", self.num_beams, 1)
+        if problems is None:
+            found.done()
 
 
 def answer_tokens(max_content_chars: int) -> int:
@@ -281,28 +278,13 @@ class TransformersEngine:
             full_ids = full_ids[: self.max_length]  # as training truncated
             if len(full_ids) > len(prompt_ids):
                 examples.append((full_ids, len(prompt_ids)))
-        pad = self.tokenizer.pad_token_id
         total, count = 0.0, 0
         off = model.disable_adapter() if (system == "base" and self._adapter) else contextlib.nullcontext()
         with off, torch.inference_mode():
-            for start in range(0, len(examples), batch_size):
-                batch = examples[start : start + batch_size]
-                width = max(len(ids) for ids, _ in batch)
-                input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
-                attention = torch.zeros((len(batch), width), dtype=torch.long)
-                labels = torch.full((len(batch), width), -100, dtype=torch.long)
-                for row, (ids, n_prompt) in enumerate(batch):  # right padding: positions stay as in training
-                    input_ids[row, : len(ids)] = torch.tensor(ids)
-                    attention[row, : len(ids)] = 1
-                    labels[row, n_prompt : len(ids)] = torch.tensor(ids[n_prompt:])
-                input_ids, attention, labels = (t.to(self.device) for t in (input_ids, attention, labels))
-                logits = model(input_ids=input_ids, attention_mask=attention).logits[:, :-1].float()
-                target = labels[:, 1:]
-                nll = torch.nn.functional.cross_entropy(
-                    logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100, reduction="sum"
-                )
-                total += float(nll)
-                count += int((target != -100).sum())
+            scored = teacher.answer_logprobs(model, examples, self.tokenizer.pad_token_id, batch_size)
+            for logprobs, (ids, n_prompt) in zip(scored, examples, strict=True):
+                total += float(teacher.answer_nll(logprobs, ids[n_prompt:]).sum())
+                count += len(ids) - n_prompt
         return total, count
 
     def _ids(self, messages: list[dict], add_generation_prompt: bool) -> list[int]:

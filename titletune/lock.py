@@ -1,4 +1,4 @@
-"""The lock of a run folder: one command at a time writes to a run (train, resume, --export-only, infer --evaluate).
+"""The lock of a run folder: one command at a time writes to a run (train, resume, --export-only, infer.py evaluate).
 
 The lock is a file in the run folder, <run>/.lock, holding who writes there: pid, host, start time and command. It
 is there for as long as that command runs. Another command that finds it is refused, with the holder named. A lock

@@ -111,7 +111,7 @@ def _fix_special_tokens(gguf: Path, tokenizer, model) -> None:
 
 
 def resolve(name_or_path: str | None) -> str:
-    """Turn --model_name_or_path into something from_pretrained loads: a local folder or a hub id.
+    """Turn --model-name-or-path into something from_pretrained loads: a local folder or a hub id.
 
     Checks local folders here, so that a bad path fails with a fix instead of a hub lookup.
     """
@@ -120,18 +120,18 @@ def resolve(name_or_path: str | None) -> str:
     path = Path(name_or_path).expanduser()
     if path.exists():
         if not path.is_dir():
-            raise UserError(f"--model_name_or_path {name_or_path} is a file; give a model folder (with config.json).")
+            raise UserError(f"--model-name-or-path {name_or_path} is a file; give a model folder (with config.json).")
         if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
             raise UserError(f"{path} is a LoRA adapter, not a base model; pass its base model instead.")
         if not (path / "config.json").is_file():
             raise UserError(
                 f"{path} has no config.json, so it is not a transformers model folder. Pass a folder written by "
-                "save_pretrained, a hub id, or leave --model_name_or_path out to use the embedded "
+                "save_pretrained, a hub id, or leave --model-name-or-path out to use the embedded "
                 "SmolLM2-135M-Instruct."
             )
         return str(path)
     if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
-        raise UserError(f"--model_name_or_path {name_or_path}: no such folder.")
+        raise UserError(f"--model-name-or-path {name_or_path}: no such folder.")
     return name_or_path  # a hub id; load() turns a failed download into a UserError
 
 
@@ -139,7 +139,7 @@ def hub_error(name: str, err: Exception) -> UserError:
     """The message for a hub id that could not be loaded (no network, a typo, or a gated model)."""
     return UserError(
         f"could not load model {name!r} ({type(err).__name__}: {str(err).splitlines()[0][:200]}). "
-        "If this machine has no access to the model hub, pass --model_name_or_path with a local model folder, "
+        "If this machine has no access to the model hub, pass --model-name-or-path with a local model folder, "
         "or leave it out to use the embedded SmolLM2-135M-Instruct."
     )
 

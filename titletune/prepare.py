@@ -4,11 +4,11 @@
     -> <output_dir>/data/{train,val,test}.jsonl + stats.json + eda.md + lengths.png
 
     reading.py: iter_products    text.py: clean_text, title_key, truncate
-    selection.py: filter, dedupe, sample, split, render (and the same with --data_workers processes)
+    selection.py: filter, dedupe, sample, split, render (and the same with --data-workers processes)
     prepare.py (here): the arguments, the stats, the EDA report, the cache
 
 Memory does not grow with the file: rows stream through, and what is kept per product is one 8-byte hash (dedupe)
-and two lengths (EDA). With --max_samples N, at most N products are held in a bounded heap; with 'all' every kept
+and two lengths (EDA). With --max-samples N, at most N products are held in a bounded heap; with 'all' every kept
 row goes straight to its split file.
 
 prepare_cached() keys that output by the input file, the settings, the prompts and the data code, and links a cached
@@ -33,7 +33,7 @@ import orjson
 from titletune import files, ragrows, reading, selection, text
 from titletune import prompts as prompts_lib
 from titletune.config import DataArguments, parse_max_samples
-from titletune.errors import UserError
+from titletune.errors import Problems, UserError, flag
 from titletune.prompts import PromptSet
 from titletune.reading import check_path, first_fields, is_gzip, iter_products
 from titletune.selection import SPLITS, Selection, SplitWriter, data_workers, select_parallel
@@ -47,11 +47,11 @@ PERCENTILES = (25, 50, 75, 95)
 DROP_REASONS = (
     "malformed_json",  # the line is not JSON
     "not_an_object",  # JSON, but not {...}
-    "missing_field",  # the title or content field is absent (see --title_field / --content_field)
+    "missing_field",  # the title or content field is absent (see --title-field / --content-field)
     "bad_field_type",  # the field holds a list or an object, not text
     "empty_title",  # no letter or digit left after cleaning (5.6% of the real rows)
     "empty_content",  # 33.4% of the real rows
-    "short_content",  # cleaned content shorter than --min_content_chars
+    "short_content",  # cleaned content shorter than --min-content-chars
     "duplicate_title",  # same title_key as an earlier kept product; the first one wins
     "over_max_samples",  # a valid product that the seeded sample left out
 )
@@ -60,36 +60,35 @@ DROP_REASONS = (
 NOTES = ("bad_utf8", "blank_lines", "chat_markers")
 
 
-def check_args(args: DataArguments) -> int | None:
-    """Raise once with every problem in the data arguments; return max_samples parsed."""
+def check_args(args: DataArguments, problems: Problems | None = None) -> int | None:
+    """Every problem in the data arguments (raised at once, or added to `problems` for the caller to raise with its
+    own); return max_samples parsed."""
     max_samples = parse_max_samples(args.max_samples)
-    problems = []
+    found = Problems() if problems is None else problems
     for name in ("val_size", "test_size"):
         value = getattr(args, name)
         if not 0 <= value < 1:
-            problems.append(f"--{name} must be a fraction in [0, 1), got {value}")
+            found.add(f"{flag(name)} must be a fraction in [0, 1), got {value}")
     if args.val_size + args.test_size >= 1:
-        problems.append(
-            f"--val_size + --test_size must leave some products for training, got {args.val_size + args.test_size}"
+        found.add(
+            f"--val-size + --test-size must leave some products for training, got {args.val_size + args.test_size}"
         )
-    if args.min_content_chars < 0:
-        problems.append(f"--min_content_chars must be >= 0, got {args.min_content_chars}")
+    found.at_least("--min-content-chars", args.min_content_chars, 0)
     if args.max_content_chars < max(1, args.min_content_chars):
-        problems.append(
-            f"--max_content_chars ({args.max_content_chars}) must be >= 1 and >= --min_content_chars "
+        found.add(
+            f"--max-content-chars ({args.max_content_chars}) must be >= 1 and >= --min-content-chars "
             f"({args.min_content_chars})"
         )
     for name in ("rag_share", "rag_distractors"):
         if not 0 <= getattr(args, name) <= 1:
-            problems.append(f"--{name} must be a fraction in [0, 1], got {getattr(args, name)}")
+            found.add(f"{flag(name)} must be a fraction in [0, 1], got {getattr(args, name)}")
     if not 0 <= args.rag_read < 1:
-        problems.append(f"--rag_read must be a fraction in [0, 1), got {args.rag_read}")
-    if args.passes < 1:
-        problems.append(f"--passes must be >= 1 (views of each product per epoch), got {args.passes}")
+        found.add(f"--rag-read must be a fraction in [0, 1), got {args.rag_read}")
+    found.at_least("--passes", args.passes, 1, "views of each product per epoch")
     if not args.title_field or not args.content_field:
-        problems.append("--title_field and --content_field must name fields of the rows, e.g. title and content")
-    if problems:
-        raise UserError("; ".join(problems) + ".")
+        found.add("--title-field and --content-field must name fields of the rows, e.g. title and content")
+    if problems is None:
+        found.done()
     return max_samples
 
 
@@ -130,12 +129,12 @@ def prepare(args: DataArguments, seed: int, out_dir: str | Path, prompts: Prompt
         raise
     read = 0
     if args.rag_share > 0:
-        log.info("data: finding each train product's nearest neighbours for the RAG rows (--rag_share)")
+        log.info("data: finding each train product's nearest neighbours for the RAG rows (--rag-share)")
         read = ragrows.write_neighbours(folder, args.rag_read, seed)
         split_counts["train"] -= read
         split_counts["rag_read"] = read
         if read:
-            log.info("data: %s train products are read only, never asked without their entry (--rag_read)", read)
+            log.info("data: %s train products are read only, never asked without their entry (--rag-read)", read)
     else:
         files.write_atomic(folder / ragrows.FILE, b"")
         files.write_atomic(folder / ragrows.READ_FILE, b"")
@@ -263,11 +262,11 @@ def _all_dropped_message(counts: Counter, args: DataArguments) -> str:
     if counts["missing_field"] or counts["bad_field_type"]:
         fields = first_fields(Path(args.data))
         hints.append(
-            f"the rows need the fields --title_field {args.title_field!r} and --content_field {args.content_field!r}"
+            f"the rows need the fields --title-field {args.title_field!r} and --content-field {args.content_field!r}"
             + (f"; the first row has {', '.join(fields)}" if fields else "")
         )
     if counts["short_content"]:
-        hints.append(f"lower --min_content_chars (now {args.min_content_chars})")
+        hints.append(f"lower --min-content-chars (now {args.min_content_chars})")
     if counts["malformed_json"] == counts["rows_read"]:
         hints.append("the file should hold one JSON object per line, like data/sample_trn.json")
     return message + (" Fix: " + "; ".join(hints) + "." if hints else " Pass a file with titled, described products.")
@@ -309,7 +308,7 @@ def _stats(
         "dropped_total": sum(dropped.values()),
         "truncated": truncated,
         "notes": {note: counts[note] for note in NOTES},
-        # Over the distinct valid products (before sampling), cleaned, before --max_content_chars cuts them.
+        # Over the distinct valid products (before sampling), cleaned, before --max-content-chars cuts them.
         "lengths": {"title": percentiles(lengths[0]), "content": percentiles(lengths[1])},
         "args": {
             "title_field": args.title_field,
@@ -352,7 +351,7 @@ def render_eda(stats: dict) -> str:
     for name, n in [
         ("read", stats["rows_read"]),
         *((f"kept: {s}", kept[s]) for s in SPLITS),
-        *([("kept: read only (--rag_read)", kept["rag_read"])] if kept.get("rag_read") else []),
+        *([("kept: read only (--rag-read)", kept["rag_read"])] if kept.get("rag_read") else []),
         ("kept: total", kept["total"]),
         ("dropped", stats["dropped_total"]),
     ]:

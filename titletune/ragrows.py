@@ -1,12 +1,12 @@
 """RAG-aware training rows: a share of each pass's products is also asked with catalogue entries in the prompt.
 
-    prepare: data/train.jsonl -> a seeded share of it (--rag_read) moves to data/rag_read.jsonl: products the model
+    prepare: data/train.jsonl -> a seeded share of it (--rag-read) moves to data/rag_read.jsonl: products the model
              reads, never recalls -> the search index over both -> data/rag_train.jsonl (one line per train product,
              in train.jsonl's order: its nearest neighbours, the product left out) and each read product's neighbours
-    training: each pass, a seeded share of the products (--rag_share) gets one more row, asked through the run's
+    training: each pass, a seeded share of the products (--rag-share) gets one more row, asked through the run's
               rag.txt / rag_entry.txt with 1 to RAG_TRAIN_ENTRIES entries in a seeded order:
               - its own entry, plus neighbours as distractors;
-              - or, for a share of those rows (--rag_distractors), neighbours only, so that the answer must come from
+              - or, for a share of those rows (--rag-distractors), neighbours only, so that the answer must come from
                 memory and no row teaches the model to copy whatever entry it is given.
               The completion is the product's own description: the loss stays on the answer.
               Each pass also asks every read product with its own entry (and neighbours): it has no plain row, so
@@ -38,7 +38,7 @@ FILE = "rag_train.jsonl"
 READ_FILE = "rag_read.jsonl"
 # Neighbours kept per product: enough for RAG_TRAIN_ENTRIES distractors whatever the row draws.
 NEIGHBOURS = 3
-# Entries in a training RAG row, at most. Answers use --rag_k entries (1 by default, config.RAG_K); 2 here puts the
+# Entries in a training RAG row, at most. Answers use --rag-k entries (1 by default, config.RAG_K); 2 here puts the
 # right entry beside a near-duplicate, so the model learns to pick the entry whose title is the one asked, and keeps a
 # row within config.RAG_MAX_LENGTH tokens at the CPU default's 400-character descriptions.
 RAG_TRAIN_ENTRIES = 2

@@ -17,7 +17,7 @@ from pathlib import Path
 import yaml
 
 from titletune import files
-from titletune.errors import UserError
+from titletune.errors import UserError, flag
 from titletune.runs import CONFIG, SECTIONS, as_dict, plain, read_config
 
 # Not carried into a resumed run: where it is (given again), which stages to run this time (a --prepare-only run is
@@ -82,8 +82,8 @@ def check_changes(run_dir: Path, changed: dict) -> None:
     other = {k: v for k, v in changed.items() if k in IDENTITY and not _same(k, *v)}
     if not other:
         return
-    listed = ", ".join(f"--{k} {_show(old)} -> {_show(new)}" for k, (old, new) in other.items())
-    flags = " ".join(f"--{k} {shlex.quote(_show(new))}" for k, (_, new) in other.items())
+    listed = ", ".join(f"{flag(k)} {_show(old)} -> {_show(new)}" for k, (old, new) in other.items())
+    flags = " ".join(f"{flag(k)} {shlex.quote(_show(new))}" for k, (_, new) in other.items())
     raise UserError(
         f"--resume continues the same run, and {listed} would make it another one (another base model, adapter, "
         f"data or prompts). Resume without {'it' if len(other) == 1 else 'them'}: python train.py --output-dir "

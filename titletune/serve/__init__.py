@@ -1,4 +1,4 @@
-"""infer.py --serve: one local server for a run's tuned and base models (and "tuned+rag", the tuned one searching the
+"""infer.py serve: one local server for a run's tuned and base models (and "tuned+rag", the tuned one searching the
 catalogue), an OpenAI-compatible API and a playground. One job per module, each importing only those above it here:
 
     protocol.py      the OpenAI chat completions request: `parse` into a `Chat`; `ApiError`, every refusal

@@ -1,4 +1,4 @@
-"""The server's routes and its start: `create_app` (the Starlette app behind asgi.Guard), then what infer.py --serve
+"""The server's routes and its start: `create_app` (the Starlette app behind asgi.Guard), then what infer.py serve
 calls around it: `api_key` and `check` (the flags), `listen` (the socket), `banner` (the startup lines) and `run`.
 
     GET  /                     the playground (playground.html): a question, Base | Tuned | Tuned + RAG answers

@@ -1,7 +1,7 @@
 """What the server holds: each model served loaded once in llama.cpp behind its own lock and queue (`Model`), the
 catalogue index "tuned+rag" searches (`Rag`), and `Served`, everything the app serves, built by `load`.
 
-"tuned+rag" is the tuned model (the same llama.cpp instance, lock and queue) asked as `infer.py --rag` asks it: the
+"tuned+rag" is the tuned model (the same llama.cpp instance, lock and queue) asked as `infer.py ask --rag` asks it: the
 last user message is searched in a catalogue index (retrieval.py) and replaced by the run's RAG prompt around the top
 k entries (rag.txt, rag_entry.txt).
 
@@ -155,7 +155,7 @@ class Rag:
         self.lock = threading.Lock()
 
     def ground(self, chat: Chat) -> list[str]:
-        """Replace the last user message (the question) with its RAG prompt, as infer.py --rag asks it; the titles of
+        """Replace the last user message (the question) with its RAG prompt, as infer.py ask --rag asks it; the titles of
         the entries retrieved, best first. Other messages stay as sent."""
         last = max((i for i, m in enumerate(chat.messages) if m["role"] == "user"), default=None)
         if last is None:
@@ -260,7 +260,7 @@ def load(
     rag, rag_missing = open_rag(run, rag_index, rag_k, ps)
     if run:
         max_tokens = generate.Sampling().for_run(run).max_new_tokens
-    else:  # the answer length of a run trained with the default --max_content_chars
+    else:  # the answer length of a run trained with the default --max-content-chars
         max_tokens = generate.answer_tokens(DataArguments.max_content_chars)
     # The run by its folder's name: the page and its JSON show no path of this machine.
     name = run.dir.name if run else None
