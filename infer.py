@@ -182,7 +182,7 @@ def main(args: argparse.Namespace) -> None:
         args.rag = float(run.section("data").get("rag_share") or 0) > 0
     if (args.rag_k is not None or args.rag_index) and not args.rag:
         raise UserError("--rag-k and --rag-index are for RAG answers: add --rag (this run does not turn it on).")
-    systems = (args.only,) if args.only else generate.SYSTEMS
+    systems = (args.only,) if args.only else generate.MODELS
     engine = generate.load_engine(run, args.engine, systems, *_engine_options(args))
     if args.rag:
         from titletune import retrieval
@@ -221,11 +221,11 @@ def answer(engine, question: str, systems: tuple[str, ...], sampling, args) -> N
         answers = generate.ask(engine, [question], systems, sampling, index=args.index, k=args.rag_k)
     else:
         answers = generate.ask(engine, [question], systems, sampling)
-    names = [*generate.SYSTEMS, *(f"{m}+rag" for m in generate.SYSTEMS)]
+    names = [*generate.MODELS, *(f"{m}+rag" for m in generate.MODELS)]
     result = {s: (answers[s][0] if s in answers else None) for s in names}
     retrieved = answers["retrieved"][0] if "retrieved" in answers else None
     if args.json:
-        out = {"question": question, **{s: a for s, a in result.items() if a is not None or s in generate.SYSTEMS}}
+        out = {"question": question, **{s: a for s, a in result.items() if a is not None or s in generate.MODELS}}
         if retrieved is not None:
             out["retrieved"] = retrieved
         out.update(run=str(engine.run.dir), engine=engine.name)
@@ -302,7 +302,7 @@ def evaluate(args: argparse.Namespace, run) -> None:
     settings.check()
     again = f"evaluate again: python infer.py evaluate --run {shlex.quote(str(run.dir))}"
     with full_disk_is_user_error(run.dir, lambda: again), lock.held(run.dir):  # it writes report.* and the card
-        engine = generate.load_engine(run, args.engine, generate.SYSTEMS, *_engine_options(args))
+        engine = generate.load_engine(run, args.engine, generate.MODELS, *_engine_options(args))
         scored = pipeline.finish(run, settings=settings, engine=engine)
     print(reports.summary(scored))
     print(f"wrote {run.dir / 'report.md'}, report.json, report.png")

@@ -72,7 +72,7 @@ def prompt_ids(model_dir: str) -> list[int]:
     from titletune import prompts
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    messages = prompts.messages(prompts.load(ROOT / "prompts" / "qa"), QUESTION)
+    messages = prompts.messages(prompts.load(ROOT / "prompts" / "qa").system, QUESTION)
     encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)
     return list(encoded["input_ids"])
 

@@ -147,7 +147,7 @@ def score(run_dir: str, samples: int, base_cache: dict) -> dict:
             held = prompts.load(prompts.DEFAULT_SET)  # the run's own set may be the one-line `fixed` one
             for r, p in zip(rows, products, strict=True):
                 asked = prompts.held_out_question(held, p["title"], str(p["id"]), run.seed)
-                r["prompt"] = prompts.messages(run.prompts, asked)
+                r["prompt"] = prompts.messages(run.prompts.system, asked)
         questions = [r["prompt"] for r in rows]
         refs = [r["completion"][0]["content"] for r in rows]
         titles = [p["title"] for p in products]

@@ -98,7 +98,7 @@ def evaluate_run(run: Run, settings: EvalSettings | None = None, engine=None, ba
     index = retrieval.open_index(run, settings.rag_index)
     if engine is None or isinstance(engine, str):
         engine = generate.load_engine(run, engine or "transformers")
-    missing = [s for s in generate.SYSTEMS if s not in engine.systems]
+    missing = [s for s in generate.MODELS if s not in engine.systems]
     if missing:
         raise UserError(f"evaluation compares base and tuned; the engine was loaded without {missing}.")
 
@@ -207,7 +207,7 @@ def new_phrasing(run: Run, seen: list[dict], engine, settings: EvalSettings, bat
     product recalled, or only the trained question? ROUGE-L F1 with its interval, beside the trained phrasing's."""
     ps = run.prompts
     questions = [prompts.held_out_question(ps, i["title"], i["id"], run.seed) for i in seen]
-    convs = [prompts.messages(ps, q) for q in questions]
+    convs = [prompts.messages(ps.system, q) for q in questions]
     refs, titles = [i["reference"] for i in seen], [i["title"] for i in seen]
     out: dict = {"phrasings": list(ps.held_out), "examples": []}
     answers = {}

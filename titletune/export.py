@@ -153,8 +153,8 @@ def export(
         # Without tokenizer.chat_template in the GGUF, llama.cpp silently falls back to the llama-2 prompt format.
         raise UserError(f"the tokenizer of {merged_dir} has no chat template, so no GGUF of it would chat correctly.")
     converter = find_converter(options.llama_cpp_dir)
-    messages = prompts.chat(system_prompt, options.question or DEFAULT_QUESTION)
-    example = [fidelity.Sample("example", prompts.chat(system_prompt, EXAMPLE[0]), EXAMPLE[1])]
+    messages = prompts.messages(system_prompt, options.question or DEFAULT_QUESTION)
+    example = [fidelity.Sample("example", prompts.messages(system_prompt, EXAMPLE[0]), EXAMPLE[1])]
     checked = list(options.samples) if options.samples else example  # the round trip always has a conversation
     measured = example if options.samples is None else list(options.samples)
     with _staging(run_dir) as staging:  # published when the block succeeds
@@ -206,7 +206,7 @@ def _reference(staging: Path, merged_dir: Path, tokenizer, measured: list[fideli
     with tempfile.TemporaryDirectory(prefix=".fidelity-", dir=staging) as tmp, ThreadPoolExecutor(1) as side:
         reference = None
         if measured:
-            ref_end, rows = fidelity.prepare(tokenizer, measured, FIDELITY_ANSWER_TOKENS)
+            ref_end, rows = fidelity.tokenized(tokenizer, measured, FIDELITY_ANSWER_TOKENS)
             threads = max(1, machine.cpus() - 1)
             reference = side.submit(fidelity.reference, merged_dir, ref_end, rows, max_tokens, Path(tmp), threads)
         yield reference
@@ -320,12 +320,12 @@ def _write_and_measure(write, reference, ordered, run_dir: Path, written: list[d
                 parity = stack.enter_context(fidelity.Parity(ref, len(ordered)))
             parity.start(run_dir / entry["name"])
         t0 = time.perf_counter()
-        numbers = _fidelity(run_dir, ref, parity, written, verify)  # the fidelity children also answer `verify`
+        measured = _fidelity(run_dir, ref, parity, written, verify)  # the fidelity children also answer `verify`
     # What the check added beyond writing the files: merged/'s side not yet done when the 16-bit file was, the
     # children still running after the last file was written, and the chat round trips.
     checks = waited + time.perf_counter() - t0 + sum(e["round_trip_seconds"] for e in written)
-    numbers.update(waited_seconds=round(waited, 2), check_seconds=round(checks, 2))
-    return numbers
+    measured.update(waited_seconds=round(waited, 2), check_seconds=round(checks, 2))
+    return measured
 
 
 def _fidelity(run_dir: Path, ref: dict, parity, written: list[dict], verify: bool) -> dict:
@@ -334,28 +334,28 @@ def _fidelity(run_dir: Path, ref: dict, parity, written: list[dict], verify: boo
     file unlike merged/ fails the export (export() drops every file written); a quant far from it is a warning."""
     measured = parity.results()
     failure = None
-    for entry, numbers in zip(written, measured, strict=True):
-        got = numbers.pop("verify")
+    for entry, measures in zip(written, measured, strict=True):
+        got = measures.pop("verify")
         if verify:
             entry.update(verify_answer=got["answer"], verify_tokens=got["tokens"], verify_seconds=got["seconds"])
-        entry["fidelity"] = numbers
+        entry["fidelity"] = measures
         log.info(
             "fidelity: %s, %.0f%% identical answers, KL %.4g, perplexity %s (merged/ %s), %s tok/s",
             entry["name"],
-            100 * numbers["identical"],
-            numbers["kl_divergence"],
-            numbers["perplexity"],
-            numbers["perplexity_merged"],
-            numbers["tokens_per_second"],
+            100 * measures["identical"],
+            measures["kl_divergence"],
+            measures["perplexity"],
+            measures["perplexity_merged"],
+            measures["tokens_per_second"],
         )
         try:
-            warning = fidelity.judge(entry["type"], numbers)
+            warning = fidelity.judge(entry["type"], measures)
         except UserError as e:
             failure = failure or e
             continue
         if warning:
             log.warning("fidelity: %s", warning)
-            numbers["warning"] = warning
+            measures["warning"] = warning
     if failure:
         raise failure
     return {k: ref[k] for k in ("seconds", "tokens_per_second")}

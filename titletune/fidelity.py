@@ -107,7 +107,7 @@ def prompt_tokens(tokenizer, messages: list[dict]) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def prepare(tokenizer, chosen: list[Sample], answer_tokens: int) -> tuple[int, list[dict]]:
+def tokenized(tokenizer, chosen: list[Sample], answer_tokens: int) -> tuple[int, list[dict]]:
     """(the end token, one row per sample: split, prompt ids, the reference's first answer_tokens ids, reference text),
     tokenized here so that `reference` needs no tokenizer and can run beside the converter."""
     rows, end = [], None
@@ -125,7 +125,7 @@ def prepare(tokenizer, chosen: list[Sample], answer_tokens: int) -> tuple[int, l
 
 
 def reference(merged_dir: Path, end: int, rows: list[dict], max_tokens: int, folder: Path, threads: int | None = None):
-    """merged/ in transformers on every prepared row (`prepare`): greedy answer ids (up to max_tokens, stopping at the
+    """merged/ in transformers on every prepared row (`tokenized`): greedy answer ids (up to max_tokens, stopping at the
     end token), the reference's per-token NLL, and its next-token log-probabilities, saved to `folder` for the child's
     KL. Both passes are one batch each. `threads`: torch's CPU threads meanwhile (export runs this beside the
     converter, on the cores it leaves).
@@ -297,8 +297,8 @@ class Parity:
         self.futures.append(self.pool.submit(child, path, {**self.request, "paths": [str(path)]}))
 
     def results(self) -> list[dict]:
-        """Every started file's numbers (`numbers`), in the order they were started."""
-        return numbers([f.result()["files"][0] for f in self.futures], self.ref)
+        """Every started file's numbers (`against_merged`), in the order they were started."""
+        return against_merged([f.result()["files"][0] for f in self.futures], self.ref)
 
     def __enter__(self) -> Parity:
         return self
@@ -307,7 +307,7 @@ class Parity:
         self.pool.shutdown(wait=True, cancel_futures=True)
 
 
-def numbers(results: list[dict], ref: dict) -> list[dict]:
+def against_merged(results: list[dict], ref: dict) -> list[dict]:
     """The children's parity results as each file's numbers against merged/; the answers' ROUGE-L against the
     reference. "verify": the file's answer to the first train product's question (the run's own example question),
     with its tokens and seconds."""
@@ -348,21 +348,21 @@ def numbers(results: list[dict], ref: dict) -> list[dict]:
     return out
 
 
-def judge(gguf_type: str, numbers: dict) -> str | None:
+def judge(gguf_type: str, measures: dict) -> str | None:
     """A UserError for a 16-bit file unlike merged/; a warning (returned) for a quant far from it; else None."""
     sixteen = gguf_type in ("f16", "bf16")
-    if sixteen and (numbers["kl_divergence"] > F16_MAX_KL or numbers["identical"] < F16_MIN_IDENTICAL):
+    if sixteen and (measures["kl_divergence"] > F16_MAX_KL or measures["identical"] < F16_MIN_IDENTICAL):
         raise UserError(
             f"model.{gguf_type}.gguf answers unlike merged/, the model it was converted from: mean KL divergence "
-            f"{numbers['kl_divergence']:.4g} (limit {F16_MAX_KL}), identical greedy answers {numbers['identical']:.0%} "
-            f"(at least {F16_MIN_IDENTICAL:.0%}), perplexity {numbers['perplexity']} vs merged/ "
-            f"{numbers['perplexity_merged']}. A 16-bit conversion should be nearly lossless: the converter misread a "
+            f"{measures['kl_divergence']:.4g} (limit {F16_MAX_KL}), identical greedy answers {measures['identical']:.0%} "
+            f"(at least {F16_MIN_IDENTICAL:.0%}), perplexity {measures['perplexity']} vs merged/ "
+            f"{measures['perplexity_merged']}. A 16-bit conversion should be nearly lossless: the converter misread a "
             "weight or the architecture. Update llama-cpp-python (its converter), or pass --llama-cpp-dir."
         )
-    if not sixteen and numbers["kl_divergence"] > QUANT_WARN_KL:
+    if not sixteen and measures["kl_divergence"] > QUANT_WARN_KL:
         return (
-            f"model.{gguf_type}.gguf is far from merged/: mean KL divergence {numbers['kl_divergence']:.3g} "
-            f"(above {QUANT_WARN_KL}), perplexity {numbers['perplexity']} vs {numbers['perplexity_merged']}; "
+            f"model.{gguf_type}.gguf is far from merged/: mean KL divergence {measures['kl_divergence']:.3g} "
+            f"(above {QUANT_WARN_KL}), perplexity {measures['perplexity']} vs {measures['perplexity_merged']}; "
             "a larger quant (q8_0, q6_k) keeps more of the fine-tune."
         )
     return None

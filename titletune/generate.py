@@ -24,7 +24,7 @@ from titletune.config import RAG_K
 from titletune.errors import Problems, UserError
 from titletune.runs import Run
 
-SYSTEMS = ("base", "tuned")
+MODELS = ("base", "tuned")  # the two models an engine loads (evaluate.SYSTEMS: the six systems scored)
 ANSWER_TEMPLATE_TOKENS = 28  # tokens an answer may need beyond its description (assistant.txt, end of turn)
 
 
@@ -91,11 +91,6 @@ def answer_tokens(max_content_chars: int) -> int:
     return max_content_chars // 4 + ANSWER_TEMPLATE_TOKENS
 
 
-def conversation(ps: prompts.PromptSet, question: str) -> list[dict]:
-    """System + user messages for one question, as in training."""
-    return prompts.messages(ps, question)
-
-
 # ---------------------------------------------------------------- transformers
 
 
@@ -108,7 +103,7 @@ class TransformersEngine:
     def __init__(
         self,
         run: Run,
-        systems: tuple[str, ...] = SYSTEMS,
+        systems: tuple[str, ...] = MODELS,
         use_merged: bool = False,
         dtype: str = "auto",
         trust_remote_code: bool = False,
@@ -309,7 +304,7 @@ class LlamaCppEngine:
     def __init__(
         self,
         run: Run,
-        systems: tuple[str, ...] = SYSTEMS,
+        systems: tuple[str, ...] = MODELS,
         gguf: str | Path | None = None,
         base_gguf: str | Path | None = None,
         threads: int | None = None,
@@ -378,7 +373,7 @@ def message_tokens(llm, messages: list[dict]) -> int:
 
 
 def gguf_files(
-    run: Run | None, gguf: str | Path | None, base_gguf: str | Path | None, systems: tuple[str, ...] = SYSTEMS
+    run: Run | None, gguf: str | Path | None, base_gguf: str | Path | None, systems: tuple[str, ...] = MODELS
 ) -> dict[str, Path]:
     """The GGUF that answers as each of `systems`, as the llama.cpp engine and the server choose it. Tuned: `gguf`,
     else the run's. Base: `base_gguf`, else the embedded GGUF when the run's base is the embedded model; left out when
@@ -412,7 +407,7 @@ def check_gguf(path: str | Path) -> Path:
 def load_engine(
     run: Run,
     engine: str = "transformers",
-    systems: tuple[str, ...] = SYSTEMS,
+    systems: tuple[str, ...] = MODELS,
     use_merged: bool = False,
     gguf: str | Path | None = None,
     base_gguf: str | Path | None = None,
@@ -422,9 +417,9 @@ def load_engine(
 ):
     """TransformersEngine or LlamaCppEngine for a run, loading only what `systems` needs. trust_remote_code: the
     command's own --trust-remote-code (a GGUF runs no Python, so only transformers reads it)."""
-    bad = [s for s in systems if s not in SYSTEMS]
+    bad = [s for s in systems if s not in MODELS]
     if bad or not systems:
-        raise UserError(f"systems must be among {SYSTEMS}, got {systems}.")
+        raise UserError(f"systems must be among {MODELS}, got {systems}.")
     if engine == "transformers":
         if gguf or base_gguf:
             raise UserError("--gguf/--base-gguf need --engine llamacpp.")
@@ -439,7 +434,7 @@ def load_engine(
 def ask(
     engine,
     questions: list[str],
-    systems: tuple[str, ...] = SYSTEMS,
+    systems: tuple[str, ...] = MODELS,
     sampling: Sampling | None = None,
     progress: bool = False,
     index=None,
@@ -449,7 +444,7 @@ def ask(
     search index (retrieval.Index), also "<model>+rag" (the tuned model, or the only one asked, answering with the top
     k catalogue entries in its prompt) and "retrieved" (their titles, per question)."""
     ps = engine.run.prompts
-    conversations = [conversation(ps, q) for q in questions]
+    conversations = [prompts.messages(ps.system, q) for q in questions]
     sampling = (sampling or Sampling()).for_run(engine.run)
     hits = [index.search(q, k) for q in questions] if index is not None else None
     grounded = [prompts.rag_messages(ps, q, h) for q, h in zip(questions, hits, strict=True)] if hits else []

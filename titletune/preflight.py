@@ -74,4 +74,6 @@ def chat_template(base_model: str, trust_remote_code: bool, prompt_set, gguf_typ
         )
     if gguf_types:
         question, answer = export.EXAMPLE
-        fidelity.end_token(tokenizer, fidelity.Sample("example", prompts.chat(prompt_set.system, question), answer))
+        fidelity.end_token(
+            tokenizer, fidelity.Sample("example", prompts.messages(prompt_set.system, question), answer)
+        )

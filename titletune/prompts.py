@@ -133,13 +133,9 @@ def defang(text: str) -> str:
     return _MARKER.sub(lambda m: m.group(0)[0] + ZWSP + m.group(0)[1:], text)
 
 
-def messages(prompts: PromptSet, question: str) -> list[dict]:
-    """The prompt side of a conversation: system message (when the set has one) and the user's question."""
-    return chat(prompts.system, question)
-
-
-def chat(system: str, question: str) -> list[dict]:
-    """System message (when there is one) and the user's question, made plain text (defang)."""
+def messages(system: str, question: str) -> list[dict]:
+    """The prompt side of a conversation: the system message (when there is one: a prompt set's `system`) and the
+    user's question, made plain text (defang)."""
     head = [{"role": "system", "content": system}] if system else []
     return head + [{"role": "user", "content": defang(question)}]
 
@@ -153,7 +149,7 @@ def render(prompts: PromptSet, title: str, content: str, key: str, seed: int, tu
     """One product -> a conversational prompt/completion row; TRL puts the loss on the completion only."""
     # str.replace, not str.format: titles and descriptions contain braces.
     return {
-        "prompt": messages(prompts, question(prompts, title, key, seed, turn)),
+        "prompt": messages(prompts.system, question(prompts, title, key, seed, turn)),
         "completion": [{"role": "assistant", "content": prompts.answer.replace("{content}", defang(content))}],
     }
 
@@ -161,7 +157,7 @@ def render(prompts: PromptSet, title: str, content: str, key: str, seed: int, tu
 def rag_messages(prompts: PromptSet, question: str, entries: list[dict]) -> list[dict]:
     """The prompt of a grounded answer: the retrieved catalogue entries ({"title", "content"}) and the question, through
     rag.txt and rag_entry.txt, every slot filled once (a title holding "{question}" stays text)."""
-    return chat(prompts.system, rag_question(prompts, question, entries))
+    return messages(prompts.system, rag_question(prompts, question, entries))
 
 
 def rag_question(prompts: PromptSet, question: str, entries: list[dict]) -> str:

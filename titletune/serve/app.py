@@ -270,7 +270,7 @@ def banner(served: Served, url: str, key: str | None) -> str:
     for missing in served.unavailable():
         line += f"; {missing['reason']}"
     question = served.examples[0] if served.examples else "What is 'Girls Ballet Tutu Neon Pink'?"
-    body = {"model": "tuned", "messages": prompts.chat(served.system, question), "max_tokens": served.max_tokens}
+    body = {"model": "tuned", "messages": prompts.messages(served.system, question), "max_tokens": served.max_tokens}
     auth = f' -H "Authorization: Bearer ${KEY_ENV}"' if key else ""
     curl = f"curl {url}/v1/chat/completions -H 'Content-Type: application/json'{auth}"
     return f"{line}\n  {curl} -d {shlex.quote(json.dumps(body))}"
