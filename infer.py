@@ -183,7 +183,7 @@ def main(args: argparse.Namespace) -> None:
     if (args.rag_k is not None or args.rag_index) and not args.rag:
         raise UserError("--rag-k and --rag-index are for RAG answers: add --rag (this run does not turn it on).")
     systems = (args.only,) if args.only else generate.MODELS
-    engine = generate.load_engine(run, args.engine, systems, *_engine_options(args))
+    engine = generate.load_engine(run, args.engine, systems, _engine_options(args))
     if args.rag:
         from titletune import retrieval
 
@@ -302,7 +302,7 @@ def evaluate(args: argparse.Namespace, run) -> None:
     settings.check()
     again = f"evaluate again: python infer.py evaluate --run {shlex.quote(str(run.dir))}"
     with full_disk_is_user_error(run.dir, lambda: again), lock.held(run.dir):  # it writes report.* and the card
-        engine = generate.load_engine(run, args.engine, generate.MODELS, *_engine_options(args))
+        engine = generate.load_engine(run, args.engine, generate.MODELS, _engine_options(args))
         scored = pipeline.finish(run, settings=settings, engine=engine)
     print(reports.summary(scored))
     print(f"wrote {run.dir / 'report.md'}, report.json, report.png")
@@ -351,9 +351,18 @@ def serve(args: argparse.Namespace) -> None:
     server.run(app, served, sock)
 
 
-def _engine_options(args: argparse.Namespace) -> tuple:
-    """generate.load_engine's arguments after the systems, from the flags."""
-    return args.use_merged, args.gguf, args.base_gguf, args.threads, args.dtype, args.trust_remote_code
+def _engine_options(args: argparse.Namespace):
+    """generate.load_engine's options (a generate.EngineOptions), from the flags."""
+    from titletune.generate import EngineOptions
+
+    return EngineOptions(
+        use_merged=args.use_merged,
+        gguf=args.gguf,
+        base_gguf=args.base_gguf,
+        threads=args.threads,
+        dtype=args.dtype,
+        trust_remote_code=args.trust_remote_code,
+    )
 
 
 def _url_host(host: str) -> str:

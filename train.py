@@ -220,7 +220,8 @@ def finish(fitted, backend, base_model, run_dir, gguf_types, script_args, export
         settings = evaluate.EvalSettings(
             script_args.eval_samples, rag_k=script_args.rag_k, rag_index=script_args.rag_index
         )
-        engine = generate.load_engine(run, trust_remote_code=training_args.trust_remote_code)
+        options = generate.EngineOptions(trust_remote_code=training_args.trust_remote_code)
+        engine = generate.load_engine(run, options=options)
     pipeline.finish(
         run,
         gguf_types,

@@ -137,7 +137,7 @@ def score(run_dir: str, samples: int, base_cache: dict) -> dict:
     pops = evaluate.sample_populations(run, run.split("train"), samples, settings.seed, None)
     pops["seen_new_phrasing"] = pops["seen"]
     merged = not (run.adapter / "adapter_config.json").is_file()  # full fine-tuning saved merged/ only
-    engine = generate.load_engine(run, "transformers", use_merged=merged)
+    engine = generate.load_engine(run, "transformers", options=generate.EngineOptions(use_merged=merged))
     out = {}
     for pop, products in pops.items():
         rows = [

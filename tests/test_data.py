@@ -325,7 +325,7 @@ def test_cache_key_covers_every_data_module(tmp_path, qa, monkeypatch):
     args = DataArguments(data=str(SAMPLE))
     code = stage.CODE
     assert {Path(m).name for m in code} == {
-        "text.py", "reading.py", "selection.py", "prepare.py", "prompts.py", "ragrows.py",
+        "text.py", "reading.py", "selection.py", "prepare.py", "eda.py", "prompts.py", "ragrows.py",
     }  # fmt: skip
     key = stage.cache_key(args, 42, qa)
     for i, module in enumerate(code):

@@ -16,9 +16,21 @@ PACKAGE = ROOT / "titletune"
 LAYERS = {
     "ground": ("errors", "logs", "files", "text", "metrics", "llamacpp", "teacher"),
     "settings": ("config", "machine", "lock", "prompts", "reading", "capacity", "models", "ollama", "specials"),
-    "data": ("chunks", "selection", "indexing", "retrieval", "ragrows", "prepare", "trainset"),
+    "data": ("chunks", "selection", "indexing", "retrieval", "ragrows", "prepare", "eda", "trainset"),
     "runs": ("claims", "runs", "resume", "backends"),
-    "stages": ("generate", "training", "llamacpp_child", "fidelity", "converter", "export", "evaluate", "serve"),
+    "stages": (
+        "sampling",
+        "hf_engine",
+        "generate",
+        "training",
+        "llamacpp_child",
+        "fidelity",
+        "roundtrip",
+        "converter",
+        "export",
+        "evaluate",
+        "serve",
+    ),
     "outputs": ("reports", "card_usage", "card", "preflight"),
     "steps": ("pipeline",),
 }

@@ -127,7 +127,8 @@ def test_the_modelfile_pins_the_reports_decoding(trained_run):
 
     import yaml
 
-    from titletune import generate, ollama
+    from titletune import ollama
+    from titletune.sampling import ANSWER_TEMPLATE_TOKENS
 
     params = ollama.parameters(trained_run / "Modelfile")
     config = yaml.safe_load((trained_run / "run_config.yaml").read_text())
@@ -136,7 +137,7 @@ def test_the_modelfile_pins_the_reports_decoding(trained_run):
     assert float(params["repeat_penalty"]) == sampling["repetition_penalty"] == 1
     assert int(params["num_predict"]) == sampling["max_new_tokens"]
     chars = int(config["data"]["max_content_chars"])
-    assert int(params["num_predict"]) == chars // 4 + generate.ANSWER_TEMPLATE_TOKENS
+    assert int(params["num_predict"]) == chars // 4 + ANSWER_TEMPLATE_TOKENS
     assert int(params["num_ctx"]) == llamacpp.N_CTX
     assert "<|im_end|>" in params["stop"]
     assert ollama.gguf_name(trained_run / "Modelfile") == "model.q4_k_m.gguf"
@@ -153,7 +154,13 @@ def test_the_model_cards_python_snippet_answers(trained_run):
     check = snippet + "\nassert llm.model_params.use_extra_bufts is False\n"
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     result = subprocess.run(
-        [sys.executable, "-c", check], capture_output=True, text=True, timeout=300, env=env, cwd=trained_run, check=False
+        [sys.executable, "-c", check],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=trained_run,
+        check=False,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip()

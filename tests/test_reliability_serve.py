@@ -136,9 +136,9 @@ def test_every_special_token_of_the_embedded_tokenizer_is_neutralised(embedded_t
 def test_the_transformers_engine_renders_no_special_id_from_a_question(run_dir, embedded_tokenizer):
     """TransformersEngine (base: the embedded model) renders a conversation holding every special token of its
     tokenizer with exactly the special ids of the conversation without them: the ids it hands model.generate."""
-    from titletune import generate, runs, specials
+    from titletune import hf_engine, runs, specials
 
-    engine = generate.TransformersEngine(runs.load(run_dir), systems=("base",))
+    engine = hf_engine.TransformersEngine(runs.load(run_dir), systems=("base",))
     ids = specials.from_tokenizer(embedded_tokenizer).ids
     marked, clean = spoof(list(specials.from_tokenizer(embedded_tokenizer).tokens.values()))
 

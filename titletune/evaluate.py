@@ -12,7 +12,7 @@ the same settings, recorded in the report. Metrics (titletune/metrics.py): ROUGE
 recall, numbers supported, corpus BLEU, each with a 95% bootstrap interval; paired bootstrap differences for tuned vs
 base, tuned + RAG vs tuned and tuned + distractors vs tuned; and the teacher-forced loss and perplexity of base and
 tuned on the reference answers.
-Returns the report (report.json's content); pipeline.evaluate writes it with report.md and report.png (report.py).
+Returns the report (report.json's content); pipeline.finish writes it with report.md and report.png (reports.py).
 """
 
 from __future__ import annotations
@@ -48,6 +48,8 @@ PROMPTS = {"plain": "row_prompt", "rag": "rag_prompt", "distractors": "distracto
 PAIRS = (("tuned", "base"), ("tuned+rag", "tuned"), ("tuned+distractors", "tuned"))
 # Hits searched per question for the distractors-only prompt, beyond k: room to leave the product's own entry out.
 DISTRACTOR_SLACK = 3
+# What report.json keeps of each product asked: the question, the reference, what was retrieved, and every answer.
+EXAMPLE_KEYS = ("population", "id", "title", "question", "reference", "retrieved", "distractors", *SYSTEMS)
 
 
 @dataclass(frozen=True)
@@ -80,15 +82,14 @@ class EvalSettings:
 
 def evaluate_run(run: Run, settings: EvalSettings | None = None, engine=None, batch_size: int = 8) -> dict:
     """Score the six systems on `settings.samples` seen and as many held-out products; return the report (written by
-    pipeline.evaluate).
+    pipeline.finish).
 
-    engine: a loaded generate.TransformersEngine/LlamaCppEngine (reused, not reloaded), "transformers",
+    engine: a loaded hf_engine.TransformersEngine/generate.LlamaCppEngine (reused, not reloaded), "transformers",
     "llamacpp", or None (transformers). Loss and perplexity need transformers; with llamacpp they are null.
     """
     settings = (settings or EvalSettings()).for_run(run)
     settings.check()
     started = time.perf_counter()
-    ps = run.prompts
     train = run.split("train")
     if not train:
         raise UserError(f"{run.data / 'train.jsonl'} is missing or empty; the run's data split is needed.")
@@ -101,68 +102,13 @@ def evaluate_run(run: Run, settings: EvalSettings | None = None, engine=None, ba
     missing = [s for s in generate.MODELS if s not in engine.systems]
     if missing:
         raise UserError(f"evaluation compares base and tuned; the engine was loaded without {missing}.")
-
-    items = []
-    for pop, products in pops.items():
-        for p in products:
-            # The question phrasing training picked for each product (the run's seed), and the answer it learned.
-            row = prompts.render(ps, p["title"], p["content"], key=str(p["id"]), seed=run.seed)
-            question = row["prompt"][-1]["content"]
-            hits = index.search(question, settings.rag_k + DISTRACTOR_SLACK)
-            others = [h for h in hits if not _same_product(h, p)][: settings.rag_k]
-            if len(others) < settings.rag_k:  # the nearest titles, as training's distractors are found
-                found = {h["id"] for h in others}
-                near = index.neighbours(p["title"], settings.rag_k + DISTRACTOR_SLACK)
-                others += [h for h in near if h["id"] not in found and not _same_product(h, p)]
-                others = others[: settings.rag_k]
-            hits = hits[: settings.rag_k]
-            items.append(
-                {
-                    "population": pop,
-                    "id": str(p["id"]),
-                    "title": p["title"],
-                    "row": row,
-                    "row_prompt": row["prompt"],
-                    "question": question,
-                    "reference": row["completion"][0]["content"],
-                    "retrieved": [h["title"] for h in hits],
-                    "retrieval": ps.answer.replace("{content}", hits[0]["content"]) if hits else "",
-                    "rag_prompt": prompts.rag_messages(ps, question, hits),
-                    "distractors": [h["title"] for h in others],
-                    "distractor_prompt": prompts.rag_messages(ps, question, others),
-                }
-            )
+    items = [_item(run, index, settings.rag_k, pop, p) for pop, products in pops.items() for p in products]
     for item in items:
         entries = len(item["retrieved"])
         for key in ("rag_prompt", "distractor_prompt"):
             generate.check_length(engine, item[key], settings.sampling.max_new_tokens, entries, settings.rag_k)
-
-    timing = {}
-    for system, (model, prompt) in GENERATED.items():
-        t0 = time.perf_counter()
-        convs = [i[PROMPTS[prompt]] for i in items]
-        answers = engine.generate(convs, model, settings.sampling, batch_size=batch_size, progress=True)
-        timing[system] = round(time.perf_counter() - t0, 2)
-        for item, answer in zip(items, answers, strict=True):
-            item[system] = answer
-
-    report: dict = {"differences": {}}
-    for pop in POPULATIONS:
-        group = [i for i in items if i["population"] == pop]
-        if not group:
-            continue
-        refs, titles = [i["reference"] for i in group], [i["title"] for i in group]
-        report[pop], values = {}, {}
-        for system in SYSTEMS:
-            report[pop][system], values[system] = metrics.score([i[system] for i in group], refs, titles)
-        for system in ("base", "tuned"):
-            loss, ppl = None, None
-            if engine.supports_loss:
-                loss, ppl = generate.perplexity(*engine.loss([i["row"] for i in group], system, batch_size))
-            report[pop][system].update(loss=_round(loss), ppl=_round(ppl))
-        report["differences"][pop] = {
-            f"{a} - {b}": {m: metrics.paired(values[a][m], values[b][m]) for m in values[a]} for a, b in PAIRS
-        }
+    timing = _answer(items, engine, settings.sampling, batch_size)
+    report = _score(items, engine, batch_size)
     report.update(
         settings=dataclasses.asdict(settings),
         systems=list(SYSTEMS),
@@ -173,16 +119,10 @@ def evaluate_run(run: Run, settings: EvalSettings | None = None, engine=None, ba
         index=index.source,
         scales="ROUGE and numbers supported 0-1; BLEU is sacrebleu corpus BLEU, 0-100",
         seconds=timing,
-        examples=[
-            {
-                k: i[k]
-                for k in ("population", "id", "title", "question", "reference", "retrieved", "distractors", *SYSTEMS)
-            }
-            for i in items
-        ],
+        examples=[{k: i[k] for k in EXAMPLE_KEYS} for i in items],
     )
     seen = [i for i in items if i["population"] == "seen"]
-    if seen and ps.held_out:
+    if seen and run.prompts.held_out:
         t0 = time.perf_counter()
         report["seen_new_phrasing"] = new_phrasing(run, seen, engine, settings, batch_size)
         report["seconds"]["new_phrasing"] = round(time.perf_counter() - t0, 2)
@@ -191,6 +131,72 @@ def evaluate_run(run: Run, settings: EvalSettings | None = None, engine=None, ba
         "evaluate: %s",
         " ".join(f"{p}: tuned rougeL {report[p]['tuned']['rougeL']['mean']}" for p in POPULATIONS if p in report),
     )
+    return report
+
+
+def _item(run: Run, index, k: int, pop: str, p: dict) -> dict:
+    """One product's question (the phrasing training picked for it, at the run's seed), its reference answer, and
+    every prompt the systems are asked: plain, with the top k entries, and with k entries not its own."""
+    ps = run.prompts
+    row = prompts.render(ps, p["title"], p["content"], key=str(p["id"]), seed=run.seed)
+    question = row["prompt"][-1]["content"]
+    hits = index.search(question, k + DISTRACTOR_SLACK)
+    others = [h for h in hits if not _same_product(h, p)][:k]
+    if len(others) < k:  # the nearest titles, as training's distractors are found
+        found = {h["id"] for h in others}
+        near = index.neighbours(p["title"], k + DISTRACTOR_SLACK)
+        others += [h for h in near if h["id"] not in found and not _same_product(h, p)]
+        others = others[:k]
+    hits = hits[:k]
+    return {
+        "population": pop,
+        "id": str(p["id"]),
+        "title": p["title"],
+        "row": row,
+        "row_prompt": row["prompt"],
+        "question": question,
+        "reference": row["completion"][0]["content"],
+        "retrieved": [h["title"] for h in hits],
+        "retrieval": ps.answer.replace("{content}", hits[0]["content"]) if hits else "",
+        "rag_prompt": prompts.rag_messages(ps, question, hits),
+        "distractors": [h["title"] for h in others],
+        "distractor_prompt": prompts.rag_messages(ps, question, others),
+    }
+
+
+def _answer(items: list[dict], engine, sampling: Sampling, batch_size: int) -> dict:
+    """Every generated system's answers into the items; the seconds each took."""
+    timing = {}
+    for system, (model, prompt) in GENERATED.items():
+        t0 = time.perf_counter()
+        convs = [i[PROMPTS[prompt]] for i in items]
+        answers = engine.generate(convs, model, sampling, batch_size=batch_size, progress=True)
+        timing[system] = round(time.perf_counter() - t0, 2)
+        for item, answer in zip(items, answers, strict=True):
+            item[system] = answer
+    return timing
+
+
+def _score(items: list[dict], engine, batch_size: int) -> dict:
+    """Per population: each system's metrics with intervals, base's and tuned's loss and perplexity (when the engine
+    has logits), and the paired differences of PAIRS."""
+    report: dict = {"differences": {}}
+    for pop in POPULATIONS:
+        group = [i for i in items if i["population"] == pop]
+        if not group:
+            continue
+        refs, titles = [i["reference"] for i in group], [i["title"] for i in group]
+        report[pop], values = {}, {}
+        for system in SYSTEMS:
+            report[pop][system], values[system] = metrics.score([i[system] for i in group], refs, titles)
+        for system in generate.MODELS:
+            loss, ppl = None, None
+            if engine.supports_loss:
+                loss, ppl = generate.perplexity(*engine.loss([i["row"] for i in group], system, batch_size))
+            report[pop][system].update(loss=_round(loss), ppl=_round(ppl))
+        report["differences"][pop] = {
+            f"{a} - {b}": {m: metrics.paired(values[a][m], values[b][m]) for m in values[a]} for a, b in PAIRS
+        }
     return report
 
 

@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from titletune import fidelity, files, machine, ollama, prompts
+from titletune import fidelity, files, machine, ollama, prompts, roundtrip
 from titletune.config import FIDELITY_ANSWER_TOKENS, FIDELITY_TOKENS
 from titletune.converter import (
     CONVERTER_TYPES,
@@ -160,7 +160,7 @@ def export(
     with _staging(run_dir) as staging:  # published when the block succeeds
         end, _, _ = fidelity.end_token(tokenizer, checked[0])
         stops = ollama.stop_tokens(tokenizer)
-        round_trip = functools.partial(fidelity.round_trip, tokenizer=tokenizer, chosen=checked, end=end, stops=stops)
+        round_trip = functools.partial(roundtrip.round_trip, tokenizer=tokenizer, chosen=checked, end=end, stops=stops)
 
         def write(gguf_type: str) -> dict:
             return _write(gguf_type, staging, merged_dir, ordered[0], converter, round_trip)
@@ -271,7 +271,7 @@ def _staging(run_dir: Path):
 
 def _write(gguf_type: str, run_dir: Path, merged_dir: Path, base_type: str, converter: Path, round_trip) -> dict:
     """One GGUF file: converted from merged/ (16-bit) or quantized from the 16-bit file; a 16-bit one is then checked
-    by `round_trip` (fidelity.round_trip on the export's conversations; quants copy its metadata and vocabulary).
+    by `round_trip` (roundtrip.round_trip on the export's conversations; quants copy its metadata and vocabulary).
     Returns its export.json entry."""
     path = run_dir / f"model.{gguf_type}.gguf"
     started = time.perf_counter()

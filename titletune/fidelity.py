@@ -1,10 +1,7 @@
 """Export fidelity: every GGUF measured against merged/, the model it came from, on the run's own products.
 
-1. Template round trip (16-bit files; quants copy their metadata and vocabulary). llama.cpp renders each conversation
-   itself, through the chat handler create_chat_completion picks from the GGUF's metadata (what its server and Ollama
-   do), and the prompt token ids are compared with transformers' rendering through the tokenizer's chat template.
-   The token the model was trained to end its answers with must be the GGUF's EOS or EOT, and a stop in the Modelfile.
-   Any difference fails the export with its cause and fix.
+1. Template round trip (roundtrip.py): llama.cpp's rendering and tokenization of the chats against transformers',
+   and the end token. Any difference fails the export with its cause and fix.
 2. Parity per file, on N test and N train products: greedy answers against merged/'s (identical share, agreeing
    prefix), perplexity of the reference description next to merged/'s, mean KL divergence of the next-token
    distributions on the reference tokens (KL(merged || file), as llama-perplexity --kl-divergence measures it),
@@ -144,34 +141,12 @@ def reference(merged_dir: Path, end: int, rows: list[dict], max_tokens: int, fol
         torch.set_num_threads(threads)
     try:
         model = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=dtype, use_safetensors=True).to(device).eval()
-        rows = [dict(r) for r in rows]
-        logprobs = []
-        with torch.no_grad():  # teacher-forced on the references, all in one batch
-            examples = [(r["prompt_ids"] + r["answer_ids"], len(r["prompt_ids"])) for r in rows]
-            for r, lp in zip(rows, teacher.answer_logprobs(model, examples, end, len(rows)), strict=True):
-                r["nll"] = teacher.answer_nll(lp, r["answer_ids"]).cpu().tolist()
-                logprobs.append(lp.cpu().numpy().astype(np.float16))  # 2 bytes a value; KL's error from it is ~1e-5
-        # Greedy answers in one left-padded batch (6x faster on CPU than one by one; the mask keeps them the same).
-        width = max(len(r["prompt_ids"]) for r in rows)
-        batch = torch.tensor([[end] * (width - len(r["prompt_ids"])) + r["prompt_ids"] for r in rows], device=device)
-        mask = torch.tensor(
-            [[0] * (width - len(r["prompt_ids"])) + [1] * len(r["prompt_ids"]) for r in rows], device=device
-        )
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            out = model.generate(
-                batch,
-                attention_mask=mask,
-                do_sample=False,
-                max_new_tokens=max_tokens,
-                eos_token_id=end,
-                pad_token_id=end,
-            )
-        gen_seconds = time.perf_counter() - t0
+        rows, logprobs = _teacher_forced(model, rows, end)
+        answers, gen_seconds = _greedy(model, rows, end, max_tokens, device)
     finally:
         torch.set_num_threads(before)
     generated = 0
-    for row, ids in zip(rows, out[:, width:].tolist(), strict=True):
+    for row, ids in zip(rows, answers, strict=True):
         row["greedy"] = ids[: ids.index(end) + 1] if end in ids else ids
         generated += len(row["greedy"])
     path = folder / "merged_logprobs.npz"
@@ -187,87 +162,44 @@ def reference(merged_dir: Path, end: int, rows: list[dict], max_tokens: int, fol
     }
 
 
-# ----------------------------------------------------------------------------------------- template round trip
+def _teacher_forced(model, rows: list[dict], end: int) -> tuple[list[dict], list]:
+    """(copies of the rows with the reference's per-token NLL as "nll", the next-token log-probabilities on its
+    tokens, as float16 arrays), from merged/ teacher-forced on the references, all in one batch."""
+    import numpy as np
+    import torch
+
+    rows = [dict(r) for r in rows]
+    logprobs = []
+    with torch.no_grad():
+        examples = [(r["prompt_ids"] + r["answer_ids"], len(r["prompt_ids"])) for r in rows]
+        for r, lp in zip(rows, teacher.answer_logprobs(model, examples, end, len(rows)), strict=True):
+            r["nll"] = teacher.answer_nll(lp, r["answer_ids"]).cpu().tolist()
+            logprobs.append(lp.cpu().numpy().astype(np.float16))  # 2 bytes a value; KL's error from it is ~1e-5
+    return rows, logprobs
 
 
-def round_trip(path: Path, tokenizer, chosen: list[Sample], end: int, stops: list[str]) -> dict:
-    """Fail (UserError, naming the cause and the fix) unless llama.cpp renders every conversation, with and without
-    the system message, to the token ids transformers does, and ends answers on the trained end token."""
-    conversations = []
-    for sample in chosen:
-        conversations.append(sample.messages)
-        user_only = [m for m in sample.messages if m["role"] != "system"]
-        if user_only != sample.messages:
-            conversations.append(user_only)
-    expected = [prompt_tokens(tokenizer, c) for c in conversations]
-    texts = [tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in conversations]
-    # The reference answers too: product text (numbers, sizes, punctuation, non-ASCII) is where a pre-tokenizer differs.
-    texts += [s.reference for s in chosen]
-    expected_texts = expected + [tokenizer(s.reference, add_special_tokens=False)["input_ids"] for s in chosen]
-    got = child(path, {"op": "render", "conversations": conversations, "texts": texts})
-    meta = got["metadata"]
-    name = path.name
+def _greedy(model, rows: list[dict], end: int, max_tokens: int, device: str) -> tuple[list[list[int]], float]:
+    """(merged/'s greedy answer ids per row, up to max_tokens and past the end token, seconds generating)."""
+    import torch
 
-    template = meta.get("tokenizer.chat_template")
-    if not template:
-        raise UserError(
-            f"{name} has no tokenizer.chat_template, so llama.cpp would prompt it in the llama-2 format. Give the "
-            "merged model a chat template (chat_template.jinja or tokenizer_config.json) and export again."
+    # Greedy answers in one left-padded batch (6x faster on CPU than one by one; the mask keeps them the same).
+    width = max(len(r["prompt_ids"]) for r in rows)
+    batch = torch.tensor([[end] * (width - len(r["prompt_ids"])) + r["prompt_ids"] for r in rows], device=device)
+    mask = torch.tensor(
+        [[0] * (width - len(r["prompt_ids"])) + [1] * len(r["prompt_ids"]) for r in rows], device=device
+    )
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(
+            batch,
+            attention_mask=mask,
+            do_sample=False,
+            max_new_tokens=max_tokens,
+            eos_token_id=end,
+            pad_token_id=end,
         )
-    for ids, want, text in zip(got["tokenized"], expected_texts, texts, strict=True):
-        if ids != want:
-            at = first_difference(ids, want)
-            raise UserError(
-                f"{name} tokenizes text differently from the merged model's tokenizer (pre-tokenizer "
-                f"tokenizer.ggml.pre={meta.get('tokenizer.ggml.pre')!r}, model "
-                f"tokenizer.ggml.model={meta.get('tokenizer.ggml.model')!r}): in {text[:60]!r}... from token {at}, "
-                f"llama.cpp {ids[at : at + 5]}, transformers {want[at : at + 5]}. The converter misread tokenizer.json "
-                "or does not know this pre-tokenizer: update llama-cpp-python (its converter), or pass "
-                "--llama-cpp-dir with a llama.cpp checkout that knows the model."
-            )
-    for ids, want, conv in zip(got["rendered"], expected, conversations, strict=True):
-        if ids != want:
-            at = first_difference(ids, want)
-            cause = (
-                f"llama-cpp-python uses its built-in '{got['chat_format']}' format for this template, not the template"
-                if got["chat_format"] != "chat_template.default"
-                else "the GGUF's tokenizer.chat_template is not the tokenizer's chat template"
-                if template != tokenizer.chat_template
-                else "llama.cpp's Jinja renders the template differently (or adds a BOS the template does not)"
-            )
-            raise UserError(
-                f"{name} renders the chat differently from the tokenizer's chat template ({cause}): for "
-                f"{[m['role'] for m in conv]}, from token {at}, llama.cpp {_show(tokenizer, ids[at : at + 8])}, "
-                f"transformers {_show(tokenizer, want[at : at + 8])}. The server, create_chat_completion and Ollama "
-                "would prompt it unlike training. Write the tokenizer's chat template into the GGUF (re-export from "
-                "merged/ with the tokenizer's chat_template.jinja), and report the template to llama-cpp-python if "
-                "it still differs."
-            )
-    ends = {int(meta[k]) for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id") if k in meta}
-    end_text = tokenizer.convert_ids_to_tokens(end)
-    if end not in ends:
-        raise UserError(
-            f"{name} would not stop where the model was trained to: answers end with {end_text!r} (id {end}), but the "
-            f"GGUF's EOS/EOT is {sorted(ends)} ({', '.join(repr(got['tokens'].get(str(i))) for i in sorted(ends))}). "
-            f"Set the tokenizer's eos_token to {end_text!r} in merged/ (tokenizer_config.json and "
-            "generation_config.json) and export again."
-        )
-    if end_text not in stops:
-        raise UserError(
-            f"the Modelfile's stops {stops} miss {end_text!r}, the token answers end with, so Ollama would run on "
-            f"past each answer. Set the tokenizer's eos_token to {end_text!r}."
-        )
-    return {
-        "conversations": len(conversations),
-        "texts": len(texts),
-        "chat_format": got["chat_format"],
-        "end_token": end_text,
-        "identical": True,
-    }
-
-
-def _show(tokenizer, ids: list[int]) -> str:
-    return repr(tokenizer.decode(ids)) if ids else "(end)"
+    gen_seconds = time.perf_counter() - t0
+    return out[:, width:].tolist(), gen_seconds
 
 
 # ------------------------------------------------------------------------------------------------------ parity

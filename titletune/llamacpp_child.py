@@ -4,7 +4,7 @@ fidelity.child starts it, because llama.cpp aborts the whole process on some bro
 that must be an error, not a crash. Its three operations:
 
 - render: the prompt ids llama.cpp's chat handler makes of each conversation, and the GGUF's metadata and end tokens
-  (fidelity.round_trip compares them with transformers' rendering);
+  (roundtrip.round_trip compares them with transformers' rendering);
 - parity: each file's greedy answers, teacher-forced NLL and KL against merged/'s reference (fidelity.Parity);
 - answer: a GGUF's metadata and, given messages, its greedy answer (export.read_metadata, export.verify).
 

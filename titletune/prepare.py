@@ -5,7 +5,7 @@
 
     reading.py: iter_products    text.py: clean_text, title_key, truncate
     selection.py: filter, dedupe, sample, split, render (and the same with --data-workers processes)
-    prepare.py (here): the arguments, the stats, the EDA report, the cache
+    prepare.py (here): the arguments, the stats, the cache    eda.py: the EDA report (eda.md, lengths.png)
 
 Memory does not grow with the file: rows stream through, and what is kept per product is one 8-byte hash (dedupe)
 and two lengths (EDA). With --max-samples N, at most N products are held in a bounded heap; with 'all' every kept
@@ -30,7 +30,7 @@ from pathlib import Path
 
 import orjson
 
-from titletune import files, ragrows, reading, selection, text
+from titletune import eda, files, ragrows, reading, selection, text
 from titletune import prompts as prompts_lib
 from titletune.config import DataArguments, parse_max_samples
 from titletune.errors import Problems, UserError, flag
@@ -107,6 +107,31 @@ def prepare(args: DataArguments, seed: int, out_dir: str | Path, prompts: Prompt
     counts: Counter = Counter({key: 0 for key in (*DROP_REASONS, *NOTES, "rows_read")})
     workers = data_workers(args.data_workers, path)
     writer = SplitWriter(folder, prompts, seed, args.val_size, args.test_size)
+    split_counts, lengths = _select(path, args, seed, max_samples, prompts, counts, writer, workers)
+    _write_neighbours(folder, args, seed, split_counts)
+    counts["chat_markers"] = writer.markers
+    stats = _stats(args, seed, path, counts, split_counts, writer.truncated, lengths, max_samples)
+    stats["seconds"] = round(time.perf_counter() - started, 2)
+    files.write_atomic(folder / "stats.json", orjson.dumps(stats, option=orjson.OPT_INDENT_2) + b"\n")
+    files.write_atomic(folder / "eda.md", eda.render(stats).encode())
+    eda.plot_lengths(*lengths, folder / "lengths.png")
+    _log_done(stats, split_counts, writer)
+    return stats
+
+
+def _select(
+    path: Path,
+    args: DataArguments,
+    seed: int,
+    max_samples: int | None,
+    prompts: PromptSet,
+    counts: Counter,
+    writer: SplitWriter,
+    workers: int,
+) -> tuple[dict[str, int], tuple[array, array]]:
+    """The one pass: every product read, filtered, deduplicated and sampled into `writer`'s split files, by
+    `workers` processes or this one. Returns (rows per split, (title lengths, content lengths)); on any failure the
+    split files are removed."""
     try:
         if workers > 1:
             title_lengths, content_lengths = select_parallel(
@@ -127,7 +152,12 @@ def prepare(args: DataArguments, seed: int, out_dir: str | Path, prompts: Prompt
     except BaseException:
         writer.abort()
         raise
-    read = 0
+    return split_counts, (title_lengths, content_lengths)
+
+
+def _write_neighbours(folder: Path, args: DataArguments, seed: int, split_counts: dict[str, int]) -> None:
+    """With --rag-share, each train product's nearest neighbours for the RAG rows, and the --rag-read share of them
+    moved from "train" to "rag_read" in `split_counts`; else the two files, empty."""
     if args.rag_share > 0:
         log.info("data: finding each train product's nearest neighbours for the RAG rows (--rag-share)")
         read = ragrows.write_neighbours(folder, args.rag_read, seed)
@@ -138,20 +168,16 @@ def prepare(args: DataArguments, seed: int, out_dir: str | Path, prompts: Prompt
     else:
         files.write_atomic(folder / ragrows.FILE, b"")
         files.write_atomic(folder / ragrows.READ_FILE, b"")
+
+
+def _log_done(stats: dict, split_counts: dict[str, int], writer: SplitWriter) -> None:
+    """The stage's log line, and a warning when kept products held chat-control markers."""
     kept = sum(split_counts.values())
-    counts["chat_markers"] = writer.markers
-    stats = _stats(
-        args, seed, path, counts, split_counts, writer.truncated, (title_lengths, content_lengths), max_samples
-    )
-    stats["seconds"] = round(time.perf_counter() - started, 2)
-    files.write_atomic(folder / "stats.json", orjson.dumps(stats, option=orjson.OPT_INDENT_2) + b"\n")
-    files.write_atomic(folder / "eda.md", render_eda(stats).encode())
-    plot_lengths(title_lengths, content_lengths, folder / "lengths.png")
     dropped = ", ".join(f"{n:,} {reason.replace('_', ' ')}" for reason, n in stats["dropped"].items() if n)
     log.info(
         "data: read %s rows (%s) in %.1f s; kept %s (train %s, val %s, test %s, %s truncated); dropped %s (%s)",
         f"{stats['rows_read']:,}",
-        _size(stats["input"]["bytes"]),
+        eda.format_bytes(stats["input"]["bytes"]),
         stats["seconds"],
         f"{kept:,}",
         *(f"{split_counts[s]:,}" for s in SPLITS),
@@ -165,20 +191,27 @@ def prepare(args: DataArguments, seed: int, out_dir: str | Path, prompts: Prompt
             "description; they were made plain text, so they never act as special tokens",
             f"{writer.markers:,}",
         )
-    return stats
 
 
 CACHE_FILES = (*(f"{s}.jsonl" for s in SPLITS), ragrows.FILE, ragrows.READ_FILE, "stats.json", "eda.md", "lengths.png")
 CACHE_KEEP = 8  # most recently used entries kept; runs hold hard links, so evicting an entry never breaks a run
 _EDGE = 1 << 20  # bytes hashed at each end of the input: a quick content check on top of size and mtime
 # The code that prepare()'s output depends on: a change to any of these files gives new cache keys.
-CODE = (text.__file__, reading.__file__, selection.__file__, __file__, prompts_lib.__file__, ragrows.__file__)
+CODE = (
+    text.__file__,
+    reading.__file__,
+    selection.__file__,
+    __file__,
+    eda.__file__,
+    prompts_lib.__file__,
+    ragrows.__file__,
+)
 
 
 def cache_key(args: DataArguments, seed: int, prompts: PromptSet) -> str:
     """What prepare()'s output depends on, hashed: the input file (path, size, mtime, first and last MB), every data
-    argument, the seed, the prompt texts, and the code of the data modules (text, reading, selection, prepare) and
-    prompts.py (a fix invalidates the cache).
+    argument, the seed, the prompt texts, and the code of the data modules (text, reading, selection, prepare, eda,
+    ragrows) and prompts.py (a fix invalidates the cache).
     """
     path = check_path(args.data).resolve()
     stat = path.stat()
@@ -321,88 +354,3 @@ def _stats(
         },
         "files": {s: f"data/{s}.jsonl" for s in SPLITS},
     }
-
-
-def _size(n: float) -> str:
-    if n < 1024:
-        return f"{n:.0f} B"
-    for unit in ("KB", "MB", "GB"):
-        n /= 1024
-        if n < 1024 or unit == "GB":
-            break
-    return f"{n:.1f} {unit}"
-
-
-def render_eda(stats: dict) -> str:
-    """The EDA report as markdown: counts, drop reasons, length percentiles, the histogram."""
-    kept, source = stats["kept"], stats["input"]
-    size = _size(source["bytes"]) + (", gzip" if source["gzip"] else "")
-    lines = [
-        "# Data report",
-        "",
-        f"Input: `{source['path']}` ({size}), seed {stats['seed']}, max_samples {stats['args']['max_samples']}.",
-        "",
-        "## Counts",
-        "",
-        "| | rows | share of rows read |",
-        "|---|---:|---:|",
-    ]
-    total = max(stats["rows_read"], 1)
-    for name, n in [
-        ("read", stats["rows_read"]),
-        *((f"kept: {s}", kept[s]) for s in SPLITS),
-        *([("kept: read only (--rag-read)", kept["rag_read"])] if kept.get("rag_read") else []),
-        ("kept: total", kept["total"]),
-        ("dropped", stats["dropped_total"]),
-    ]:
-        lines.append(f"| {name} | {n:,} | {100 * n / total:.1f}% |")
-    lines += [
-        "",
-        (
-            f"{stats['truncated']:,} kept descriptions were cut to {stats['args']['max_content_chars']:,} chars "
-            "(at a sentence end where one was near)."
-        ),
-        "",
-        "## Drop reasons",
-        "",
-        "| reason | rows |",
-        "|---|---:|",
-        *(f"| {reason.replace('_', ' ')} | {n:,} |" for reason, n in stats["dropped"].items()),
-        "",
-        (
-            f"Notes: {stats['notes']['bad_utf8']:,} rows had invalid UTF-8 (repaired with U+FFFD and kept), "
-            f"{stats['notes']['blank_lines']:,} blank lines were skipped, "
-            f"{stats['notes'].get('chat_markers', 0):,} kept products had chat-control markers (e.g. <|im_end|>) "
-            "made plain text."
-        ),
-        "",
-        "## Lengths (characters, distinct valid products, cleaned, before cutting)",
-        "",
-        "| field | p25 | p50 | p75 | p95 | max | mean |",
-        "|---|---:|---:|---:|---:|---:|---:|",
-    ]
-    for field_name, p in stats["lengths"].items():
-        cells = " | ".join(f"{p[k]:,}" for k in ("p25", "p50", "p75", "p95", "max", "mean"))
-        lines.append(f"| {field_name} | {cells} |")
-    lines += ["", "![title and content lengths](lengths.png)", ""]
-    return "\n".join(lines)
-
-
-def plot_lengths(title_lengths: array, content_lengths: array, target: Path) -> None:
-    """Histograms of title and content lengths, log-x; Figure without pyplot, so no global backend is touched."""
-    import numpy as np
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(10, 3.6), layout="constrained")
-    panels = zip(fig.subplots(1, 2), (title_lengths, content_lengths), ("title", "content"), strict=True)
-    for ax, values, name in panels:
-        data = np.frombuffer(values, dtype=np.uint32) if values else np.zeros(0, dtype=np.uint32)
-        if data.size:
-            bins = np.logspace(0, np.log10(max(int(data.max()), 10)), 50)
-            ax.hist(np.maximum(data, 1), bins=bins, color="#4472c4")
-        ax.set_xscale("log")
-        ax.set_xlabel(f"{name} length (chars)")
-        ax.set_ylabel("products")
-        ax.set_title(f"{name}: n={data.size:,}, median={int(np.median(data)) if data.size else 0}")
-    with files.atomic_path(target) as tmp:
-        fig.savefig(tmp, dpi=100, format="png")

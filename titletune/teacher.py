@@ -1,5 +1,5 @@
 """Teacher-forced scoring, the one forward pass that every loss and perplexity of the project comes from: the
-evaluation's (generate.TransformersEngine.loss) and the export's reference for the fidelity check
+evaluation's (hf_engine.TransformersEngine.loss) and the export's reference for the fidelity check
 (fidelity.reference).
 
 Rows are (token ids, prompt length): the prompt is context, the tokens after it are the answer, scored at the

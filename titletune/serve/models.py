@@ -22,7 +22,7 @@ from pathlib import Path
 
 import anyio
 
-from titletune import generate, llamacpp, prompts, retrieval, specials
+from titletune import generate, llamacpp, prompts, retrieval, sampling, specials
 from titletune.config import RAG_K, DataArguments, cache_dir
 from titletune.errors import UserError
 from titletune.llamacpp import N_CTX
@@ -261,7 +261,7 @@ def load(
     if run:
         max_tokens = generate.Sampling().for_run(run).max_new_tokens
     else:  # the answer length of a run trained with the default --max-content-chars
-        max_tokens = generate.answer_tokens(DataArguments.max_content_chars)
+        max_tokens = sampling.answer_tokens(DataArguments.max_content_chars)
     # The run by its folder's name: the page and its JSON show no path of this machine.
     name = run.dir.name if run else None
     return Served(loaded, base_missing, ps.system, examples(run), max_tokens, timeout, name, rag, rag_missing)
