@@ -145,20 +145,27 @@ def pinned_source(module: str, relative: str) -> str:
 
 
 def test_bitsandbytes_config_keywords_exist():
-    """BitsAndBytesConfig takes **kwargs, so a misspelt keyword would be dropped with a log line, not refused."""
+    """BitsAndBytesConfig takes **kwargs, so a misspelt keyword would be dropped with a log line, not refused. Ours
+    reach it through trl.get_quantization_config (backends/hf.py) and gpu_check.py's own call: every keyword of both
+    must be one of BitsAndBytesConfig's parameters, in the pinned transformers."""
     params = function_params(
         pinned_source("transformers", "utils/quantization_config.py"), "__init__", "BitsAndBytesConfig"
     )
-    for path in (ROOT / "titletune" / "backends" / "hf.py", ROOT / "bench" / "gpu_check.py"):
+    sources = {
+        "trl.get_quantization_config": pinned_source("trl", "trainer/utils.py"),
+        "gpu_check.py": (ROOT / "bench" / "gpu_check.py").read_text(),
+    }
+    for name, source in sources.items():
         calls = [
             node
-            for node in ast.walk(ast.parse(path.read_text()))
+            for node in ast.walk(ast.parse(source))
             if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "BitsAndBytesConfig"
         ]
-        assert calls, path
+        assert calls, name
         for call in calls:
             ours = {k.arg for k in call.keywords if k.arg}
-            assert ours <= params, (path.name, ours - params)
+            assert ours <= params, (name, ours - params)
+    assert "get_quantization_config(" in (ROOT / "titletune" / "backends" / "hf.py").read_text()
 
 
 def test_what_gpu_check_reads_of_unsloth_is_there(unsloth_source):
