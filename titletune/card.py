@@ -166,7 +166,7 @@ def _use(run: Run, src: dict) -> list[str]:
     if not report:
         return [
             *lines,
-            f"No evaluation yet (report.json): `python infer.py --evaluate --run {card_usage.here(run)}` scores it.",
+            f"No evaluation yet (report.json): `python infer.py evaluate --run {card_usage.here(run)}` scores it.",
         ]
     measured = []
     for pop, what in (("seen", "on trained products"), ("heldout", "on held-out products")):
@@ -297,7 +297,7 @@ def _results(run: Run, src: dict) -> list[str]:
     lines = ["## Results", ""]
     if not report:
         lines.append(
-            f"No evaluation yet (report.json): `python infer.py --evaluate --run {card_usage.here(run)}` writes it."
+            f"No evaluation yet (report.json): `python infer.py evaluate --run {card_usage.here(run)}` writes it."
         )
     else:
         s = report["settings"]
