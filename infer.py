@@ -60,7 +60,7 @@ class _Help(argparse.RawDescriptionHelpFormatter):
 
 
 def groups(command: str) -> tuple:
-    """The flag dataclasses of a command (config.py, generate.Sampling), in the order --help shows them."""
+    """The flag dataclasses of a command (config.py, engines.Sampling), in the order --help shows them."""
     from titletune.config import (
         AskArguments,
         EngineArguments,
@@ -69,7 +69,7 @@ def groups(command: str) -> tuple:
         RunArguments,
         ServeArguments,
     )
-    from titletune.generate import Sampling
+    from titletune.engines import Sampling
 
     return {
         "ask": (RunArguments, EngineArguments, Sampling, AskArguments, RagArguments),
@@ -81,10 +81,10 @@ def groups(command: str) -> tuple:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """`[command] [flags]` -> one namespace with `command`, every flag of that command (dashes or underscores) and,
-    but for serve, `sampling` (a generate.Sampling). No command, or an old mode flag, reads as `ask` or that mode."""
+    but for serve, `sampling` (a engines.Sampling). No command, or an old mode flag, reads as `ask` or that mode."""
     from transformers import HfArgumentParser
 
-    from titletune.generate import Sampling
+    from titletune.engines import Sampling
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
@@ -170,7 +170,7 @@ def _switches(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
 
 @cli
 def main(args: argparse.Namespace) -> None:
-    from titletune import generate, runs
+    from titletune import engines, runs
 
     if args.command == "serve":
         return serve(args)
@@ -182,8 +182,8 @@ def main(args: argparse.Namespace) -> None:
         args.rag = float(run.section("data").get("rag_share") or 0) > 0
     if (args.rag_k is not None or args.rag_index) and not args.rag:
         raise UserError("--rag-k and --rag-index are for RAG answers: add --rag (this run does not turn it on).")
-    systems = (args.only,) if args.only else generate.MODELS
-    engine = generate.load_engine(run, args.engine, systems, _engine_options(args))
+    systems = (args.only,) if args.only else engines.MODELS
+    engine = engines.load_engine(run, args.engine, systems, _engine_options(args))
     if args.rag:
         from titletune import retrieval
 
@@ -215,17 +215,17 @@ def check(args: argparse.Namespace) -> None:
 
 
 def answer(engine, question: str, systems: tuple[str, ...], sampling, args) -> None:
-    from titletune import generate
+    from titletune import engines
 
     if args.rag:  # main set args.index and args.rag_k (_rag_settings)
-        answers = generate.ask(engine, [question], systems, sampling, index=args.index, k=args.rag_k)
+        answers = engines.ask(engine, [question], systems, sampling, index=args.index, k=args.rag_k)
     else:
-        answers = generate.ask(engine, [question], systems, sampling)
-    names = [*generate.MODELS, *(f"{m}+rag" for m in generate.MODELS)]
+        answers = engines.ask(engine, [question], systems, sampling)
+    names = [*engines.MODELS, *(f"{m}+rag" for m in engines.MODELS)]
     result = {s: (answers[s][0] if s in answers else None) for s in names}
     retrieved = answers["retrieved"][0] if "retrieved" in answers else None
     if args.json:
-        out = {"question": question, **{s: a for s, a in result.items() if a is not None or s in generate.MODELS}}
+        out = {"question": question, **{s: a for s, a in result.items() if a is not None or s in engines.MODELS}}
         if retrieved is not None:
             out["retrieved"] = retrieved
         out.update(run=str(engine.run.dir), engine=engine.name)
@@ -287,8 +287,8 @@ def loop(engine, systems, sampling, args) -> None:
 
 
 def evaluate(args: argparse.Namespace, run) -> None:
+    from titletune import engines, lock, pipeline, reports
     from titletune import evaluate as ev
-    from titletune import generate, lock, pipeline, reports
 
     rag_index, rag_k = _rag_settings(args, run)
     settings = ev.EvalSettings(
@@ -302,7 +302,7 @@ def evaluate(args: argparse.Namespace, run) -> None:
     settings.check()
     again = f"evaluate again: python infer.py evaluate --run {shlex.quote(str(run.dir))}"
     with full_disk_is_user_error(run.dir, lambda: again), lock.held(run.dir):  # it writes report.* and the card
-        engine = generate.load_engine(run, args.engine, generate.MODELS, _engine_options(args))
+        engine = engines.load_engine(run, args.engine, engines.MODELS, _engine_options(args))
         scored = pipeline.finish(run, settings=settings, engine=engine)
     print(reports.summary(scored))
     print(f"wrote {run.dir / 'report.md'}, report.json, report.png")
@@ -352,8 +352,8 @@ def serve(args: argparse.Namespace) -> None:
 
 
 def _engine_options(args: argparse.Namespace):
-    """generate.load_engine's options (a generate.EngineOptions), from the flags."""
-    from titletune.generate import EngineOptions
+    """engines.load_engine's options (a engines.EngineOptions), from the flags."""
+    from titletune.engines import EngineOptions
 
     return EngineOptions(
         use_merged=args.use_merged,
@@ -375,7 +375,7 @@ def _str(path) -> str | None:
 
 if __name__ == "__main__":
     from titletune import logs
-    from titletune.models import disable_telemetry
+    from titletune.base_models import disable_telemetry
 
     disable_telemetry()  # before transformers and huggingface_hub are imported
     logs.setup(logging.WARNING, plain=True)  # infer.py prints its answers; the log keeps to warnings

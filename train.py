@@ -23,7 +23,7 @@ import shlex
 import signal
 import sys
 
-from titletune import backends, config, logs, machine, models, prepare, prompts, resume, runs
+from titletune import backends, base_models, config, logs, machine, prepare, prompts, resume, runs
 from titletune.config import DEFAULTS, GPU_CONFIG, DataArguments, ExportArguments, ScriptArguments
 from titletune.errors import Problems, UserError, cli, full_disk_is_user_error
 
@@ -171,7 +171,7 @@ def check(backend, run_dir, gguf_types, inv: Invocation):
     else:
         prepare.check_path(data_args.data)
         prompt_set = prompts.load(data_args.prompts)
-    base_model = models.resolve(model_args.model_name_or_path)
+    base_model = base_models.resolve(model_args.model_name_or_path)
     if not script_args.prepare_only:
         preflight.check(prompt_set, base_model, script_args, export_args, training_args, gguf_types)
     return prompt_set, base_model
@@ -215,13 +215,13 @@ def finish(fitted, backend, base_model, run_dir, gguf_types, script_args, export
     run = runs.load(run_dir)
     settings, engine = None, None
     if script_args.eval_samples > 0:
-        from titletune import evaluate, generate
+        from titletune import engines, evaluate
 
         settings = evaluate.EvalSettings(
             script_args.eval_samples, rag_k=script_args.rag_k, rag_index=script_args.rag_index
         )
-        options = generate.EngineOptions(trust_remote_code=training_args.trust_remote_code)
-        engine = generate.load_engine(run, options=options)
+        options = engines.EngineOptions(trust_remote_code=training_args.trust_remote_code)
+        engine = engines.load_engine(run, options=options)
     pipeline.finish(
         run,
         gguf_types,
@@ -256,7 +256,7 @@ def _go_on(run_dir) -> str:
 
 
 if __name__ == "__main__":
-    models.disable_telemetry()  # before trl, datasets and huggingface_hub are imported
+    base_models.disable_telemetry()  # before trl, datasets and huggingface_hub are imported
     logs.setup()  # the same: they read their progress-bar settings at import
     invocation = cli(parse)(sys.argv[1:])  # a bad flag, or Ctrl-C during the imports: one line, no traceback
     main(invocation)

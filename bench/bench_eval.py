@@ -48,14 +48,14 @@ def main() -> None:
     parser.add_argument("--json", help="write the results here too")
     args = parser.parse_args()
 
-    from titletune import evaluate, generate, runs
+    from titletune import engines, evaluate, runs
 
     source = Path(args.run)
     with tempfile.TemporaryDirectory(prefix="bench_eval_") as tmp:
         copy = Path(tmp) / source.name
         shutil.copytree(source, copy, ignore=shutil.ignore_patterns("checkpoint-*", "*.gguf", "merged", "cache"))
         run = runs.load(copy)
-        engine = generate.load_engine(run, "transformers")
+        engine = engines.load_engine(run, "transformers")
         results = {}
         for name in args.configs.split(","):
             conf = CONFIGS[name]
@@ -64,7 +64,7 @@ def main() -> None:
                 data=args.data,
                 rag_k=conf["rag_k"],
                 rag_index=args.rag_index,
-                sampling=generate.Sampling(repetition_penalty=conf["repetition_penalty"]),
+                sampling=engines.Sampling(repetition_penalty=conf["repetition_penalty"]),
             )
             report = evaluate.evaluate_run(run, settings, engine=engine)
             out = {"seconds": report["seconds"], "load": [round(x, 2) for x in os.getloadavg()]}

@@ -63,7 +63,7 @@ def measure(backend_name: str, data_dir: str, args: argparse.Namespace) -> dict:
     from transformers import TrainerCallback
     from trl import ModelConfig, SFTConfig
 
-    from titletune import models, runs, training
+    from titletune import base_models, runs, training
 
     cuda = torch.cuda.is_available()
     if cuda:
@@ -101,7 +101,7 @@ def measure(backend_name: str, data_dir: str, args: argparse.Namespace) -> dict:
         disable_tqdm=True,
         seed=42,
     )
-    base = models.resolve(args.model)
+    base = base_models.resolve(args.model)
     started = time.perf_counter()
     model, tokenizer = backend.load(base, model_args, False, args.max_length)
     model = backend.add_lora(model, model_args, training_args)

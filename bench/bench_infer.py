@@ -8,7 +8,7 @@
 gguf loads as the project does (titletune.llamacpp: no extra buffer types); ggufx as llama.cpp does by default, with
 its AMX or repacked weight layouts where the build has them (on an AMX Xeon, quantized files then crash).
 
-The model is the embedded SmolLM2-135M-Instruct (models.embedded_hf_dir()), or --model (a merged run, which has the
+The model is the embedded SmolLM2-135M-Instruct (base_models.embedded_hf_dir()), or --model (a merged run, with the
 same shapes). Its GGUFs are made the way train.py makes them: converter.convert (llama.cpp's convert_hf_to_gguf.py) to
 f16, then converter.quantize to q8_0 and q4_k_m. Every engine gets the same prompt token ids (the tokenizer's chat
 template over the qa prompt set: system prompt + one catalogue question) and decodes greedily for exactly
@@ -312,11 +312,11 @@ def main() -> None:
 
     names = [n.strip() for n in args.configs.split(",") if n.strip()]
     check_configs(names, parser)
-    from titletune import models
+    from titletune import base_models
 
     started = time.perf_counter()
     print(f"load average before: {load_average()}", file=sys.stderr)
-    model_dir = Path(args.model) if args.model else models.embedded_hf_dir()
+    model_dir = Path(args.model) if args.model else base_models.embedded_hf_dir()
     tmp, sizes = None, ""
     if any(n.startswith("gguf") for n in names):
         gguf_dir = Path(args.gguf_dir) if args.gguf_dir else Path(tmp := tempfile.mkdtemp(prefix="bench_infer_"))

@@ -110,16 +110,15 @@ def full_ft(argv: list[str]) -> None:
     """Full fine-tuning of the run train.py prepared (argv: its flags): every weight trains, with the same data,
     passes, SFTTrainer and settings as a LoRA run; the model is saved as the run's merged/."""
     import train as entry
-
     from titletune import prompts, training, trainset
     from titletune.backends import hf
 
     script_args, model_args, data_args, _, training_args = entry.parse(argv).groups
     run_dir = Path(training_args.output_dir)
-    from titletune import models
+    from titletune import base_models
 
     # fp32 weights under bf16 autocast (training_args.bf16): mixed precision, as full fine-tuning is usually run
-    model, tokenizer = hf.load(models.resolve(model_args.model_name_or_path), model_args, bf16=False)
+    model, tokenizer = hf.load(base_models.resolve(model_args.model_name_or_path), model_args, bf16=False)
     prompt_set = prompts.load(run_dir / "prompts")
     train_ds, _ = trainset.load_datasets(run_dir, prompt_set, data_args.passes, training_args.seed)
     trainer = training.build_trainer(model, tokenizer, train_ds, None, training_args, run_dir)
@@ -130,14 +129,14 @@ def full_ft(argv: list[str]) -> None:
 
 
 def score(run_dir: str, samples: int, base_cache: dict) -> dict:
-    from titletune import evaluate, generate, metrics, prompts, runs
+    from titletune import engines, evaluate, metrics, prompts, runs
 
     run = runs.load(run_dir)
     settings = evaluate.EvalSettings(samples=samples).for_run(run)
     pops = evaluate.sample_populations(run, run.split("train"), samples, settings.seed, None)
     pops["seen_new_phrasing"] = pops["seen"]
     merged = not (run.adapter / "adapter_config.json").is_file()  # full fine-tuning saved merged/ only
-    engine = generate.load_engine(run, "transformers", options=generate.EngineOptions(use_merged=merged))
+    engine = engines.load_engine(run, "transformers", options=engines.EngineOptions(use_merged=merged))
     out = {}
     for pop, products in pops.items():
         rows = [

@@ -5,7 +5,7 @@
     .venv/bin/python bench/bench_train.py --configs default,padded_full --rounds 4 --json /tmp/train.json
     .venv/bin/python bench/bench_train.py --configs default --profile     # where a step's CPU time goes
 
-Every configuration trains the embedded SmolLM2-135M-Instruct (models.embedded_hf_dir()) with LoRA r=16 on all 7
+Every configuration trains the embedded SmolLM2-135M-Instruct (base_models.embedded_hf_dir()) with LoRA r=16 on all 7
 projections, batch 4, on rows rendered from data/sample_trn.json exactly as train.py renders them (prepare.prepare with
 the CPU run's max_content_chars and max_length, read from titletune/config.py), through titletune.backends.hf
 and training.build_trainer. Each runs `--warmup` steps, then `--steps` timed steps, in a fresh interpreter, so its
@@ -226,7 +226,7 @@ def measure(name: str, data_dir: str, args: argparse.Namespace) -> dict:
     from transformers import TrainerCallback
     from trl import ModelConfig, SFTConfig, SFTTrainer
 
-    from titletune import models, runs, training
+    from titletune import base_models, runs, training
 
     torch.set_num_threads(opts.get("threads", args.threads))
     rows = runs.read_split(data_dir, "train")
@@ -271,7 +271,7 @@ def measure(name: str, data_dir: str, args: argparse.Namespace) -> dict:
     # As train.py: with bf16 autocast the CPU base is loaded in bf16, else in fp32. The LoRA weights stay fp32.
     bf16_base = training_args.bf16 and not opts.get("fp32_base")
     model, tokenizer = backend.load(
-        str(models.embedded_hf_dir()), model_args, max_length=args.max_length, bf16=bf16_base
+        str(base_models.embedded_hf_dir()), model_args, max_length=args.max_length, bf16=bf16_base
     )
     model = backend.add_lora(model, model_args, training_args)
     if opts.get("rows") == "messages":
@@ -324,7 +324,7 @@ def measure(name: str, data_dir: str, args: argparse.Namespace) -> dict:
     logs = {r["step"]: r for r in trainer.state.log_history if "loss" in r}
     tokens = sum(b["tokens"] for b in timed)
     trl_tokens = logs[steps]["num_tokens"] - logs[args.warmup]["num_tokens"]
-    dims = model_dims(models.embedded_hf_dir(), args.lora_r)
+    dims = model_dims(base_models.embedded_hf_dir(), args.lora_r)
     shutil.rmtree(out, ignore_errors=True)
     return {
         "config": name,
@@ -367,9 +367,9 @@ def prepare_rows(args: argparse.Namespace) -> str:
 def longest_row(data_dir: str) -> int:
     from transformers import AutoTokenizer
 
-    from titletune import models, runs
+    from titletune import base_models, runs
 
-    tokenizer = AutoTokenizer.from_pretrained(models.embedded_hf_dir())
+    tokenizer = AutoTokenizer.from_pretrained(base_models.embedded_hf_dir())
     rows = runs.read_split(data_dir, "train")
     return max(len(tokenizer.apply_chat_template(r["prompt"] + r["completion"])["input_ids"]) for r in rows)
 
@@ -525,9 +525,9 @@ def main() -> None:
     finally:
         shutil.rmtree(data_dir, ignore_errors=True)
 
-    from titletune import models
+    from titletune import base_models
 
-    dims = model_dims(models.embedded_hf_dir(), args.lora_r)
+    dims = model_dims(base_models.embedded_hf_dir(), args.lora_r)
     gf = {key: [round(p[key]["gflops"]) for p in measured] for key in measured[0]}
     print(
         f"\nSmolLM2-135M-Instruct, LoRA r={args.lora_r} on {len(TARGETS)} projections, batch {args.batch_size}, "

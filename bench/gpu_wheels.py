@@ -223,9 +223,9 @@ def repack(wheel: Path, drop: Callable[[str], bool]) -> list[tuple[str, int]]:
 def copy_tokenizer(dest: Path) -> list[str]:
     """The embedded model's tokenizer and chat template (tokenizer.json gzipped), for the check's random models."""
     sys.path.insert(0, str(ROOT))
-    from titletune import models
+    from titletune import base_models
 
-    source = models.embedded_hf_dir()
+    source = base_models.embedded_hf_dir()
     dest.mkdir(parents=True, exist_ok=True)
     for name in TOKENIZER_FILES:
         if name == "tokenizer.json":

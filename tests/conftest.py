@@ -118,9 +118,9 @@ def gguf_run(run_dir, tmp_path_factory) -> Path:
     """The module's `run_dir` with a GGUF export; the embedded GGUF stands in for it (a link, not a 100 MB copy)."""
     import shutil
 
-    from titletune import models
+    from titletune import base_models
 
     run = tmp_path_factory.mktemp("gguf") / "run"
     shutil.copytree(run_dir, run, ignore=shutil.ignore_patterns("report.*"))
-    (run / "model.q4_k_m.gguf").symlink_to(models.embedded_gguf())
+    (run / "model.q4_k_m.gguf").symlink_to(base_models.embedded_gguf())
     return run

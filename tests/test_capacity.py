@@ -198,7 +198,7 @@ def test_fit_prints_the_capacity_line_after_the_adapter_is_built_and_before_the_
 
     from transformers import AutoTokenizer
 
-    from titletune import models, training
+    from titletune import base_models, training
 
     data = tmp_path / "data"
     data.mkdir()
@@ -208,7 +208,7 @@ def test_fit_prints_the_capacity_line_after_the_adapter_is_built_and_before_the_
     ]
     (data / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (data / "val.jsonl").write_text("")
-    tokenizer = AutoTokenizer.from_pretrained(models.resolve("embedded"))
+    tokenizer = AutoTokenizer.from_pretrained(base_models.resolve("embedded"))
     expected = capacity.mean_tokens(tokenizer, [r["completion"][0]["content"] for r in rows])
 
     class Adapter:

@@ -13,10 +13,10 @@ import pytest
 import yaml
 from conftest import losses, run_cli
 
-from titletune import card, models, pipeline, runs
+from titletune import base_models, card, pipeline, runs
 from titletune.config import RAG_SHARE_ON
+from titletune.engines import Sampling
 from titletune.evaluate import EvalSettings
-from titletune.generate import Sampling
 
 FOLDERS = {"": "transformers", "adapter": "peft", "merged": "transformers"}
 
@@ -75,7 +75,7 @@ def test_card_in_every_folder_with_hub_metadata(trained_run):
     bodies = set()
     for folder, library in FOLDERS.items():
         parsed = load(trained_run / folder / "README.md")
-        assert parsed.data.base_model == models.EMBEDDED_HUB_ID == "HuggingFaceTB/SmolLM2-135M-Instruct"
+        assert parsed.data.base_model == base_models.EMBEDDED_HUB_ID == "HuggingFaceTB/SmolLM2-135M-Instruct"
         assert parsed.data.library_name == library
         assert parsed.data.pipeline_tag == "text-generation"
         assert parsed.data.license == "apache-2.0"

@@ -14,8 +14,8 @@ import pytest
 from test_infer import INFER, ROOT, TEST, TRAIN, build_run
 
 from titletune import evaluate, pipeline, runs
+from titletune.engines import Sampling
 from titletune.evaluate import EvalSettings
-from titletune.generate import Sampling
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 

@@ -17,9 +17,9 @@ import torch
 from titletune import converter, fidelity, llamacpp, ollama
 from titletune import export as gguf_export
 from titletune import reports as report_md
+from titletune.base_models import embedded_hf_dir
 from titletune.config import FIDELITY_TOKENS, cache_dir
 from titletune.errors import UserError
-from titletune.models import embedded_hf_dir
 
 pytestmark = pytest.mark.slow
 

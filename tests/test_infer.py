@@ -77,12 +77,12 @@ def build_run(root: Path) -> Path:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from titletune import models, prompts
+    from titletune import base_models, prompts
 
     run = root / "run"
     run.mkdir(parents=True)
     shutil.copytree(ROOT / "prompts" / "qa", run / "prompts")
-    base = str(models.embedded_hf_dir())
+    base = str(base_models.embedded_hf_dir())
     seed = 42
     cfg = {
         "base_model": base,
@@ -187,7 +187,7 @@ def test_only_tuned(run_dir):
 
 
 def test_llamacpp_base_answers_from_embedded_gguf(run_dir):
-    from titletune import models
+    from titletune import base_models
 
     proc = infer(
         "What is 'LED Desk Lamp With USB Port'?",
@@ -203,11 +203,11 @@ def test_llamacpp_base_answers_from_embedded_gguf(run_dir):
     )
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
-    assert out["base"] and out["engine"] == "llamacpp" and out["base_gguf"] == str(models.embedded_gguf())
+    assert out["base"] and out["engine"] == "llamacpp" and out["base_gguf"] == str(base_models.embedded_gguf())
 
 
 def test_llamacpp_uses_the_runs_gguf(gguf_run):
-    from titletune import models
+    from titletune import base_models
 
     proc = infer(
         "What is 'LED Desk Lamp With USB Port'?",
@@ -221,7 +221,7 @@ def test_llamacpp_uses_the_runs_gguf(gguf_run):
     )
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
-    assert out["gguf"] == str(gguf_run / "model.q4_k_m.gguf") and out["base_gguf"] == str(models.embedded_gguf())
+    assert out["gguf"] == str(gguf_run / "model.q4_k_m.gguf") and out["base_gguf"] == str(base_models.embedded_gguf())
     assert out["base"] == out["tuned"]  # the same weights under two names: same greedy answer
 
 
@@ -336,7 +336,7 @@ def free_port() -> int:
 
 
 def test_serve_answers_openai_chat_request():
-    from titletune import models
+    from titletune import base_models
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -346,7 +346,7 @@ def test_serve_answers_openai_chat_request():
             str(INFER),
             "serve",
             "--gguf",
-            str(models.embedded_gguf()),
+            str(base_models.embedded_gguf()),
             "--host",
             "127.0.0.1",
             "--port",
@@ -400,14 +400,14 @@ def test_serve_answers_openai_chat_request():
 
 
 def test_serve_on_a_port_in_use_is_an_error_and_claims_nothing():
-    from titletune import models
+    from titletune import base_models
 
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen(1)
         port = busy.getsockname()[1]
         proc = subprocess.run(
-            [sys.executable, str(INFER), "serve", "--gguf", str(models.embedded_gguf()), "--port", str(port)],
+            [sys.executable, str(INFER), "serve", "--gguf", str(base_models.embedded_gguf()), "--port", str(port)],
             capture_output=True,
             text=True,
             cwd=ROOT,

@@ -15,13 +15,13 @@ PACKAGE = ROOT / "titletune"
 # Bottom up. A module may import any module of its own layer or one below; a package (backends, serve) is one entry.
 LAYERS = {
     "ground": ("errors", "logs", "files", "text", "metrics", "llamacpp", "teacher"),
-    "settings": ("config", "machine", "lock", "prompts", "reading", "capacity", "models", "ollama", "specials"),
+    "settings": ("config", "machine", "lock", "prompts", "reading", "capacity", "base_models", "ollama", "specials"),
     "data": ("chunks", "selection", "indexing", "retrieval", "ragrows", "prepare", "eda", "trainset"),
     "runs": ("claims", "runs", "resume", "backends"),
     "stages": (
         "sampling",
         "hf_engine",
-        "generate",
+        "engines",
         "training",
         "llamacpp_child",
         "fidelity",

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from titletune import fidelity, llamacpp, models
+from titletune import base_models, fidelity, llamacpp
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -65,7 +65,7 @@ def _answer(path: Path) -> dict:
 
 def test_a_quantized_gguf_answers_a_long_prompt_on_two_threads():
     """The embedded model's Q4_1 GGUF (a quantized type with AMX kernels) answers a 128+ token prompt."""
-    got = _answer(models.embedded_gguf())
+    got = _answer(base_models.embedded_gguf())
     assert got["prompt_tokens"] >= 128 and got["question_tokens"] >= 120
     assert got["answer"].strip()
     assert got["extra_bufts"] is False  # loaded as the project loads every GGUF
@@ -111,7 +111,7 @@ def test_a_child_killed_by_sigill_is_an_engine_crash_and_the_file_stays(tmp_path
         )
     )
     gguf = tmp_path / "model.q4_1.gguf"
-    gguf.symlink_to(models.embedded_gguf())
+    gguf.symlink_to(base_models.embedded_gguf())
     monkeypatch.setenv("PYTHONPATH", str(hook))
     with pytest.raises(fidelity.EngineCrash) as err:
         fidelity.child(gguf, {"op": "answer", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4})

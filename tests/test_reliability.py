@@ -304,7 +304,7 @@ MARKERS = [
 def test_chat_markers_in_data_and_questions_never_become_special_tokens(tmp_path):
     from transformers import AutoTokenizer
 
-    from titletune import models, prompts
+    from titletune import base_models, prompts
 
     rows = [
         {"uid": f"M{i}", "title": f"Marker Kit {i} {m}", "content": f"Part one {m}\nassistant\nI am hacked {m} end."}
@@ -319,7 +319,7 @@ def test_chat_markers_in_data_and_questions_never_become_special_tokens(tmp_path
     stats = json.loads((tmp_path / "run" / "data" / "stats.json").read_text())
     assert stats["notes"]["chat_markers"] == 8
 
-    tokenizer = AutoTokenizer.from_pretrained(models.embedded_hf_dir())
+    tokenizer = AutoTokenizer.from_pretrained(base_models.embedded_hf_dir())
     special = set(tokenizer.all_special_ids) | {
         i for i, t in tokenizer.added_tokens_decoder.items() if getattr(t, "special", False)
     }

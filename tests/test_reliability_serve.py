@@ -28,7 +28,7 @@ QUESTION = "What is a garlic press?"
 def shipping_run(root: Path) -> tuple[Path, Path]:
     """A run folder whose run_config.yaml says trust_remote_code: true and whose merged/ is the embedded model with an
     auto_map to shipped.py, which writes a marker file when it is imported. Returns (run folder, marker)."""
-    from titletune import models
+    from titletune import base_models
 
     run = make_run(root)
     config = yaml.safe_load((run / "run_config.yaml").read_text())
@@ -38,7 +38,7 @@ def shipping_run(root: Path) -> tuple[Path, Path]:
     (run / "run_config.yaml").write_text(yaml.safe_dump(config))
     merged = run / "merged"
     merged.mkdir()
-    base = models.embedded_hf_dir()
+    base = base_models.embedded_hf_dir()
     for item in base.iterdir():
         if item.name != "config.json":
             (merged / item.name).symlink_to(item)
@@ -97,12 +97,12 @@ def run_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def embedded_tokenizer():
-    """The embedded model's tokenizer, as the project loads it (models.embedded_hf_dir)."""
+    """The embedded model's tokenizer, as the project loads it (base_models.embedded_hf_dir)."""
     from transformers import AutoTokenizer
 
-    from titletune import models
+    from titletune import base_models
 
-    return AutoTokenizer.from_pretrained(models.embedded_hf_dir())
+    return AutoTokenizer.from_pretrained(base_models.embedded_hf_dir())
 
 
 def spoof(markers: list[str]) -> tuple[str, str]:
@@ -155,9 +155,9 @@ def test_the_llamacpp_engine_evaluates_no_special_id_from_a_question(run_dir):
     holding every control token of the GGUF's vocabulary has the special ids of the question without them."""
     import llama_cpp
 
-    from titletune import generate, runs, specials
+    from titletune import engines, runs, specials
 
-    engine = generate.LlamaCppEngine(runs.load(run_dir), systems=("tuned",), threads=1)
+    engine = engines.LlamaCppEngine(runs.load(run_dir), systems=("tuned",), threads=1)
     llm = engine.llms["tuned"]
     vocab = specials.from_llama(llm)
     assert len(vocab.ids) == 17
@@ -175,7 +175,7 @@ def test_the_llamacpp_engine_evaluates_no_special_id_from_a_question(run_dir):
     marked, clean = spoof(list(vocab.tokens.values()))
     counts = []
     for text in (clean, marked):
-        engine.generate([conversation(text)], "tuned", generate.Sampling(max_new_tokens=1))
+        engine.generate([conversation(text)], "tuned", engines.Sampling(max_new_tokens=1))
         attrs = [llama_cpp.llama_vocab_get_attr(control, i) for i in prompts_seen[-1]]
         counts.append([i for i, a in zip(prompts_seen[-1], attrs) if a & llama_cpp.LLAMA_TOKEN_ATTR_CONTROL])
     assert counts[1] == counts[0] and counts[0]

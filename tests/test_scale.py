@@ -253,10 +253,10 @@ def test_presets_parse():
 def test_hf_backend_passes_the_4bit_storage_dtype_and_leaves_placement_to_fsdp(monkeypatch):
     from trl import ModelConfig
 
-    from titletune import models
+    from titletune import base_models
     from titletune.backends import hf
 
-    base = models.resolve("embedded")
+    base = base_models.resolve("embedded")
     args = ModelConfig(model_name_or_path=base, load_in_4bit=True, bnb_4bit_quant_storage="bfloat16")
     model, _ = hf.load(base, args)
     assert model.hf_quantizer.quantization_config.bnb_4bit_quant_storage == torch.bfloat16

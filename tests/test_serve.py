@@ -41,7 +41,7 @@ COUNT = "Count from 1 to 1000, separated by commas."  # the embedded model count
 
 def make_run(root: Path, base_model: str = "embedded") -> Path:
     """A run folder as far as the server reads one: config, prompts, train split and a GGUF (the embedded one)."""
-    from titletune import models
+    from titletune import base_models
 
     run = root / "run"
     (run / "data").mkdir(parents=True)
@@ -52,7 +52,7 @@ def make_run(root: Path, base_model: str = "embedded") -> Path:
     (run / "run_config.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
     rows = [{"id": pid, "title": title, "content": content} for pid, title, content in PRODUCTS]
     (run / "data" / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    (run / "model.q4_k_m.gguf").symlink_to(models.embedded_gguf())
+    (run / "model.q4_k_m.gguf").symlink_to(base_models.embedded_gguf())
     (run / "Modelfile").write_text("FROM ./model.q4_k_m.gguf\n", encoding="utf-8")  # the file the run ships
     return run
 
@@ -195,7 +195,7 @@ def server(run_dir):
 
 
 def test_startup_lines_name_the_models_the_index_and_a_working_curl(server, run_dir):
-    from titletune.models import EMBEDDED_GGUF
+    from titletune.base_models import EMBEDDED_GGUF
 
     first, curl = server.startup
     assert first.startswith("serving tuned=") and ", base=" in first and "playground: " in first
@@ -596,9 +596,9 @@ class Recording:
     token ids of the prompt it renders from them (llama-cpp-python tokenizes it with special tokens parsed)."""
 
     def __init__(self):
-        from titletune import llamacpp, models
+        from titletune import base_models, llamacpp
 
-        llm = llamacpp.load(models.embedded_gguf())
+        llm = llamacpp.load(base_models.embedded_gguf())
         self.__dict__.update(llm=llm, seen=[], prompts=[], asking=False)
         tokenize = llm.tokenize
 
@@ -759,11 +759,11 @@ def test_tuned_rag_fills_the_last_user_message_with_the_rag_prompt(recorded, tmp
 
 
 def test_a_gguf_outside_a_run_serves_no_tuned_rag_and_says_so(tmp_path):
-    from titletune import models
+    from titletune import base_models
     from titletune.serve import app
     from titletune.serve import models as serving
 
-    served = serving.load(None, str(models.embedded_gguf()), None, threads=1, max_queue=4, timeout=30.0)
+    served = serving.load(None, str(base_models.embedded_gguf()), None, threads=1, max_queue=4, timeout=30.0)
     assert served.rag is None and "--rag-index FILE" in app.banner(served, "http://127.0.0.1:8000", None)
     listed, page, rag = asgi(
         served,

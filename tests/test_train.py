@@ -15,7 +15,7 @@ import torch
 from conftest import ROOT, SAMPLE, TINY, losses, run_cli
 from safetensors.torch import load_file
 
-from titletune import models
+from titletune import base_models
 
 
 def test_run_folder_has_exactly_the_promised_files(trained_run):
@@ -77,7 +77,7 @@ def test_lora_weights_changed_and_base_weights_did_not(trained_run):
     assert all(v.abs().max() > 0 for v in lora_b.values())
     assert not any("lora" not in k for k in adapter), "the adapter must hold LoRA weights only"
 
-    base_dir = models.resolve(config["base_model"])
+    base_dir = base_models.resolve(config["base_model"])
     assert config["base_model"] == "embedded"  # portable: resolved on whichever machine loads the run
     base = load_file(Path(base_dir) / "model.safetensors")
     from peft import PeftModel
@@ -99,7 +99,7 @@ def test_adapter_answers_differently_from_base(trained_run):
     config = yaml.safe_load((trained_run / "run_config.yaml").read_text())
     tokenizer = AutoTokenizer.from_pretrained(trained_run / "adapter")
     model = PeftModel.from_pretrained(
-        AutoModelForCausalLM.from_pretrained(models.resolve(config["base_model"])), trained_run / "adapter"
+        AutoModelForCausalLM.from_pretrained(base_models.resolve(config["base_model"])), trained_run / "adapter"
     ).eval()
     row = json.loads((trained_run / "data" / "train.jsonl").read_text().splitlines()[0])
     ids = tokenizer.apply_chat_template(
@@ -287,7 +287,7 @@ def test_4bit_gradients_are_unchanged_by_an_eval_forward():
     through the frozen base are silently wrong. hf.load turns that path off; this guards it."""
     from trl import ModelConfig
 
-    from titletune import models
+    from titletune import base_models
     from titletune.backends import hf
 
     args = ModelConfig(
@@ -297,7 +297,7 @@ def test_4bit_gradients_are_unchanged_by_an_eval_forward():
     class Training:
         gradient_checkpointing = False
 
-    model, tokenizer = hf.load(models.resolve("embedded"), args)
+    model, tokenizer = hf.load(base_models.resolve("embedded"), args)
     assert any(type(m).__name__ == "Linear4bit" for m in model.modules())
     assert not any(getattr(m, "support_avx512bf16_for_cpu", False) for m in model.modules())
     model = hf.add_lora(model, args, Training())

@@ -18,7 +18,7 @@ import yaml
 from conftest import ROOT, SAMPLE, TINY, losses, run_cli
 from safetensors.torch import load_file
 
-from titletune import models
+from titletune import base_models
 
 pytestmark = [
     pytest.mark.slow,
@@ -76,7 +76,7 @@ def test_lora_weights_changed_and_merge_is_base_plus_delta(unsloth_run):
     merged_config = json.loads((run_dir / "merged" / "config.json").read_text())
     assert merged_config["dtype"] == str(dtype).removeprefix("torch.")
     merged = load_file(run_dir / "merged" / "model.safetensors")
-    base = load_file(Path(models.resolve("embedded")) / "model.safetensors")
+    base = load_file(Path(base_models.resolve("embedded")) / "model.safetensors")
     key = "model.layers.3.self_attn.q_proj.weight"
     prefix = "base_model.model.model.layers.3.self_attn.q_proj"
     a, b = adapter[f"{prefix}.lora_A.weight"], adapter[f"{prefix}.lora_B.weight"]

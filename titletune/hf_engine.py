@@ -2,14 +2,14 @@
 coming from the same weights with the adapter switched off (`disable_adapter()`), so the model is loaded once; or the
 run's merged/ folder. It answers (`generate`) and scores (`loss`, teacher-forced, as training did).
 
-generate.load_engine picks it or the llama.cpp engine; both take their settings from sampling.py.
+engines.load_engine picks it or the llama.cpp engine; both take their settings from sampling.py.
 """
 
 from __future__ import annotations
 
 import functools
 
-from titletune import machine, models, specials, teacher
+from titletune import base_models, machine, specials, teacher
 from titletune.errors import UserError
 from titletune.runs import Run
 from titletune.sampling import MODELS, Sampling
@@ -235,5 +235,5 @@ def _load_model(name: str, dtype, trust: bool, device: str):
     try:
         model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, trust_remote_code=trust, use_safetensors=True)
     except OSError as e:
-        raise models.hub_error(name, e) from None
+        raise base_models.hub_error(name, e) from None
     return model.to(device).eval()

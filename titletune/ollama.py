@@ -11,7 +11,7 @@ from titletune.errors import UserError
 # the GGUF's EOS by itself; listing the end-of-turn tokens too keeps a model that never emits EOS from running on.
 END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "</s>", "<|end|>", "<end_of_turn>")
 
-# The report's decoding (generate.Sampling's defaults), so that `ollama run` answers as the scored model does: greedy
+# The report's decoding (engines.Sampling's defaults), so that `ollama run` answers as the scored model does: greedy
 # (temperature 0; any other value makes answers differ from the report, and from run to run) and no repetition
 # penalty (Ollama before 0.32.10 applies 1.1 when none is given, which changes recalled descriptions and keeps an exact
 # recall from stopping after it). export_run adds num_predict, the run's answer length. The README, "Use the GGUF",

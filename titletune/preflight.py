@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from titletune import models, ollama
+from titletune import base_models, ollama
 from titletune.errors import UserError
 
 
@@ -66,7 +66,7 @@ def chat_template(base_model: str, trust_remote_code: bool, prompt_set, gguf_typ
     try:
         tokenizer = AutoTokenizer.from_pretrained(base_model, trust_remote_code=trust_remote_code)
     except OSError as e:
-        raise models.hub_error(base_model, e) from e
+        raise base_models.hub_error(base_model, e) from e
     if not isinstance(getattr(tokenizer, "chat_template", None), str) or not tokenizer.chat_template:
         raise UserError(
             f"the tokenizer of {base_model} has no chat template, so its rows cannot be rendered as chats and no GGUF "

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import yaml
 
-from titletune import claims, files, lock, models, ollama, prompts, ragrows
+from titletune import base_models, claims, files, lock, ollama, prompts, ragrows
 from titletune.config import EMBEDDED, ROOT, cache_dir
 from titletune.errors import UserError
 
@@ -111,15 +111,15 @@ class Run:
             return True
         # Runs written before "embedded" was recorded name the cached conversion's folder (SmolLM2-135M-Instruct-v3).
         path = Path(base).expanduser()
-        return path.parent == cache_dir() / "models" and path.name.startswith(models.EMBEDDED_NAME)
+        return path.parent == cache_dir() / "models" and path.name.startswith(base_models.EMBEDDED_NAME)
 
     @property
     def base_model(self) -> str:
         """What from_pretrained loads for the base. The embedded model comes from today's cache, since a run written
         before the cache format changed names a folder that may be gone."""
         if self.is_embedded and not Path(str(self.config["base_model"])).is_dir():
-            return models.resolve(EMBEDDED)
-        return models.resolve(str(self.config["base_model"]))
+            return base_models.resolve(EMBEDDED)
+        return base_models.resolve(str(self.config["base_model"]))
 
     def gguf(self) -> Path:
         """The GGUF the run ships: the Modelfile's (export.json, else the Modelfile's FROM line); else q4_k_m, q8_0,

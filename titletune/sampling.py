@@ -1,6 +1,6 @@
 """What both inference engines share, below them both: the two models an engine loads (`MODELS`), the generation
 knobs (`Sampling`, also infer.py's "generation" flags and the server's defaults) and the default answer length
-(`answer_tokens`). The engines are generate.py (llama.cpp, and load_engine) and hf_engine.py (transformers)."""
+(`answer_tokens`). The engines are engines.py (llama.cpp, and load_engine) and hf_engine.py (transformers)."""
 
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_t
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 from trl import get_peft_config, get_quantization_config
 
-from titletune import models
+from titletune import base_models
 from titletune.backends import launch
 from titletune.machine import torch_dtype
 
@@ -49,7 +49,7 @@ def check(model_args, export_args) -> None:
 
 
 def load(base_model: str, model_args, trust_remote_code: bool = False, max_length: int = 2048, bf16: bool = False):
-    """Load the base model and tokenizer. `base_model` is a folder or hub id from models.resolve().
+    """Load the base model and tokenizer. `base_model` is a folder or hub id from base_models.resolve().
 
     bf16: training runs in bf16 (SFTConfig.bf16); on CPU the base is then loaded in bf16 rather than fp32.
     """
@@ -66,7 +66,7 @@ def load(base_model: str, model_args, trust_remote_code: bool = False, max_lengt
             device_map=_device_map(quantization_config is not None),
         )
     except OSError as e:
-        raise models.hub_error(base_model, e) from e
+        raise base_models.hub_error(base_model, e) from e
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     disable_bnb_cpu_repack(model)

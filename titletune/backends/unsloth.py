@@ -14,9 +14,9 @@ from pathlib import Path
 import torch
 from unsloth import FastLanguageModel
 
-from titletune import models
-from titletune.machine import torch_dtype
+from titletune import base_models
 from titletune.errors import UserError
+from titletune.machine import torch_dtype
 
 CUDA = torch.cuda.is_available()
 
@@ -44,7 +44,7 @@ def load(base_model: str, model_args, trust_remote_code: bool = False, max_lengt
             trust_remote_code=trust_remote_code,
         )
     except OSError as e:
-        raise models.hub_error(base_model, e) from e
+        raise base_models.hub_error(base_model, e) from e
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer

@@ -39,7 +39,7 @@ from starlette.exceptions import HTTPException
 from starlette.responses import HTMLResponse, JSONResponse
 from starlette.routing import Route
 
-from titletune import generate, prompts
+from titletune import engines, prompts
 from titletune.config import SERVE_CONNECTIONS, SERVE_HEADER_TIMEOUT
 from titletune.errors import UserError
 from titletune.llamacpp import N_CTX
@@ -77,7 +77,7 @@ async def index(request):
 
 async def playground(request):
     served: Served = request.app.state.served
-    sampling = generate.Sampling()
+    sampling = engines.Sampling()
     return JSONResponse(
         {
             "run": served.run,

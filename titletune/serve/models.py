@@ -22,7 +22,7 @@ from pathlib import Path
 
 import anyio
 
-from titletune import generate, llamacpp, prompts, retrieval, sampling, specials
+from titletune import engines, llamacpp, prompts, retrieval, sampling, specials
 from titletune.config import RAG_K, DataArguments, cache_dir
 from titletune.errors import UserError
 from titletune.llamacpp import N_CTX
@@ -81,7 +81,7 @@ class Model:
     def prompt_tokens(self, messages: list[dict]) -> int:
         """Tokens llama.cpp evaluates for these messages: the GGUF's chat template rendered, as
         create_chat_completion renders it; without a template, the text plus a few tokens per message
-        (generate.message_tokens, as the llama.cpp engine counts). Messages over N_CTX tokens are counted only until
+        (engines.message_tokens, as the llama.cpp engine counts). Messages over N_CTX tokens are counted only until
         that is certain: then a lower bound of at least N_CTX."""
         rough = 0
         for message in messages:
@@ -91,7 +91,7 @@ class Model:
         if self._format is not None:
             text = self._format(messages=messages).prompt
             return len(self.llm.tokenize(text.encode(), add_bos=False, special=True))
-        return generate.message_tokens(self.llm, messages)
+        return engines.message_tokens(self.llm, messages)
 
     def count_upto(self, text: str, limit: int) -> int:
         """The tokens of `text` (specials parsed, as in a rendered prompt), exactly while they are at most `limit`;
@@ -135,9 +135,9 @@ def load_model(name: str, path: Path, threads: int, max_queue: int) -> Model:
 
 
 def files(run: Run | None, gguf: str | None, base_gguf: str | None) -> tuple[dict[str, Path], str | None]:
-    """The GGUF of each model served (generate.gguf_files: the llama.cpp engine's choice), and why "base" is not
+    """The GGUF of each model served (engines.gguf_files: the llama.cpp engine's choice), and why "base" is not
     served when it is not."""
-    paths = generate.gguf_files(run, gguf, base_gguf)
+    paths = engines.gguf_files(run, gguf, base_gguf)
     if "base" in paths:
         return paths, None
     whose = f"the run's base model {run.config.get('base_model')}" if run else "the base model (no run given)"
@@ -201,7 +201,7 @@ class Served:
     base_missing: str | None
     system: str  # the run's system prompt ("" when its set has none); the page sends it before each question
     examples: list[str]
-    max_tokens: int  # default answer length: the run's (generate.Sampling.for_run)
+    max_tokens: int  # default answer length: the run's (engines.Sampling.for_run)
     timeout: float
     run: str | None = None
     rag: Rag | None = None  # model "tuned+rag": the tuned model with catalogue entries in its prompt
@@ -259,7 +259,7 @@ def load(
     ps = run.prompts if run else prompts.load(prompts.DEFAULT_SET)  # a GGUF outside a run: the default prompt set
     rag, rag_missing = open_rag(run, rag_index, rag_k, ps)
     if run:
-        max_tokens = generate.Sampling().for_run(run).max_new_tokens
+        max_tokens = engines.Sampling().for_run(run).max_new_tokens
     else:  # the answer length of a run trained with the default --max-content-chars
         max_tokens = sampling.answer_tokens(DataArguments.max_content_chars)
     # The run by its folder's name: the page and its JSON show no path of this machine.

@@ -2,7 +2,7 @@
 every refusal, answered with its status and an OpenAI-style JSON error.
 
 Every message is rebuilt from its role and content here; unset sampling fields take infer.py's values
-(generate.Sampling), not OpenAI's, so a request with only messages answers as `infer.py --engine llamacpp` does.
+(engines.Sampling), not OpenAI's, so a request with only messages answers as `infer.py --engine llamacpp` does.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import json
 import math
 from dataclasses import dataclass
 
-from titletune import generate
+from titletune import engines
 
 
 class ApiError(Exception):
@@ -33,7 +33,7 @@ class ApiError(Exception):
 
 
 # Numeric fields of a request: the create_chat_completion argument each sets, a check, and what the check wants.
-# Unset fields take infer.py's values (generate.Sampling.llama_cpp, as LlamaCppEngine), not OpenAI's temperature 1:
+# Unset fields take infer.py's values (engines.Sampling.llama_cpp, as LlamaCppEngine), not OpenAI's temperature 1:
 # a request with only messages answers as `infer.py --engine llamacpp` does.
 NUMBERS = {
     "temperature": ("temperature", lambda v: v >= 0, ">= 0 (0 = greedy)"),
@@ -64,7 +64,7 @@ def parse(body: bytes, max_tokens: int) -> Chat:
     """A chat completion request, checked; every problem is an ApiError(400) naming the field."""
     request = _json_object(body)
     messages = _messages(request.get("messages"))
-    options = generate.Sampling(max_new_tokens=max_tokens).llama_cpp()
+    options = engines.Sampling(max_new_tokens=max_tokens).llama_cpp()
     for name, (argument, ok, wanted) in NUMBERS.items():
         value = request.get(name)
         if value is None:

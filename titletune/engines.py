@@ -18,7 +18,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from titletune import hf_engine, llamacpp, machine, models, prompts, specials
+from titletune import base_models, hf_engine, llamacpp, machine, prompts, specials
 from titletune.config import RAG_K
 from titletune.errors import UserError
 from titletune.runs import Run
@@ -117,7 +117,7 @@ def gguf_files(
         if base_gguf:
             paths["base"] = check_gguf(base_gguf)
         elif run is not None and run.is_embedded:
-            paths["base"] = models.embedded_gguf()
+            paths["base"] = base_models.embedded_gguf()
     return paths
 
 
