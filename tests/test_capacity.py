@@ -147,7 +147,18 @@ def test_the_card_and_report_md_show_the_capacity_beside_the_recall_reached():
     table = "\n".join(report_md.capacity_lines(report, saved))
     row = next(line for line in table.splitlines() if line.startswith(f"| {saved['ratio']:.3g} "))
     cells = [c.strip() for c in row.strip("|").split("|")]
-    assert cells[1:] == ["4,884,480", "265", "60.8", "8", f"{saved['recall']:.2f}", "0.829 [0.730, 0.921]", "50"]
+    per_1000 = f"{round(4_884_480 * 1000 / 265):,}"  # 18,432,000: the adapter per 1,000 products trained
+    assert cells[1:] == [
+        "4,884,480",
+        "265",
+        per_1000,
+        "60.8",
+        "8",
+        f"{saved['recall']:.2f}",
+        "0.829 [0.730, 0.921]",
+        "50",
+    ]
+    assert "scored on 50 of the 265 products trained" in table
 
 
 def test_generated_catalogues_are_seeded_distinct_and_leave_the_sample_as_it_was(tmp_path, monkeypatch):

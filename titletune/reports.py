@@ -157,18 +157,22 @@ def _examples(report: dict) -> list[str]:
 def capacity_lines(report: dict, capacity: dict) -> list[str]:
     """What the adapter was asked to hold (capacity.json, written before training) beside the seen recall reached."""
     reached = _with_ci(report["seen"]["tuned"]["rougeL"], 3)
+    per_1000 = round(capacity["trainable"] * 1000 / max(capacity["products"], 1))
     return [
         "### Capacity",
         "",
-        "| capacity ratio (answer tokens per trainable parameter) | trainable parameters | products trained | mean "
-        "answer tokens | views | predicted seen ROUGE-L | seen ROUGE-L reached | products scored |",
-        "|---:|---:|---:|---:|---:|---:|---|---:|",
-        f"| {capacity['ratio']:.3g} | {capacity['trainable']:,} | {capacity['products']:,} | "
+        "| capacity ratio (answer tokens per trainable parameter) | trainable parameters | products trained | "
+        "trainable parameters per 1,000 products | mean answer tokens | views | predicted seen ROUGE-L | seen ROUGE-L "
+        "reached | products scored |",
+        "|---:|---:|---:|---:|---:|---:|---:|---|---:|",
+        f"| {capacity['ratio']:.3g} | {capacity['trainable']:,} | {capacity['products']:,} | {per_1000:,} | "
         f"{capacity['answer_tokens']:.1f} | {capacity['views']:g} | {capacity['recall']:.2f} | {reached} | "
         f"{report['counts']['seen']} |",
         "",
-        "The prediction was made before training by the provisional capacity law (titletune/config.py; "
-        "bench/README.md, Capacity): seen ROUGE-L against log10 of the ratio, fitted on the 135M model.",
+        "The prediction was made before training by the capacity law (titletune/config.py; bench/README.md, "
+        "Capacity): seen ROUGE-L against log10 of the ratio, fitted on the 135M model. The seen recall reached is "
+        f"scored on {report['counts']['seen']} of the {capacity['products']:,} products trained; compare a run with "
+        "the law through its ratio, or through the adapter per 1,000 products at the same answer length.",
     ]
 
 
