@@ -204,9 +204,12 @@ def _commit() -> str | None:
 
 def fit_points(rows: list[dict]) -> tuple[list[dict], float]:
     """The LoRA rows the law is fitted to (the last finished one per row and views), and the floor: the mean of their
-    base models' seen ROUGE-L."""
+    base models' seen ROUGE-L. Real records only: a generated catalogue is another difficulty (its gen300 rows
+    measure how far), so its rows test the law's shape in catalogue size rather than set its constants."""
     latest: dict = {}
     for r in rows:
+        if r.get("catalogue") != "real300":
+            continue
         if not r.get("error") and r.get("rank") != "full" and r.get("ratio") and (r.get("seen") or {}).get("tuned"):
             latest[(r["row"], r["views"])] = r
     used = list(latest.values())
