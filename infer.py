@@ -379,4 +379,4 @@ if __name__ == "__main__":
 
     disable_telemetry()  # before transformers and huggingface_hub are imported
     logs.setup(logging.WARNING, plain=True)  # infer.py prints its answers; the log keeps to warnings
-    main(parse_args())
+    main(cli(parse_args)())  # --help into `| head`, a bad flag or Ctrl-C during the imports: no traceback

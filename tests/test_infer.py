@@ -296,6 +296,27 @@ def test_help_documents_every_command_and_flag():
         )
 
 
+def test_help_into_a_closed_pipe_ends_quietly():
+    """`python infer.py --help | head`: a reader that is gone before the overview is written ends the command as a
+    pipeline's writer ends (141), with no traceback."""
+    read, write = os.pipe()
+    os.close(read)  # the reader has gone before Python has started
+    try:
+        proc = subprocess.run(
+            [sys.executable, str(INFER), "--help"],
+            stdout=write,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=300,
+            cwd=ROOT,
+            check=False,
+        )
+    finally:
+        os.close(write)
+    assert proc.returncode == 141, proc.stderr
+    assert proc.stderr == ""
+
+
 def test_the_old_mode_flags_still_name_their_commands():
     """--interactive, --evaluate and --serve from before the commands: each reads as the command it names."""
     import infer as infer_module

@@ -58,7 +58,8 @@ def _terminate(signum, frame):
 
 def cli(main):
     """Run `main` so that a UserError prints `error: <message>` and exits 2, Ctrl-C exits 130 and SIGTERM 143, each
-    with one line and no traceback. (Training catches both signals itself, to save a checkpoint first.)"""
+    with one line and no traceback, and a reader that closes the pipe (`| head`) ends it quietly. (Training catches
+    both signals itself, to save a checkpoint first.)"""
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
@@ -81,8 +82,21 @@ def cli(main):
             _close_progress_bars()
             print("\ninterrupted (Ctrl-C)", file=sys.stderr)
             sys.exit(128 + signal.SIGINT)
+        except BrokenPipeError:
+            _closed_pipe()
 
     return wrapper
+
+
+def _closed_pipe() -> None:
+    """The reader of stdout or stderr went away (`python infer.py --help | head`): exit as a shell pipeline's writer
+    would (141, SIGPIPE), with nothing more written. Python flushes stdout at exit and would print a second error
+    for the dead stream, so both streams point at /dev/null first."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            os.dup2(devnull, stream.fileno())
+    sys.exit(128 + signal.SIGPIPE)
 
 
 def _close_progress_bars() -> None:
