@@ -20,9 +20,11 @@ products and their mean answer tokens under the base model's tokenizer (the whol
 the law in config.py predicted, the train loss, time and steps, the CPU and the load average before and after.
 
 Every finished row, failures too (with the error), is appended as one JSON line to --results. A row that finished is
-skipped unless --redo; a failed one is tried again. Rows copied in from other studies (another `measured_by`) count
-for --fit, never as done. Each run folder goes under --work and is removed after
-scoring unless --keep.
+skipped unless --redo; a failed one is tried again from the start. Rows copied in from other studies (another
+`measured_by`) count for --fit, never as done. Each run folder goes under --work and is removed after scoring unless
+--keep. A sweep stopped in a row (Ctrl-C, or SIGTERM to its process group) leaves no row: train.py saves a checkpoint,
+the folder stays, and the same command resumes that row from its newest checkpoint (train.py --resume; --redo starts
+it over). Its train time then sums the runtime of each stretch.
 """
 
 from __future__ import annotations
@@ -148,8 +150,22 @@ def trainable_of(run_dir: Path, full: bool) -> int:
     return total
 
 
-def measure(row: str, real: Path, work: Path, samples: int, base_cache: dict, keep: bool) -> dict:
-    """Train, count, score; a failure at any stage is kept in the row as `error`."""
+class Stopped(Exception):
+    """train.py was stopped (Ctrl-C or SIGTERM) after saving a checkpoint: no row, the folder stays to resume."""
+
+
+STOPPED = (130, 143)  # train.py's exit after Ctrl-C and SIGTERM, each with a checkpoint saved
+
+
+def checkpoint_of(run_dir: Path) -> Path | None:
+    """The newest checkpoint of a row's run folder left by a stopped sweep, or None."""
+    found = [p for p in run_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
+    return max(found, key=lambda p: int(p.name.split("-")[-1]), default=None)
+
+
+def measure(row: str, real: Path, work: Path, samples: int, base_cache: dict, keep: bool, resume: bool) -> dict:
+    """Train, count, score; a failure at any stage is kept in the row as `error`. `resume`: a LoRA row whose folder
+    holds a checkpoint (a sweep stopped in it) continues from there, or starts over if train.py refuses to resume."""
     import bench_learn
 
     catalogue, rank = parse_row(row)
@@ -160,10 +176,24 @@ def measure(row: str, real: Path, work: Path, samples: int, base_cache: dict, ke
     try:
         data = catalogue_file(catalogue, real, work)
         record["data"] = data.name  # the file, not where this machine keeps it
-        record.update(bench_learn.train(name, flags, str(data), work))
+        checkpoint = checkpoint_of(work / name) if resume and rank is not None else None
+        if checkpoint is not None:
+            print(f"{row}: resuming from {checkpoint.name}", flush=True)
+            record["resumed_from"] = checkpoint.name
+            record.update(bench_learn.train(name, flags, str(data), work, resume=True))
+            if record["rc"] and record["rc"] not in STOPPED:  # refused (another commit's run, say): start over
+                print(f"{row}: the resume failed (exit {record['rc']}); starting over", flush=True)
+                del record["resumed_from"], record["error"]
+                record.update(bench_learn.train(name, flags, str(data), work))
+        else:
+            record.update(bench_learn.train(name, flags, str(data), work))
+        if record["rc"] in STOPPED:
+            raise Stopped(row)
         if not record["rc"]:
             record.update(count(Path(record["run"]), rank is None))
             record.update(bench_learn.score(record["run"], samples, base_cache))
+    except Stopped:
+        raise
     except Exception as e:  # noqa: BLE001 - a benchmark keeps every row, the failed ones with their error
         record["error"] = f"{type(e).__name__}: {e}"
     record["load_after"] = os.getloadavg()[0]
@@ -326,7 +356,8 @@ def table(rows: list[dict], plan: list[str]) -> str:
             f"{_f(r.get('answer_tokens'), 1)} | {_n(r.get('catalogue_tokens'))} | {_f(r.get('ratio'), 3, 'g')} | "
             f"{_f(r.get('predicted'), 2)} | "
             f"{_ci(seen.get('tuned'))} | {_ci(new.get('tuned'))} | {_f(r.get('loss_last'), 2)} | "
-            f"{_n(r.get('train_s'))} | {_n(r.get('steps'))} | {kind} | {_load(r)} | {r.get('measured_by')} |"
+            f"{_n(r.get('train_s'))}{' (resumed)' if r.get('resumed_from') else ''} | {_n(r.get('steps'))} | "
+            f"{kind} | {_load(r)} | {r.get('measured_by')} |"
         )
     for row in plan:
         if (row, config.PASSES) not in latest or latest[(row, config.PASSES)].get("measured_by") != ME:
@@ -401,7 +432,10 @@ def main() -> None:
             name, flags = name_and_flags(row)
             path = catalogue_file(catalogue, real, work, write=False)
             products, steps = estimated_steps(path, catalogue)
-            status = "done: skipped" if row in finished else "to run"
+            checkpoint = checkpoint_of(work / name) if "full" not in row and not args.redo else None
+            status = (
+                "done: skipped" if row in finished else f"to resume from {checkpoint.name}" if checkpoint else "to run"
+            )
             cmd = " ".join(bench_learn.command(name, flags, str(path), work)[1:])
             via = " (full fine-tuning: bench_learn.py's path, train.py --prepare_only first)" if "full" in row else ""
             print(f"{row}: {status}; about {products} train products, {steps} steps{via}\n    python {cmd}")
@@ -411,7 +445,11 @@ def main() -> None:
         if row in finished:
             print(f"{row}: in {results.name}, skipped (--redo measures it again)", flush=True)
             continue
-        record = measure(row, real, work, args.samples, base_cache, args.keep)
+        try:
+            record = measure(row, real, work, args.samples, base_cache, args.keep, resume=not args.redo)
+        except (Stopped, KeyboardInterrupt):
+            print(f"{row}: stopped; its folder and checkpoints stay in {work}: run the same command to resume it")
+            raise SystemExit(130) from None
         print(json.dumps(record), flush=True)
         with results.open("a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")

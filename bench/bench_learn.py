@@ -79,18 +79,19 @@ def command(name: str, flags: list[str], data: str, folder: Path) -> list[str]:
     return [*cmd, "--overwrite", *flags]
 
 
-def train(name: str, flags: list[str], data: str, folder: Path) -> dict:
+def train(name: str, flags: list[str], data: str, folder: Path, resume: bool = False) -> dict:
+    """Train one variant into folder/name. `resume`: continue that folder's run from its newest checkpoint
+    (train.py --resume) in place of starting over; full fine-tuning always starts over."""
     out = folder / name
     cmd = command(name, flags, data, folder)
     started = time.perf_counter()
     if name.startswith(FULL_FT):
-        proc = subprocess.run([*cmd, "--prepare_only"], capture_output=True, text=True)
+        proc = _run([*cmd, "--prepare_only"])
         if not proc.returncode:
             argv = [a for a in cmd[2:] if a != "--overwrite"] + ["--save_steps", "1000000"]
-            full = [sys.executable, __file__, "--full-ft", json.dumps(argv)]
-            proc = subprocess.run(full, capture_output=True, text=True)
+            proc = _run([sys.executable, __file__, "--full-ft", json.dumps(argv)])
     else:
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        proc = _run([("--resume" if resume and a == "--overwrite" else a) for a in cmd])
     row = {"wall_s": round(time.perf_counter() - started, 1), "rc": proc.returncode, "run": str(out)}
     if proc.returncode:
         row["error"] = proc.stderr[-2000:]
@@ -100,10 +101,23 @@ def train(name: str, flags: list[str], data: str, folder: Path) -> dict:
     row.update(
         loss_first=round(losses[0], 3),
         loss_last=round(losses[-1], 3),
-        train_s=round(next((r["train_runtime"] for r in logs if "train_runtime" in r), 0.0), 1),
+        # every stretch of a run stopped and resumed logs its own runtime (one stopped by SIGKILL logs none)
+        train_s=round(sum(r["train_runtime"] for r in logs if "train_runtime" in r), 1),
         steps=max(r["step"] for r in logs),
     )
     return row
+
+
+def _run(cmd: list[str]) -> subprocess.CompletedProcess:
+    """Run a training command. On Ctrl-C the child, in the same process group, saves a checkpoint and exits 130:
+    wait for it (subprocess.run would kill it a quarter second later), then stop."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        stdout, stderr = proc.communicate()
+    except KeyboardInterrupt:
+        proc.wait()
+        raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
 
 
 def full_ft(argv: list[str]) -> None:
