@@ -44,7 +44,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "data"))
 
-from titletune import capacity, config  # noqa: E402
+from titletune import capacity, config, resume  # noqa: E402
 
 RESULTS = ROOT / "bench" / "capacity_results.jsonl"
 REAL = ROOT.parent / "shared" / "data" / "trn_real_head300.jsonl"  # the 300 real head records, where tests find them
@@ -157,10 +157,12 @@ class Stopped(Exception):
 STOPPED = (130, 143)  # train.py's exit after Ctrl-C and SIGTERM, each with a checkpoint saved
 
 
-def checkpoint_of(run_dir: Path) -> Path | None:
-    """The newest checkpoint of a row's run folder left by a stopped sweep, or None."""
-    found = [p for p in run_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
-    return max(found, key=lambda p: int(p.name.split("-")[-1]), default=None)
+def resume_point(row: str, work: Path) -> Path | None:
+    """Where a stopped sweep left a LoRA row: the newest complete checkpoint of its folder, the one train.py --resume
+    takes (resume.last_checkpoint), or None. Full fine-tuning always starts over."""
+    run_dir = work / name_and_flags(row)[0]
+    found = resume.last_checkpoint(run_dir) if parse_row(row)[1] is not None else None
+    return Path(found) if found else None
 
 
 def measure(row: str, real: Path, work: Path, samples: int, base_cache: dict, keep: bool, resume: bool) -> dict:
@@ -176,7 +178,7 @@ def measure(row: str, real: Path, work: Path, samples: int, base_cache: dict, ke
     try:
         data = catalogue_file(catalogue, real, work)
         record["data"] = data.name  # the file, not where this machine keeps it
-        checkpoint = checkpoint_of(work / name) if resume and rank is not None else None
+        checkpoint = resume_point(row, work) if resume else None
         if checkpoint is not None:
             print(f"{row}: resuming from {checkpoint.name}", flush=True)
             record["resumed_from"] = checkpoint.name
@@ -432,7 +434,7 @@ def main() -> None:
             name, flags = name_and_flags(row)
             path = catalogue_file(catalogue, real, work, write=False)
             products, steps = estimated_steps(path, catalogue)
-            checkpoint = checkpoint_of(work / name) if "full" not in row and not args.redo else None
+            checkpoint = None if args.redo else resume_point(row, work)
             status = (
                 "done: skipped" if row in finished else f"to resume from {checkpoint.name}" if checkpoint else "to run"
             )

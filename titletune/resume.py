@@ -5,12 +5,13 @@ may change one (`changes`), and each resume appends what it changed to `resumes:
 run another one: the base model, the LoRA adapter's shape and targets, the data and its order, the prompts. A resume
 that changes one is refused before anything is written (`check_changes`). Every checkpoint carries the same settings
 in titletune.json, written as it is saved (`mark`), and a resume from a checkpoint that another run saved is refused
-as well (`check_checkpoints`).
+as well (`check_checkpoints`). The checkpoint it starts from is the newest complete one (`last_checkpoint`).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import shlex
 from pathlib import Path
 
@@ -19,6 +20,8 @@ import yaml
 from titletune import files
 from titletune.errors import UserError, flag
 from titletune.runs import CONFIG, SECTIONS, as_dict, plain, read_config
+
+log = logging.getLogger(__name__)
 
 # Not carried into a resumed run: where it is (given again), which stages to run this time (a --prepare-only run is
 # resumed to train), and every *_token field, which TrainingArguments.to_dict() writes masked ("<EOS_TOKEN>"), so
@@ -130,3 +133,19 @@ def record(run_dir: Path, changed: dict) -> Path | None:
     config = read_config(run_dir)
     config["resumes"] = [*(config.get("resumes") or []), {"changed": changed}]
     return files.write_atomic(run_dir / CONFIG, yaml.safe_dump(plain(config), sort_keys=False, allow_unicode=True))
+
+
+def last_checkpoint(run_dir: Path) -> str | None:
+    """The newest complete checkpoint. A kill -9 during a save leaves a folder without trainer_state.json (written
+    last), and a full disk or a copy cut short leaves one whose trainer_state.json does not parse; resuming from
+    either fails inside the Trainer, so each is passed over, with a warning naming it."""
+    numbered = [p for p in run_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
+    for path in sorted(numbered, key=lambda p: int(p.name.split("-")[-1]), reverse=True):
+        try:
+            state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+            if isinstance(state, dict) and isinstance(state.get("global_step"), int):
+                return str(path)
+        except (OSError, ValueError):
+            pass
+        log.warning("%s is incomplete (no readable trainer_state.json): passing over it", path.name)
+    return None

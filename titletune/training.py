@@ -16,6 +16,7 @@ from trl import SFTTrainer
 
 from titletune import capacity
 from titletune.errors import Problems, Terminated, UserError
+from titletune.resume import last_checkpoint
 from titletune.trainset import load_datasets, plain_rows
 
 log = logging.getLogger(__name__)
@@ -295,22 +296,6 @@ def build_trainer(model, tokenizer, train_ds, eval_ds, training_args, run_dir: P
         eval_dataset=eval_ds,
         processing_class=tokenizer,
     )
-
-
-def last_checkpoint(run_dir: Path) -> str | None:
-    """The newest complete checkpoint. A kill -9 during a save leaves a folder without trainer_state.json (written
-    last), and a full disk or a copy cut short leaves one whose trainer_state.json does not parse; resuming from
-    either fails inside the Trainer, so each is passed over, with a warning naming it."""
-    numbered = [p for p in run_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
-    for path in sorted(numbered, key=lambda p: int(p.name.split("-")[-1]), reverse=True):
-        try:
-            state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
-            if isinstance(state, dict) and isinstance(state.get("global_step"), int):
-                return str(path)
-        except (OSError, ValueError):
-            pass
-        log.warning("%s is incomplete (no readable trainer_state.json): passing over it", path.name)
-    return None
 
 
 def train(trainer, run_dir: Path, resume: bool) -> Outcome:
