@@ -34,6 +34,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -154,7 +155,7 @@ class Stopped(Exception):
     """train.py was stopped (Ctrl-C or SIGTERM) after saving a checkpoint: no row, the folder stays to resume."""
 
 
-STOPPED = (130, 143)  # train.py's exit after Ctrl-C and SIGTERM, each with a checkpoint saved
+STOPPED = (128 + signal.SIGINT, 128 + signal.SIGTERM)  # train.py's exits (errors.cli) after Ctrl-C and SIGTERM
 
 
 def resume_point(row: str, work: Path) -> Path | None:
