@@ -439,7 +439,7 @@ def main() -> None:
             status = (
                 "done: skipped" if row in finished else f"to resume from {checkpoint.name}" if checkpoint else "to run"
             )
-            cmd = " ".join(bench_learn.command(name, flags, str(path), work)[1:])
+            cmd = " ".join(bench_learn.command(name, flags, str(path), work, resume=bool(checkpoint))[1:])
             via = " (full fine-tuning: bench_learn.py's path, train.py --prepare_only first)" if "full" in row else ""
             print(f"{row}: {status}; about {products} train products, {steps} steps{via}\n    python {cmd}")
         return

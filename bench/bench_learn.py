@@ -72,26 +72,28 @@ VARIANTS = {
 FULL_FT = "fullft"  # variants named fullft* train every weight (see full_ft)
 
 
-def command(name: str, flags: list[str], data: str, folder: Path) -> list[str]:
-    """The train.py command of a variant: every product of `data`, no export and no evaluation after training."""
+def command(name: str, flags: list[str], data: str, folder: Path, resume: bool = False) -> list[str]:
+    """The train.py command of a variant: every product of `data`, no export and no evaluation after training.
+    `resume`: continue folder/name's run from its newest checkpoint (--resume) in place of starting over."""
     cmd = [sys.executable, str(ROOT / "train.py"), "--data", data, "--max_samples", "all"]
     cmd += ["--output_dir", str(folder / name), "--eval_samples", "0", "--merge", "false", "--gguf", "none"]
-    return [*cmd, "--overwrite", *flags]
+    return [*cmd, "--resume" if resume else "--overwrite", *flags]
 
 
 def train(name: str, flags: list[str], data: str, folder: Path, resume: bool = False) -> dict:
     """Train one variant into folder/name. `resume`: continue that folder's run from its newest checkpoint
     (train.py --resume) in place of starting over; full fine-tuning always starts over."""
     out = folder / name
-    cmd = command(name, flags, data, folder)
+    full_ft = name.startswith(FULL_FT)
+    cmd = command(name, flags, data, folder, resume=resume and not full_ft)
     started = time.perf_counter()
-    if name.startswith(FULL_FT):
+    if full_ft:
         proc = _run([*cmd, "--prepare_only"])
         if not proc.returncode:
             argv = [a for a in cmd[2:] if a != "--overwrite"] + ["--save_steps", "1000000"]
             proc = _run([sys.executable, __file__, "--full-ft", json.dumps(argv)])
     else:
-        proc = _run([("--resume" if resume and a == "--overwrite" else a) for a in cmd])
+        proc = _run(cmd)
     row = {"wall_s": round(time.perf_counter() - started, 1), "rc": proc.returncode, "run": str(out)}
     if proc.returncode:
         row["error"] = proc.stderr[-2000:]

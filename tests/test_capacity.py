@@ -199,7 +199,19 @@ def test_bench_rows_parse_and_the_dry_run_plans_without_training(tmp_path):
     ).stdout  # fmt: skip
     assert "gen300:r4: to run; about 270 train products, 540 steps" in out
     assert "--lora_r 4 --lora_alpha 4" in out and "--learning_rate 1e-4" in out
+    assert "--overwrite" in out and "--resume" not in out
     assert not list(tmp_path.iterdir())  # a dry run writes nothing
+    # a row stopped after a checkpoint: the plan names it and shows the command that continues it
+    checkpoint = tmp_path / "gen300-r4" / "checkpoint-40"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "trainer_state.json").write_text('{"global_step": 40}')
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "bench_capacity.py"), "--dry-run", "--rows", "gen300:r4",
+         "--work", str(tmp_path), "--results", str(tmp_path / "none.jsonl")],
+        capture_output=True, text=True, timeout=120, check=True,
+    ).stdout  # fmt: skip
+    assert "gen300:r4: to resume from checkpoint-40" in out
+    assert "--resume --lora_r 4" in out and "--overwrite" not in out
 
 
 def test_fit_prints_the_capacity_line_after_the_adapter_is_built_and_before_the_trainer(tmp_path, monkeypatch, caplog):
