@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
 import shutil
@@ -45,7 +46,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "data"))
 
-from titletune import capacity, config, resume  # noqa: E402
+from titletune import capacity, config, logs, resume  # noqa: E402
 
 RESULTS = ROOT / "bench" / "capacity_results.jsonl"
 REAL = ROOT.parent / "shared" / "data" / "trn_real_head300.jsonl"  # the 300 real head records, where tests find them
@@ -411,6 +412,7 @@ def main() -> None:
     )
     parser.add_argument("--table", action="store_true", help="print --results as bench/README.md's table")
     args = parser.parse_args()
+    logs.setup(logging.WARNING)  # train.py's quiet log: the libraries' import-time noise off, our bars kept
     try:
         plan = [r.strip() for r in args.rows.split(",") if r.strip()]
         for row in plan:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -192,6 +193,9 @@ def main() -> None:
     parser.add_argument("--score", help="score this finished run folder (e.g. a default train.py run) and exit")
     parser.add_argument("--full-ft", help=argparse.SUPPRESS)  # internal: full_ft() in a fresh process
     args = parser.parse_args()
+    from titletune import logs
+
+    logs.setup(logging.WARNING)  # train.py's quiet log: the libraries' import-time noise off, our bars kept
     if args.full_ft:
         return full_ft(json.loads(args.full_ft))
     if args.list:
