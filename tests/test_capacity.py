@@ -192,11 +192,15 @@ def test_bench_rows_parse_and_the_dry_run_plans_without_training(tmp_path):
     for bad in ("real300:16", "gen:r4", "real300:r0", "other:r1"):
         with pytest.raises(ValueError):
             bench_capacity.parse_row(bad)
-    out = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "bench_capacity.py"), "--dry-run", "--rows", "gen300:r4,gen1000:full",
-         "--work", str(tmp_path), "--results", str(tmp_path / "none.jsonl")],
-        capture_output=True, text=True, timeout=120, check=True,
-    ).stdout  # fmt: skip
+
+    def dry_run(rows: str) -> str:
+        return subprocess.run(
+            [sys.executable, str(ROOT / "bench" / "bench_capacity.py"), "--dry-run", "--rows", rows,
+             "--work", str(tmp_path), "--results", str(tmp_path / "none.jsonl")],
+            capture_output=True, text=True, timeout=120, check=True,
+        ).stdout  # fmt: skip
+
+    out = dry_run("gen300:r4,gen1000:full")
     assert "gen300:r4: to run; about 270 train products, 540 steps" in out
     assert "--lora_r 4 --lora_alpha 4" in out and "--learning_rate 1e-4" in out
     assert "--overwrite" in out and "--resume" not in out
@@ -205,11 +209,7 @@ def test_bench_rows_parse_and_the_dry_run_plans_without_training(tmp_path):
     checkpoint = tmp_path / "gen300-r4" / "checkpoint-40"
     checkpoint.mkdir(parents=True)
     (checkpoint / "trainer_state.json").write_text('{"global_step": 40}')
-    out = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "bench_capacity.py"), "--dry-run", "--rows", "gen300:r4",
-         "--work", str(tmp_path), "--results", str(tmp_path / "none.jsonl")],
-        capture_output=True, text=True, timeout=120, check=True,
-    ).stdout  # fmt: skip
+    out = dry_run("gen300:r4")
     assert "gen300:r4: to resume from checkpoint-40" in out
     assert "--resume --lora_r 4" in out and "--overwrite" not in out
 
