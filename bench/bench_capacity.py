@@ -364,8 +364,12 @@ def table(rows: list[dict], plan: list[str]) -> str:
             f"{kind} | {_load(r)} | {r.get('measured_by')} |"
         )
     for row in plan:
-        if (row, config.PASSES) not in latest or latest[(row, config.PASSES)].get("measured_by") != ME:
-            lines.append(f"| {row} | {config.PASSES} | not yet measured by bench_capacity.py |" + " |" * 13)
+        had = latest.get((row, config.PASSES))
+        if had is None:
+            lines.append(f"| {row} | {config.PASSES} | not yet measured |" + " |" * 13)
+        elif had.get("measured_by") != ME:
+            note = f"copied in (source {had.get('measured_by')}, above); not yet measured by bench_capacity.py"
+            lines.append(f"| {row} | {config.PASSES} | {note} |" + " |" * 13)
     return "\n".join(lines)
 
 

@@ -272,3 +272,20 @@ def test_report_md_shows_the_capacity_table_only_with_a_complete_capacity_json()
     assert "### Capacity" in report_md.render_md(report, None, saved)
     assert "### Capacity" not in report_md.render_md(report, None, {"ratio": 0.1})
     assert "### Capacity" not in report_md.render_md(report)
+
+
+def test_the_bench_table_tells_a_copied_row_from_a_missing_one():
+    sys.path.insert(0, str(ROOT / "bench"))
+    import bench_capacity
+
+    cell = {"tuned": {"mean": 0.8, "ci": [0.7, 0.9]}}
+    rows = [
+        {"row": "real300:r16", "views": 8, "measured_by": "bench_learn", "seen": cell, "trainable": 4884480},
+        {"row": "real300:r4", "views": 8, "measured_by": bench_capacity.ME, "seen": cell, "resumed_from": "c-40"},
+    ]
+    lines = bench_capacity.table(rows, ["real300:r16", "real300:r4", "gen1000:r64"]).splitlines()
+    assert lines[2].startswith("| real300:r16 | 8 | 4,884,480 |") and "0.800 [0.700, 0.900]" in lines[2]
+    assert "(resumed)" in lines[3]
+    assert lines[4].startswith("| real300:r16 | 8 | copied in (source bench_learn, above); not yet measured by bench_")
+    assert lines[5].startswith("| gen1000:r64 | 8 | not yet measured |")
+    assert len(lines) == 6  # real300:r4, measured by the bench itself, is not planned again
