@@ -365,11 +365,12 @@ def table(rows: list[dict], plan: list[str]) -> str:
         )
     for row in plan:
         had = latest.get((row, config.PASSES))
-        if had is None:
-            lines.append(f"| {row} | {config.PASSES} | not yet measured |" + " |" * 13)
-        elif had.get("measured_by") != ME:
+        if had is not None and had.get("measured_by") == ME:
+            continue
+        note = "not yet measured"
+        if had is not None:
             note = f"copied in (source {had.get('measured_by')}, above); not yet measured by bench_capacity.py"
-            lines.append(f"| {row} | {config.PASSES} | {note} |" + " |" * 13)
+        lines.append(f"| {row} | {config.PASSES} | {note} |" + " |" * 13)
     return "\n".join(lines)
 
 
